@@ -1,0 +1,330 @@
+//! Types shared by the kernel side (flowguard-ebpf) and the user side
+//! (flowguard-user): map keys and values, counters, events and settings.
+//! Every type is `#[repr(C)]` with explicit padding so that `bytemuck`'s
+//! derives prove at compile time that no byte is left undefined.
+#![cfg_attr(not(test), no_std)]
+
+use bytemuck::{Pod, Zeroable};
+
+/// Capacity of the endpoint map.
+pub const MAX_ENDPOINTS: u32 = 16_384;
+/// Most IPv4 prefixes one instance can watch.
+pub const MAX_V4_PREFIXES: usize = 16;
+/// Most IPv6 prefixes one instance can watch.
+pub const MAX_V6_PREFIXES: usize = 8;
+/// Most interface MAC addresses that learning ignores.
+pub const MAX_OWN_MACS: usize = 8;
+/// Size of the event ring buffer in bytes (a power of two, a multiple of the page size).
+pub const EVENT_RING_BYTES: u32 = 256 * 1024;
+
+/// Names of the maps in the object file (at most 15 characters, the kernel's limit).
+pub mod map_names {
+    pub const CONFIG: &str = "CONFIG";
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const EVENTS: &str = "EVENTS";
+}
+
+/// File names the maps are pinned under, inside the pin directory.
+pub mod pin_names {
+    pub const CONFIG: &str = "config";
+    pub const ENDPOINTS: &str = "endpoints";
+    pub const COUNTERS: &str = "counters";
+}
+
+/// Names of the programs in the object file.
+pub mod program_names {
+    /// XDP guard (receiving host role, ingress).
+    pub const XDP_GUARD: &str = "flowguard_xdp";
+    /// tc guard, usable on ingress and egress (router role: egress).
+    pub const TC_GUARD: &str = "flowguard_tc";
+    /// tc guard that also learns endpoints from the source of frames (host role, egress).
+    pub const TC_LEARN: &str = "flowguard_tc_learn";
+}
+
+/// Where an endpoint's current MAC came from.
+pub mod source {
+    pub const STATIC: u8 = 1;
+    pub const NEIGHBOUR: u8 = 2;
+    pub const LEARNED: u8 = 3;
+}
+
+/// Bits of [`Endpoint::flags`].
+pub mod endpoint_flags {
+    /// The IP was seen with different MACs on different interfaces: count, never rewrite.
+    pub const AMBIGUOUS: u8 = 1;
+}
+
+/// `Config::mode` values.
+pub mod mode {
+    /// Count and report stale frames, change no byte.
+    pub const OBSERVE: u32 = 0;
+    /// Also rewrite the destination MAC of stale frames.
+    pub const FIX: u32 = 1;
+}
+
+/// Key of the endpoint map: an IPv6 address, or an IPv4 address mapped into
+/// IPv6 (`::ffff:a.b.c.d`), as four words holding the address bytes in network
+/// order (the words are what a native-endian load of the packet bytes gives).
+/// Words rather than 16 bytes: the eBPF side copies it with four loads.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct EndpointKey {
+    pub addr: [u32; 4],
+}
+
+impl EndpointKey {
+    /// The key of an IPv4 address given as its raw network-order word.
+    #[inline(always)]
+    pub const fn from_v4_raw(raw: u32) -> Self {
+        Self {
+            addr: [0, 0, V4_MAPPED_WORD, raw],
+        }
+    }
+
+    /// The key of an IPv4 address given as its four bytes.
+    pub const fn from_v4_bytes(b: [u8; 4]) -> Self {
+        Self::from_v4_raw(u32::from_ne_bytes(b))
+    }
+
+    /// The key of an IPv6 address given as its sixteen bytes.
+    pub const fn from_v6_bytes(b: [u8; 16]) -> Self {
+        Self {
+            addr: [
+                u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+                u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+                u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+                u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+            ],
+        }
+    }
+
+    /// The address bytes in network order.
+    pub const fn bytes(&self) -> [u8; 16] {
+        let a = self.addr[0].to_ne_bytes();
+        let b = self.addr[1].to_ne_bytes();
+        let c = self.addr[2].to_ne_bytes();
+        let d = self.addr[3].to_ne_bytes();
+        [
+            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+            d[2], d[3],
+        ]
+    }
+
+    /// Whether this key holds an IPv4 address.
+    pub const fn is_v4(&self) -> bool {
+        self.addr[0] == 0 && self.addr[1] == 0 && self.addr[2] == V4_MAPPED_WORD
+    }
+}
+
+/// The third word of an IPv4-mapped IPv6 address (`0000:ffff`), as a native load sees it.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// Value of the endpoint map: the endpoint's current MAC and the evidence
+/// the kernel side gathered about frames sent to it with another MAC.
+/// Evidence lives here so that the stale path needs no second lookup.
+/// Times are `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC, coarse).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Endpoint {
+    /// The MAC that frames to this endpoint must carry.
+    pub mac: [u8; 6],
+    /// One of [`source`].
+    pub source: u8,
+    /// Bits of [`endpoint_flags`].
+    pub flags: u8,
+    /// When `mac` was last set (0: by user space, which keeps its own time).
+    pub updated_ns: u64,
+    /// Frames seen to this endpoint with another unicast destination MAC.
+    pub stale_packets: u64,
+    /// Of those, frames whose destination MAC was rewritten.
+    pub rewritten: u64,
+    /// When the last stale frame was seen.
+    pub last_stale_ns: u64,
+    /// When the last event was sent to user space (rate limit).
+    pub last_event_ns: u64,
+    /// The destination MAC of the last stale frame.
+    pub last_stale_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// One watched IPv4 prefix; both words in network order as loaded from a packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct V4Prefix {
+    pub addr: u32,
+    pub mask: u32,
+}
+
+/// One watched IPv6 prefix; words in network order as loaded from a packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct V6Prefix {
+    pub addr: [u32; 4],
+    pub mask: [u32; 4],
+}
+
+/// A MAC address padded to eight bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct OwnMac {
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Settings of a running instance: element 0 of the CONFIG array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct Config {
+    /// One of [`mode`].
+    pub mode: u32,
+    /// Number of valid entries in `v4`.
+    pub v4_count: u32,
+    /// Number of valid entries in `v6`.
+    pub v6_count: u32,
+    /// Number of valid entries in `own_macs`.
+    pub own_mac_count: u32,
+    /// Minimum time between two events about the same endpoint.
+    pub event_interval_ns: u64,
+    pub v4: [V4Prefix; MAX_V4_PREFIXES],
+    pub v6: [V6Prefix; MAX_V6_PREFIXES],
+    /// MACs of the interfaces flowguard is attached to: never learned.
+    pub own_macs: [OwnMac; MAX_OWN_MACS],
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Zeroable::zeroed()
+    }
+}
+
+/// Global counters: element 0 of the COUNTERS per-CPU array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Counters {
+    /// Unicast frames inside the watched prefixes that were looked up.
+    pub checked: u64,
+    /// Frames to a known endpoint with a stale destination MAC.
+    pub stale: u64,
+    /// Stale frames whose destination MAC was rewritten (fix mode).
+    pub rewritten: u64,
+    /// Stale frames to an ambiguous endpoint, left untouched.
+    pub ambiguous: u64,
+    /// Events sent to user space.
+    pub events: u64,
+    /// Events lost because the ring buffer was full.
+    pub events_lost: u64,
+    /// Endpoints learned for the first time.
+    pub learned_new: u64,
+    /// Learned endpoints whose MAC changed.
+    pub learned_moved: u64,
+    /// Learning attempts that failed (map full).
+    pub learn_failed: u64,
+}
+
+/// `Event::kind` values.
+pub mod event_kind {
+    /// A frame to a known endpoint carried a stale destination MAC.
+    pub const STALE: u32 = 1;
+    /// Learning recorded a new endpoint or a new MAC for one.
+    pub const LEARNED: u32 = 2;
+}
+
+/// `Event::action` values.
+pub mod event_action {
+    /// Observe mode: the frame was left as it was.
+    pub const OBSERVED: u8 = 0;
+    /// Fix mode: the destination MAC was rewritten.
+    pub const REWRITTEN: u8 = 1;
+    /// The endpoint is ambiguous: the frame was left as it was.
+    pub const AMBIGUOUS: u8 = 2;
+}
+
+/// `Event::hook` values.
+pub mod hook {
+    pub const XDP: u8 = 1;
+    pub const TC: u8 = 2;
+}
+
+/// A record sent to user space over the EVENTS ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Event {
+    /// One of [`event_kind`].
+    pub kind: u32,
+    /// Interface the frame was seen on (for tc: skb->ifindex).
+    pub ifindex: u32,
+    /// The endpoint (destination of a stale frame, source of a learned one).
+    pub endpoint: EndpointKey,
+    /// The other end of the flow (source of a stale frame).
+    pub peer: EndpointKey,
+    /// Source port, or 0 when not TCP/UDP (host order).
+    pub src_port: u16,
+    /// Destination port, or 0 when not TCP/UDP (host order).
+    pub dst_port: u16,
+    /// IP protocol number of the frame.
+    pub protocol: u8,
+    /// One of [`event_action`].
+    pub action: u8,
+    /// One of [`hook`].
+    pub hook: u8,
+    pub _pad0: u8,
+    /// STALE: the frame's destination MAC. LEARNED: the previous MAC (zero if new).
+    pub old_mac: [u8; 6],
+    /// The endpoint's current MAC.
+    pub new_mac: [u8; 6],
+    pub _pad1: [u8; 4],
+    /// STALE: the endpoint's stale frame count so far.
+    pub count: u64,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: all of these are `Pod` (checked by the derives above).
+    unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for Event {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_key_roundtrip() {
+        let k = EndpointKey::from_v4_bytes([192, 168, 1, 240]);
+        assert!(k.is_v4());
+        assert_eq!(
+            k.bytes(),
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 168, 1, 240]
+        );
+        assert_eq!(EndpointKey::from_v6_bytes(k.bytes()), k);
+    }
+
+    #[test]
+    fn v6_key_is_not_v4() {
+        let mut b = [0u8; 16];
+        b[0] = 0xfd;
+        b[15] = 1;
+        let k = EndpointKey::from_v6_bytes(b);
+        assert!(!k.is_v4());
+        assert_eq!(k.bytes(), b);
+    }
+
+    #[test]
+    fn sizes_are_stable() {
+        // The eBPF side and user space must agree byte for byte.
+        assert_eq!(core::mem::size_of::<EndpointKey>(), 16);
+        assert_eq!(core::mem::size_of::<Endpoint>(), 56);
+        assert_eq!(core::mem::size_of::<Event>(), 72);
+        assert_eq!(core::mem::size_of::<Counters>(), 72);
+        assert_eq!(
+            core::mem::size_of::<Config>(),
+            24 + 8 * MAX_V4_PREFIXES + 32 * MAX_V6_PREFIXES + 8 * MAX_OWN_MACS
+        );
+    }
+}
