@@ -1,2 +1,373 @@
-#![no_std]
-#![no_main]
+//! flowguard's kernel side: for each frame to a known endpoint, compare the
+//! destination MAC with the endpoint's current MAC; on a mismatch count it,
+//! keep evidence, tell user space (rate-limited) and, in fix mode, rewrite it.
+//! The tc learning variant also records endpoints from the frames they send.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+mod frame;
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK},
+    btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
+    helpers::bpf_ktime_get_coarse_ns,
+    macros::{btf_map, classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use flowguard_common::{
+    endpoint_flags, event_action, event_kind, hook, mode, source, Config, Counters, Endpoint,
+    EndpointKey, Event, EVENT_RING_BYTES, MAX_ENDPOINTS, MAX_OWN_MACS, MAX_V4_PREFIXES,
+    MAX_V6_PREFIXES,
+};
+
+use frame::{Frame, L3};
+
+const BPF_NOEXIST: u64 = 1;
+
+#[btf_map]
+static CONFIG: Array<Config, 1> = Array::new();
+
+#[btf_map]
+static ENDPOINTS: HashMap<EndpointKey, Endpoint, { MAX_ENDPOINTS as usize }> = HashMap::new();
+
+#[btf_map]
+static COUNTERS: PerCpuArray<Counters, 1> = PerCpuArray::new();
+
+#[btf_map]
+static EVENTS: RingBuf<Event, { EVENT_RING_BYTES as usize }> = RingBuf::new();
+
+/// What the guard decided about a frame.
+enum Verdict {
+    /// Leave the frame as it is.
+    Pass,
+    /// Write this MAC into the frame's destination address.
+    Rewrite([u8; 6]),
+}
+
+#[xdp]
+pub fn flowguard_xdp(ctx: XdpContext) -> u32 {
+    if let Verdict::Rewrite(mac) = guard(&ctx, hook::XDP, ctx.ingress_ifindex() as u32) {
+        // SAFETY: guard returns Rewrite only after reading the 14-byte
+        // Ethernet header, so the first six bytes are inside the frame.
+        if let Some(p) = frame::ptr_at::<[u8; 6]>(&ctx, 0) {
+            unsafe { (p as *mut [u8; 6]).write_unaligned(mac) };
+        }
+    }
+    xdp_action::XDP_PASS
+}
+
+#[classifier]
+pub fn flowguard_tc(ctx: TcContext) -> i32 {
+    tc_guard(&ctx);
+    TC_ACT_OK
+}
+
+#[classifier]
+pub fn flowguard_tc_learn(ctx: TcContext) -> i32 {
+    learn(&ctx);
+    tc_guard(&ctx);
+    TC_ACT_OK
+}
+
+/// Baselines for `cargo xtask bench`: the cost of running any program at
+/// all. Never attached.
+#[xdp]
+pub fn bench_empty_xdp(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[classifier]
+pub fn bench_empty_tc(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn tc_guard(ctx: &TcContext) {
+    // SAFETY: reading a field of the context the program was given.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if let Verdict::Rewrite(mac) = guard(ctx, hook::TC, ifindex) {
+        // bpf_skb_store_bytes unclones a shared skb first; direct writes
+        // would make the verifier add that work to every packet.
+        let _ = ctx.store(0, &mac, 0);
+    }
+}
+
+#[inline(always)]
+fn config() -> Option<&'static Config> {
+    CONFIG.get(0)
+}
+
+#[inline(always)]
+fn v4_watched(cfg: &Config, addr: u32) -> bool {
+    let mut i = 0;
+    while i < MAX_V4_PREFIXES {
+        if i as u32 >= cfg.v4_count {
+            return false;
+        }
+        let p = &cfg.v4[i];
+        if addr & p.mask == p.addr {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+#[inline(always)]
+fn v6_watched(cfg: &Config, addr: &[u32; 4]) -> bool {
+    let mut i = 0;
+    while i < MAX_V6_PREFIXES {
+        if i as u32 >= cfg.v6_count {
+            return false;
+        }
+        let p = &cfg.v6[i];
+        if addr[0] & p.mask[0] == p.addr[0]
+            && addr[1] & p.mask[1] == p.addr[1]
+            && addr[2] & p.mask[2] == p.addr[2]
+            && addr[3] & p.mask[3] == p.addr[3]
+        {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// The endpoint key of an address at `off` if it lies in a watched prefix.
+#[inline(always)]
+fn watched_key(f: &impl Frame, cfg: &Config, l3: L3, v4_field: usize, v6_field: usize) -> Option<EndpointKey> {
+    match l3 {
+        L3::V4 { off, .. } => {
+            let addr: u32 = frame::load(f, off + v4_field)?;
+            v4_watched(cfg, addr).then(|| EndpointKey::from_v4_raw(addr))
+        }
+        L3::V6 { off } => {
+            let addr = frame::load_v6_addr(f, off + v6_field)?;
+            v6_watched(cfg, &addr).then_some(EndpointKey { addr })
+        }
+        L3::Arp { .. } => None,
+    }
+}
+
+#[inline(always)]
+fn counters() -> Option<&'static mut Counters> {
+    // SAFETY: the per-CPU slot is this CPU's own while the program runs.
+    COUNTERS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// The decision shared by every program: pass, or rewrite to the endpoint's MAC.
+#[inline(always)]
+fn guard(f: &impl Frame, hook: u8, ifindex: u32) -> Verdict {
+    match try_guard(f, hook, ifindex) {
+        Some(v) => v,
+        None => Verdict::Pass,
+    }
+}
+
+#[inline(always)]
+fn try_guard(f: &impl Frame, hook: u8, ifindex: u32) -> Option<Verdict> {
+    let dst_mac: [u8; 6] = frame::load(f, 0)?;
+    if dst_mac[0] & 1 != 0 {
+        // Broadcast and multicast frames are never the flowtable's doing.
+        return None;
+    }
+    let l3 = frame::parse_l3(f)?;
+    let cfg = config()?;
+    let key = watched_key(f, cfg, l3, frame::V4_DST, frame::V6_DST)?;
+    let ep = ENDPOINTS.get_ptr_mut(key)?;
+    // SAFETY: a live hash map value; concurrent updates can at worst lose an
+    // increment of the per-endpoint evidence, never corrupt the frame.
+    let ep = unsafe { &mut *ep };
+    if ep.mac == dst_mac {
+        return None;
+    }
+    Some(stale(f, cfg, ep, key, l3, dst_mac, hook, ifindex))
+}
+
+/// A frame to `key` carries `dst_mac` instead of the endpoint's MAC.
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "one call site, all values already at hand")]
+fn stale(
+    f: &impl Frame,
+    cfg: &Config,
+    ep: &mut Endpoint,
+    key: EndpointKey,
+    l3: L3,
+    dst_mac: [u8; 6],
+    hook: u8,
+    ifindex: u32,
+) -> Verdict {
+    let now = now_ns();
+    ep.stale_packets += 1;
+    ep.last_stale_ns = now;
+    ep.last_stale_mac = dst_mac;
+    let current = ep.mac;
+    let (action, verdict) = if ep.flags & endpoint_flags::AMBIGUOUS != 0 {
+        (event_action::AMBIGUOUS, Verdict::Pass)
+    } else if cfg.mode == mode::FIX {
+        ep.rewritten += 1;
+        (event_action::REWRITTEN, Verdict::Rewrite(current))
+    } else {
+        (event_action::OBSERVED, Verdict::Pass)
+    };
+    let send = ep.last_event_ns == 0 || now.wrapping_sub(ep.last_event_ns) >= cfg.event_interval_ns;
+    if send {
+        ep.last_event_ns = now;
+    }
+    let count = ep.stale_packets;
+    let mut sent = None;
+    if send {
+        let (protocol, src_port, dst_port) = frame::transport(f, l3);
+        let peer = watched_peer(f, l3).unwrap_or_default();
+        let ev = Event {
+            kind: event_kind::STALE,
+            ifindex,
+            endpoint: key,
+            peer,
+            src_port,
+            dst_port,
+            protocol,
+            action,
+            hook,
+            old_mac: dst_mac,
+            new_mac: current,
+            count,
+            ..Event::default()
+        };
+        sent = Some(EVENTS.output(&ev, 0).is_ok());
+    }
+    if let Some(c) = counters() {
+        c.stale += 1;
+        match action {
+            event_action::REWRITTEN => c.rewritten += 1,
+            event_action::AMBIGUOUS => c.ambiguous += 1,
+            _ => {}
+        }
+        match sent {
+            Some(true) => c.events += 1,
+            Some(false) => c.events_lost += 1,
+            None => {}
+        }
+    }
+    verdict
+}
+
+/// The source address of an IP frame as an endpoint key (any address).
+#[inline(always)]
+fn watched_peer(f: &impl Frame, l3: L3) -> Option<EndpointKey> {
+    match l3 {
+        L3::V4 { off, .. } => Some(EndpointKey::from_v4_raw(frame::load(f, off + frame::V4_SRC)?)),
+        L3::V6 { off } => Some(EndpointKey {
+            addr: frame::load_v6_addr(f, off + frame::V6_SRC)?,
+        }),
+        L3::Arp { .. } => None,
+    }
+}
+
+/// Records the source MAC of a frame sent from a watched address (IP source
+/// or ARP sender), so that the endpoint map follows a recreated container.
+#[inline(always)]
+fn learn(f: &impl Frame) -> Option<()> {
+    let src_mac: [u8; 6] = frame::load(f, 6)?;
+    if src_mac[0] & 1 != 0 || src_mac == [0; 6] {
+        return None;
+    }
+    let l3 = frame::parse_l3(f)?;
+    let cfg = config()?;
+    let key = match l3 {
+        L3::Arp { off } => {
+            let spa = frame::arp_sender(f, off, &src_mac)?;
+            v4_watched(cfg, spa).then(|| EndpointKey::from_v4_raw(spa))?
+        }
+        _ => watched_key(f, cfg, l3, frame::V4_SRC, frame::V6_SRC)?,
+    };
+    let mut i = 0;
+    while i < MAX_OWN_MACS {
+        if i as u32 >= cfg.own_mac_count {
+            break;
+        }
+        if cfg.own_macs[i].mac == src_mac {
+            return None;
+        }
+        i += 1;
+    }
+    let now = now_ns();
+    let old_mac = match ENDPOINTS.get_ptr_mut(key) {
+        Some(ep) => {
+            // SAFETY: a live hash map value.
+            let ep = unsafe { &mut *ep };
+            if ep.mac == src_mac || ep.source == source::STATIC {
+                return None;
+            }
+            let old = ep.mac;
+            ep.mac = src_mac;
+            ep.source = source::LEARNED;
+            ep.updated_ns = now;
+            // A new MAC starts a new story: the next stale frame is reported at once.
+            ep.last_event_ns = 0;
+            old
+        }
+        None => {
+            let ep = Endpoint {
+                mac: src_mac,
+                source: source::LEARNED,
+                updated_ns: now,
+                ..Endpoint::default()
+            };
+            if ENDPOINTS.insert(key, ep, BPF_NOEXIST).is_err() {
+                // Full, or another CPU learned it first.
+                if let Some(c) = counters() {
+                    c.learn_failed += 1;
+                }
+                return None;
+            }
+            [0; 6]
+        }
+    };
+    let sent = EVENTS
+        .output(
+            &Event {
+                kind: event_kind::LEARNED,
+                endpoint: key,
+                hook: hook::TC,
+                old_mac,
+                new_mac: src_mac,
+                ..Event::default()
+            },
+            0,
+        )
+        .is_ok();
+    if let Some(c) = counters() {
+        if old_mac == [0; 6] {
+            c.learned_new += 1;
+        } else {
+            c.learned_moved += 1;
+        }
+        if sent {
+            c.events += 1;
+        } else {
+            c.events_lost += 1;
+        }
+    }
+    Some(())
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
