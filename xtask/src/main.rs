@@ -1,1 +1,225 @@
-fn main() {}
+//! `cargo xtask`: the project's build, run and test entry points. Each verb is
+//! one function; setup and the eBPF build live in their own modules because
+//! they need a toolchain of their own.
+
+mod ebpf;
+mod setup;
+mod step;
+
+use std::{
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+
+use crate::ebpf::Profile;
+
+#[derive(Parser)]
+#[command(about = "Build, run and test flowguard")]
+struct Cli {
+    #[command(subcommand)]
+    verb: Verb,
+}
+
+#[derive(Subcommand)]
+enum Verb {
+    /// Install the Debian packages and bpf-linker that the build needs (idempotent).
+    Setup,
+    /// Build the eBPF object (flowguard-ebpf) and print its path.
+    BuildEbpf {
+        /// Build the debug profile instead of release.
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Build the eBPF object, the `flowguard` binary and the test binaries (release).
+    Build,
+    /// Build, then run `flowguard` with the given arguments.
+    Run {
+        /// Arguments for flowguard, after `--`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build, then show flowguard finding and fixing a stale MAC in network
+    /// namespaces of its own (needs root).
+    Demo {
+        /// Arguments for flowguard-demo, after `--`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build, then measure the eBPF programs with BPF_PROG_TEST_RUN (needs root).
+    Bench {
+        /// Arguments for flowguard-bench, after `--`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the whole test suite: setup, eBPF build, fmt, clippy, build, tests.
+    Test {
+        /// Skip rustfmt and clippy, for quick iteration.
+        #[arg(long)]
+        no_lint: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.verb {
+        Verb::Setup => setup::setup().map(drop),
+        Verb::BuildEbpf { debug } => build_ebpf(debug),
+        Verb::Build => build().map(drop),
+        Verb::Run { args } => run(&args),
+        Verb::Demo { args } => demo(&args),
+        Verb::Bench { args } => bench(&args),
+        Verb::Test { no_lint } => test(no_lint),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn build_ebpf(debug: bool) -> Result<()> {
+    let tools = setup::setup()?;
+    let profile = if debug {
+        Profile::Debug
+    } else {
+        Profile::Release
+    };
+    ebpf::build_ebpf(&tools, profile).map(drop)
+}
+
+/// Builds everything the run, demo and bench verbs start; returns the eBPF
+/// object's path.
+fn build() -> Result<PathBuf> {
+    let tools = setup::setup()?;
+    let object = ebpf::build_ebpf(&tools, Profile::Release)?;
+    build_user_and_test_binaries(&object)?;
+    Ok(object)
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let object = build()?;
+    let mut command = Command::new(release_binary("flowguard")?);
+    command.args(args).env("FLOWGUARD_EBPF_OBJ", &object);
+    exec(command)
+}
+
+fn demo(args: &[String]) -> Result<()> {
+    let object = build()?;
+    let mut command = Command::new(release_binary("flowguard-demo")?);
+    command
+        .arg("--flowguard")
+        .arg(release_binary("flowguard")?)
+        .args(args)
+        .env("FLOWGUARD_EBPF_OBJ", &object);
+    exec(command)
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    let object = build()?;
+    let mut command = Command::new(release_binary("flowguard-bench")?);
+    command.args(args).env("FLOWGUARD_EBPF_OBJ", &object);
+    exec(command)
+}
+
+const LINT_HINT: &str =
+    "fix the warnings above, or skip linting while iterating with `cargo xtask test --no-lint`";
+
+fn test(no_lint: bool) -> Result<()> {
+    let tools = setup::setup()?;
+    let object = ebpf::build_ebpf(&tools, Profile::Release)?;
+
+    if no_lint {
+        println!("Skipping rustfmt and clippy (--no-lint).");
+    } else {
+        step::run_or_explain(
+            "Checking formatting",
+            host_cargo(&object).args(["fmt", "--all", "--", "--check"]),
+            "run `cargo fmt --all` to apply the formatting shown above",
+        )?;
+        step::run_or_explain(
+            "Linting the workspace except the eBPF crate (clippy)",
+            host_cargo(&object).args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "flowguard-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+            LINT_HINT,
+        )?;
+        ebpf::clippy_ebpf(&tools, LINT_HINT)?;
+    }
+
+    build_user_and_test_binaries(&object)?;
+
+    let flowguard = release_binary("flowguard")?;
+    step::run_or_explain(
+        "Running the tests (release, one thread)",
+        host_cargo(&object)
+            .args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "flowguard-ebpf",
+                "--release",
+            ])
+            .args(["--", "--test-threads=1"])
+            .env("FLOWGUARD_BIN", &flowguard),
+        "see the failing tests above",
+    )?;
+    println!("All test steps passed.");
+    Ok(())
+}
+
+fn build_user_and_test_binaries(object: &Path) -> Result<()> {
+    step::run(
+        "Building flowguard and the test binaries (release)",
+        host_cargo(object).args([
+            "build",
+            "--release",
+            "-p",
+            "flowguard-user",
+            "-p",
+            "flowguard-tests",
+            "--bins",
+        ]),
+    )
+}
+
+/// The cargo that runs xtask (rustup's stable), from the workspace root, with
+/// the eBPF object that flowguard-user's build script embeds.
+fn host_cargo(ebpf_object: &Path) -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        .current_dir(step::workspace_root())
+        .env("FLOWGUARD_EBPF_OBJ", ebpf_object);
+    command
+}
+
+fn release_binary(name: &str) -> Result<PathBuf> {
+    let path = step::workspace_root().join("target/release").join(name);
+    if !path.is_file() {
+        bail!(
+            "{} does not exist after the build; is there a `{name}` binary in the workspace?",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Replaces xtask with `command`, so that its exit code and signals (Ctrl-C)
+/// reach the caller unchanged. Returns only if it could not start.
+fn exec(mut command: Command) -> Result<()> {
+    let error = command.exec();
+    bail!("could not start {}: {error}", step::display(&command))
+}
