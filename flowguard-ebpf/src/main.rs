@@ -135,7 +135,13 @@ fn v6_watched(cfg: &Config, addr: &[u32; 4]) -> bool {
 
 /// The endpoint key of an address at `off` if it lies in a watched prefix.
 #[inline(always)]
-fn watched_key(f: &impl Frame, cfg: &Config, l3: L3, v4_field: usize, v6_field: usize) -> Option<EndpointKey> {
+fn watched_key(
+    f: &impl Frame,
+    cfg: &Config,
+    l3: L3,
+    v4_field: usize,
+    v6_field: usize,
+) -> Option<EndpointKey> {
     match l3 {
         L3::V4 { off, .. } => {
             let addr: u32 = frame::load(f, off + v4_field)?;
@@ -192,7 +198,10 @@ fn try_guard(f: &impl Frame, hook: u8, ifindex: u32) -> Option<Verdict> {
 
 /// A frame to `key` carries `dst_mac` instead of the endpoint's MAC.
 #[inline(always)]
-#[expect(clippy::too_many_arguments, reason = "one call site, all values already at hand")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site, all values already at hand"
+)]
 fn stale(
     f: &impl Frame,
     cfg: &Config,
@@ -262,7 +271,10 @@ fn stale(
 #[inline(always)]
 fn watched_peer(f: &impl Frame, l3: L3) -> Option<EndpointKey> {
     match l3 {
-        L3::V4 { off, .. } => Some(EndpointKey::from_v4_raw(frame::load(f, off + frame::V4_SRC)?)),
+        L3::V4 { off, .. } => Some(EndpointKey::from_v4_raw(frame::load(
+            f,
+            off + frame::V4_SRC,
+        )?)),
         L3::V6 { off } => Some(EndpointKey {
             addr: frame::load_v6_addr(f, off + frame::V6_SRC)?,
         }),

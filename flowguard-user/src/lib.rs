@@ -1,0 +1,10 @@
+//! flowguard's user side: loads and attaches the kernel side, keeps its
+//! endpoint map in sync, and shows what happened. The binary `flowguard`
+//! is a thin command line over these modules.
+
+pub mod endpoints;
+pub mod events;
+pub mod loader;
+pub mod settings;
+pub mod status;
+pub mod sys;

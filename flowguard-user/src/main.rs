@@ -1,1 +1,335 @@
-fn main() {}
+//! The `flowguard` command: `run` guards interfaces until stopped, `status`
+//! shows what a running instance has seen.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::{Parser, Subcommand};
+use flowguard_common::source;
+use flowguard_user::{
+    endpoints, events,
+    loader::{Guard, GuardOptions, XdpAttach},
+    settings::{self, endpoint_key, Mode, Prefix, StaticEndpoint},
+    status, sys,
+};
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    signal::unix::{signal, SignalKind},
+};
+
+const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/flowguard";
+
+/// Finds frames sent to a stale (cached) MAC address of a LAN endpoint and
+/// fixes them in the kernel.
+#[derive(Parser, Debug)]
+#[command(name = "flowguard", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Load, attach and guard until SIGINT or SIGTERM, then detach and unpin.
+    Run(RunArgs),
+    /// Show a running instance's counters and endpoints.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Where the running instance pinned its maps.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Guard frames arriving on this interface with XDP (receiving-host role:
+    /// the macvlan parent). Repeatable.
+    #[arg(long, value_name = "IFACE")]
+    ingress: Vec<String>,
+    /// Guard frames leaving this interface with tc (router role: the
+    /// flowtable's bridge ports). Repeatable.
+    #[arg(long, value_name = "IFACE")]
+    egress: Vec<String>,
+    /// Watch endpoints inside this prefix (IPv4 or IPv6). Repeatable; at least one.
+    #[arg(long = "prefix", value_name = "CIDR", required = true)]
+    prefixes: Vec<Prefix>,
+    /// An endpoint whose MAC you know. Repeatable.
+    #[arg(long = "static", value_name = "IP=MAC")]
+    statics: Vec<StaticEndpoint>,
+    /// Learn endpoints from the frames they send out of the --egress
+    /// interfaces (their source IP and MAC; ARP senders too).
+    #[arg(long)]
+    learn: bool,
+    /// fix: rewrite stale destination MACs; observe: only count and report.
+    #[arg(long, value_enum, default_value = "fix")]
+    mode: Mode,
+    /// Where to pin the maps (on a bpffs).
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Report stale frames of one endpoint at most once per this many milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    event_interval_ms: u64,
+    /// How to attach XDP: driver mode with a fallback to skb mode, or only one of them.
+    #[arg(long, value_enum, default_value = "auto")]
+    xdp_mode: XdpAttach,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                e.exit();
+            }
+            // One line that names the bad input; --help has the rest.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("{first} (see flowguard --help)");
+            return ExitCode::from(2);
+        }
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Status { json, pin_dir } => show_status(json, &pin_dir),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn show_status(json: bool, pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    let st = status::read(pin_dir)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+    } else {
+        print!("{}", status::render(&st));
+    }
+    Ok(())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    if args.ingress.is_empty() && args.egress.is_empty() {
+        bail!("nothing to attach to: give at least one --ingress IFACE or --egress IFACE");
+    }
+    if args.learn && args.egress.is_empty() {
+        bail!(
+            "--learn needs an --egress IFACE: learning reads the frames endpoints send out of it"
+        );
+    }
+    for s in &args.statics {
+        if !args.prefixes.iter().any(|p| p.contains(s.ip)) {
+            return Err(settings::SettingsError::StaticOutsidePrefixes(s.ip).into());
+        }
+    }
+    let config = settings::build_config(
+        args.mode,
+        &args.prefixes,
+        Duration::from_millis(args.event_interval_ms),
+        &[],
+    )?;
+    let opts = GuardOptions {
+        ingress: args.ingress.clone(),
+        egress: args.egress.clone(),
+        learn: args.learn,
+        xdp: args.xdp_mode,
+        pin_dir: args.pin_dir.clone(),
+        config,
+    };
+    let mut guard = Guard::start(&opts)?;
+    {
+        let mut map = guard.endpoints()?;
+        for s in &args.statics {
+            endpoints::upsert(&mut map, endpoint_key(s.ip), s.mac, source::STATIC)
+                .with_context(|| format!("adding static endpoint {}", s.ip))?;
+        }
+    }
+    let ring = guard.take_events()?;
+
+    let prefixes: Vec<String> = args.prefixes.iter().map(|p| p.to_string()).collect();
+    let mode = match args.mode {
+        Mode::Fix => "fix mode: stale frames are rewritten",
+        Mode::Observe => "observe mode: stale frames are counted, not changed",
+    };
+    println!("flowguard: watching {} in {mode}", prefixes.join(", "));
+    for a in &guard.attachments {
+        println!("flowguard: {} on {}", a.how, a.iface);
+    }
+    if !args.statics.is_empty() {
+        let list: Vec<String> = args
+            .statics
+            .iter()
+            .map(|s| format!("{}={}", s.ip, s.mac))
+            .collect();
+        println!("flowguard: static endpoints {}", list.join(", "));
+    }
+    println!(
+        "flowguard: maps pinned in {} (see `flowguard status --pin-dir {0}`)",
+        guard.pin_dir().display()
+    );
+    println!("flowguard: ready");
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the event loop")?;
+    let outcome = rt.block_on(guard_loop(ring));
+
+    let summary = status::read(guard.pin_dir()).ok();
+    let pin_dir = guard.pin_dir().to_path_buf();
+    drop(guard);
+    if let Some(st) = summary {
+        let c = st.counters;
+        println!(
+            "flowguard: stopped; {} frames to stale MACs seen, {} rewritten, {} endpoints learned; \
+             programs detached, {} removed",
+            c.stale,
+            c.rewritten,
+            c.learned_new,
+            pin_dir.display()
+        );
+    }
+    outcome
+}
+
+/// Prints each event until SIGINT or SIGTERM.
+async fn guard_loop(ring: aya::maps::RingBuf<aya::maps::MapData>) -> anyhow::Result<()> {
+    // SAFETY: the ring buffer owns its map fd and mmap, and both live exactly
+    // as long as the AsyncFd that owns the ring buffer.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| anyhow!("watching the event ring buffer: {e}"))?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            ready = ring.readable_mut() => {
+                let mut ready = ready.context("waiting for events")?;
+                let ring = ready.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    match events::decode(&item) {
+                        Some(ev) => println!("{}", events::describe(&ev, sys::ifname)),
+                        None => log::warn!("ignoring an event of {} bytes", item.len()),
+                    }
+                }
+                ready.clear_ready();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+
+    #[test]
+    fn cli_parses_the_documented_forms() {
+        let cli = Cli::try_parse_from([
+            "flowguard",
+            "run",
+            "--ingress",
+            "eth0",
+            "--egress",
+            "eth0",
+            "--learn",
+            "--prefix",
+            "192.168.1.0/24",
+            "--static",
+            "192.168.1.9=02:00:00:00:00:09",
+            "--mode",
+            "observe",
+        ])
+        .unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(a.ingress, ["eth0"]);
+        assert!(a.learn);
+        assert_eq!(a.mode, Mode::Observe);
+        assert_eq!(a.statics[0].ip, "192.168.1.9".parse::<IpAddr>().unwrap());
+        assert_eq!(a.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+    }
+
+    #[test]
+    fn cli_rejects_bad_values() {
+        for args in [
+            &[
+                "flowguard",
+                "run",
+                "--egress",
+                "x",
+                "--prefix",
+                "192.168.1.0/33",
+            ][..],
+            &[
+                "flowguard",
+                "run",
+                "--egress",
+                "x",
+                "--prefix",
+                "10.0.0.0/8",
+                "--static",
+                "10.0.0.1=zz",
+            ],
+            &["flowguard", "run", "--egress", "x"],
+            &[
+                "flowguard",
+                "run",
+                "--egress",
+                "x",
+                "--prefix",
+                "10.0.0.0/8",
+                "--mode",
+                "maybe",
+            ],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn run_refuses_incoherent_options_before_touching_anything() {
+        let parse = |args: &[&str]| {
+            let Command::Run(a) = Cli::try_parse_from(args).unwrap().command else {
+                unreachable!()
+            };
+            a
+        };
+        let e = run(parse(&["flowguard", "run", "--prefix", "10.0.0.0/8"])).unwrap_err();
+        assert!(e.to_string().contains("nothing to attach"), "{e}");
+        let e = run(parse(&[
+            "flowguard",
+            "run",
+            "--ingress",
+            "lo",
+            "--learn",
+            "--prefix",
+            "10.0.0.0/8",
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("--learn needs"), "{e}");
+        let e = run(parse(&[
+            "flowguard",
+            "run",
+            "--egress",
+            "lo",
+            "--prefix",
+            "10.0.0.0/8",
+            "--static",
+            "192.168.1.1=02:00:00:00:00:01",
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("outside every --prefix"), "{e}");
+    }
+}

@@ -1,0 +1,405 @@
+//! Loads the kernel side, attaches it to interfaces and pins its maps.
+//! `Guard::start` either succeeds whole or leaves nothing attached or
+//! pinned; dropping a `Guard` detaches every program and removes the pins.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{Array, HashMap, Map, MapData, RingBuf},
+    programs::{tc, SchedClassifier, TcAttachType, Xdp, XdpMode},
+    util::KernelVersion,
+    Ebpf,
+};
+use flowguard_common::{map_names, pin_names, program_names, Config, Endpoint, EndpointKey};
+
+use crate::{settings::Mac, sys};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("interface '{0}' does not exist in this network namespace: check `ip link`")]
+    UnknownInterface(String),
+    #[error("cannot read the MAC address of '{name}': {source}")]
+    InterfaceMac {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("missing privileges: flowguard needs {0} (run it as root)")]
+    Privileges(String),
+    #[error("{0} is not on a bpf filesystem: mount one with `mount -t bpf bpf /sys/fs/bpf`, or pass --pin-dir on a bpffs")]
+    NoBpffs(PathBuf),
+    #[error("another flowguard is already running with pin directory {0}: stop it first, or use another --pin-dir")]
+    AlreadyRunning(PathBuf),
+    #[error("pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("this flowguard binary was built without its eBPF object: build it with `cargo xtask build`")]
+    NoObject,
+    #[error("loading the eBPF object failed: {0}")]
+    Object(#[from] aya::EbpfError),
+    #[error("the kernel refused program {program}: {source} (needs a kernel with BPF, BTF and {feature})")]
+    Program {
+        program: &'static str,
+        feature: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching {what} to {iface} failed: {source}")]
+    Attach {
+        what: &'static str,
+        iface: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {0}: {1}")]
+    Map(&'static str, #[source] aya::maps::MapError),
+    #[error("pinning map {name} at {path}: {source}")]
+    Pin {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+}
+
+/// How XDP is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpAttach {
+    /// Driver (native) mode, falling back to skb (generic) mode.
+    Auto,
+    /// Driver mode only.
+    Driver,
+    /// Generic (skb) mode only.
+    Skb,
+}
+
+/// Where and how to attach.
+#[derive(Clone, Debug)]
+pub struct GuardOptions {
+    /// Interfaces whose ingress gets the XDP guard.
+    pub ingress: Vec<String>,
+    /// Interfaces whose egress gets the tc guard.
+    pub egress: Vec<String>,
+    /// Learn endpoints from frames leaving the egress interfaces.
+    pub learn: bool,
+    pub xdp: XdpAttach,
+    pub pin_dir: PathBuf,
+    /// Settings without `own_macs`, which `start` fills in.
+    pub config: Config,
+}
+
+/// One attachment, described for the operator.
+#[derive(Clone, Debug)]
+pub struct Attachment {
+    pub iface: String,
+    pub how: String,
+}
+
+/// The loaded, attached and pinned kernel side.
+pub struct Guard {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    pinned: bool,
+    /// Held for the lifetime of the guard: the pin directory's flock.
+    _lock: fs::File,
+    pub attachments: Vec<Attachment>,
+    pub own_macs: Vec<Mac>,
+}
+
+#[cfg(not(flowguard_ebpf_missing))]
+fn object() -> Option<&'static [u8]> {
+    Some(aya::include_bytes_aligned!(env!("FLOWGUARD_EBPF_OBJECT")))
+}
+
+#[cfg(flowguard_ebpf_missing)]
+fn object() -> Option<&'static [u8]> {
+    None
+}
+
+impl Guard {
+    /// Checks everything, loads, attaches, pins. On error nothing stays
+    /// attached or pinned.
+    pub fn start(opts: &GuardOptions) -> Result<Self, LoadError> {
+        let mut ifaces: Vec<&String> = opts.ingress.iter().chain(&opts.egress).collect();
+        ifaces.sort();
+        ifaces.dedup();
+        for name in &ifaces {
+            if sys::ifindex(name).is_none() {
+                return Err(LoadError::UnknownInterface(name.to_string()));
+            }
+        }
+        let missing = sys::missing_capabilities();
+        if !missing.is_empty() {
+            return Err(LoadError::Privileges(missing.join(" and ")));
+        }
+        let parent = opts
+            .pin_dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !sys::is_on_bpffs(parent) {
+            return Err(LoadError::NoBpffs(parent.to_path_buf()));
+        }
+        let mut own_macs = Vec::new();
+        for name in &ifaces {
+            let mac = sys::if_mac(name).map_err(|source| LoadError::InterfaceMac {
+                name: name.to_string(),
+                source,
+            })?;
+            if mac.is_unicast() && !own_macs.contains(&mac) {
+                own_macs.push(mac);
+            }
+        }
+        let object = object().ok_or(LoadError::NoObject)?;
+        let (lock, created) = lock_pin_dir(&opts.pin_dir)?;
+        let result = Self::load_and_attach(opts, object, &own_macs, lock);
+        if result.is_err() && created {
+            let _ = fs::remove_dir(&opts.pin_dir);
+        }
+        result
+    }
+
+    fn load_and_attach(
+        opts: &GuardOptions,
+        object: &[u8],
+        own_macs: &[Mac],
+        lock: fs::File,
+    ) -> Result<Self, LoadError> {
+        let mut ebpf = Ebpf::load(object)?;
+        let mut config = opts.config;
+        config.own_mac_count = 0;
+        for (slot, mac) in config.own_macs.iter_mut().zip(own_macs) {
+            slot.mac = mac.0;
+            config.own_mac_count += 1;
+        }
+        {
+            let map = ebpf.map_mut(map_names::CONFIG).ok_or(LoadError::Map(
+                map_names::CONFIG,
+                aya::maps::MapError::InvalidName {
+                    name: map_names::CONFIG.into(),
+                },
+            ))?;
+            let mut cfg: Array<&mut MapData, Config> =
+                Array::try_from(map).map_err(|e| LoadError::Map(map_names::CONFIG, e))?;
+            cfg.set(0, config, 0)
+                .map_err(|e| LoadError::Map(map_names::CONFIG, e))?;
+        }
+        let mut guard = Guard {
+            ebpf,
+            pin_dir: opts.pin_dir.clone(),
+            pinned: false,
+            _lock: lock,
+            attachments: Vec::new(),
+            own_macs: own_macs.to_vec(),
+        };
+        if !opts.ingress.is_empty() {
+            guard.attach_xdp(&opts.ingress, opts.xdp)?;
+        }
+        if !opts.egress.is_empty() {
+            let program = if opts.learn {
+                program_names::TC_LEARN
+            } else {
+                program_names::TC_GUARD
+            };
+            guard.attach_tc(program, &opts.egress, TcAttachType::Egress)?;
+        }
+        guard.pin_maps()?;
+        Ok(guard)
+    }
+
+    fn attach_xdp(&mut self, ifaces: &[String], mode: XdpAttach) -> Result<(), LoadError> {
+        let name = program_names::XDP_GUARD;
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .expect("the object defines the XDP guard");
+        prog.load().map_err(|source| LoadError::Program {
+            program: name,
+            feature: "XDP",
+            source,
+        })?;
+        for iface in ifaces {
+            let tries: &[(XdpMode, &str)] = match mode {
+                XdpAttach::Auto => &[(XdpMode::Driver, "driver"), (XdpMode::Skb, "skb")],
+                XdpAttach::Driver => &[(XdpMode::Driver, "driver")],
+                XdpAttach::Skb => &[(XdpMode::Skb, "skb")],
+            };
+            let mut last = None;
+            for (m, label) in tries {
+                match prog.attach(iface, *m) {
+                    Ok(_) => {
+                        self.attachments.push(Attachment {
+                            iface: iface.clone(),
+                            how: format!("XDP ingress ({label} mode)"),
+                        });
+                        last = None;
+                        break;
+                    }
+                    Err(e) => {
+                        log::debug!("XDP {label} mode on {iface}: {e}");
+                        last = Some(e);
+                    }
+                }
+            }
+            if let Some(source) = last {
+                return Err(LoadError::Attach {
+                    what: "XDP",
+                    iface: iface.clone(),
+                    source,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn attach_tc(
+        &mut self,
+        name: &'static str,
+        ifaces: &[String],
+        direction: TcAttachType,
+    ) -> Result<(), LoadError> {
+        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .expect("the object defines the tc guards");
+        prog.load().map_err(|source| LoadError::Program {
+            program: name,
+            feature: "tc classifiers",
+            source,
+        })?;
+        let dir = match direction {
+            TcAttachType::Ingress => "ingress",
+            _ => "egress",
+        };
+        for iface in ifaces {
+            if !tcx {
+                // Before TCX, a clsact qdisc carries the filter; one may exist already.
+                if let Err(e) = tc::qdisc_add_clsact(iface) {
+                    log::debug!("clsact on {iface}: {e} (may already exist)");
+                }
+            }
+            prog.attach(iface, direction)
+                .map_err(|source| LoadError::Attach {
+                    what: "tc",
+                    iface: iface.clone(),
+                    source,
+                })?;
+            let learning = if name == program_names::TC_LEARN {
+                ", learning"
+            } else {
+                ""
+            };
+            self.attachments.push(Attachment {
+                iface: iface.clone(),
+                how: format!(
+                    "tc {dir} ({}{learning})",
+                    if tcx { "tcx" } else { "clsact" }
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn pin_maps(&mut self) -> Result<(), LoadError> {
+        // Mark pinned first so that a partial pin is cleaned up on drop.
+        self.pinned = true;
+        for (map, file) in [
+            (map_names::CONFIG, pin_names::CONFIG),
+            (map_names::ENDPOINTS, pin_names::ENDPOINTS),
+            (map_names::COUNTERS, pin_names::COUNTERS),
+        ] {
+            let path = self.pin_dir.join(file);
+            let m = self.ebpf.map(map).expect("the object defines its maps");
+            m.pin(&path).map_err(|source| LoadError::Pin {
+                name: map,
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The endpoint map, for user space to keep in sync.
+    pub fn endpoints(&mut self) -> Result<HashMap<&mut MapData, EndpointKey, Endpoint>, LoadError> {
+        let map = self
+            .ebpf
+            .map_mut(map_names::ENDPOINTS)
+            .expect("the object defines its maps");
+        HashMap::try_from(map).map_err(|e| LoadError::Map(map_names::ENDPOINTS, e))
+    }
+
+    /// The event ring buffer (can be taken once).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
+        let map: Map = self.ebpf.take_map(map_names::EVENTS).ok_or(LoadError::Map(
+            map_names::EVENTS,
+            aya::maps::MapError::InvalidName {
+                name: map_names::EVENTS.into(),
+            },
+        ))?;
+        RingBuf::try_from(map).map_err(|e| LoadError::Map(map_names::EVENTS, e))
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        // Programs detach when `ebpf` drops (after this); the pins and the
+        // directory go now, so that a stopped instance leaves nothing behind.
+        if self.pinned {
+            for file in [pin_names::CONFIG, pin_names::ENDPOINTS, pin_names::COUNTERS] {
+                let _ = fs::remove_file(self.pin_dir.join(file));
+            }
+        }
+        let _ = fs::remove_dir(&self.pin_dir);
+    }
+}
+
+/// Creates (if needed) and locks the pin directory. Leftover pins of an
+/// instance that died are removed: the lock proves nobody uses them.
+fn lock_pin_dir(dir: &Path) -> Result<(fs::File, bool), LoadError> {
+    let pin_err = |source| LoadError::PinDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let created = match fs::create_dir(dir) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+        Err(e) => return Err(pin_err(e)),
+    };
+    let lock = fs::File::open(dir).map_err(pin_err)?;
+    match sys::try_lock(&lock) {
+        Ok(true) => {}
+        Ok(false) => return Err(LoadError::AlreadyRunning(dir.to_path_buf())),
+        Err(e) => {
+            if created {
+                let _ = fs::remove_dir(dir);
+            }
+            return Err(pin_err(e));
+        }
+    }
+    if !created {
+        for file in [pin_names::CONFIG, pin_names::ENDPOINTS, pin_names::COUNTERS] {
+            let path = dir.join(file);
+            if path.exists() {
+                log::warn!(
+                    "removing {} left by an instance that did not stop cleanly",
+                    path.display()
+                );
+                let _ = fs::remove_file(path);
+            }
+        }
+    }
+    Ok((lock, created))
+}

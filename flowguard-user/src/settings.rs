@@ -1,0 +1,424 @@
+//! What the operator tells flowguard: prefixes, MAC addresses, static
+//! endpoints and the mode, parsed with errors that name the bad input, and
+//! turned into the kernel side's `Config`.
+
+use std::{fmt, net::IpAddr, str::FromStr, time::Duration};
+
+use flowguard_common::{
+    mode, Config, EndpointKey, OwnMac, V4Prefix, V6Prefix, MAX_OWN_MACS, MAX_V4_PREFIXES,
+    MAX_V6_PREFIXES,
+};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SettingsError {
+    #[error("bad prefix '{0}': expected ADDRESS/LENGTH, e.g. 192.168.1.0/24 or fd00::/64")]
+    PrefixSyntax(String),
+    #[error("bad prefix '{input}': the length must be at most {max}")]
+    PrefixLength { input: String, max: u8 },
+    #[error("bad MAC address '{0}': expected six hex bytes, e.g. 3a:ea:10:f9:a1:2e")]
+    Mac(String),
+    #[error(
+        "bad MAC address '{0}': a multicast, broadcast or all-zero MAC cannot be an endpoint's"
+    )]
+    MacNotUnicast(String),
+    #[error("bad static entry '{0}': expected IP=MAC, e.g. 192.168.1.240=3a:ea:10:f9:a1:2e")]
+    StaticSyntax(String),
+    #[error("static entry {0} is outside every --prefix: add a prefix that covers it")]
+    StaticOutsidePrefixes(IpAddr),
+    #[error("too many {family} prefixes: {given} given, at most {max}")]
+    TooManyPrefixes {
+        family: &'static str,
+        given: usize,
+        max: usize,
+    },
+    #[error("at least one --prefix is needed: flowguard only watches endpoints inside them")]
+    NoPrefix,
+    #[error("too many interfaces: at most {0} distinct interface MACs")]
+    TooManyInterfaces(usize),
+}
+
+/// A network prefix, normalised so that the host bits are zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefix {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Prefix {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(p), IpAddr::V4(a)) => {
+                let mask = v4_mask(self.len);
+                u32::from(a) & mask == u32::from(p)
+            }
+            (IpAddr::V6(p), IpAddr::V6(a)) => {
+                let mask = v6_mask(self.len);
+                u128::from(a) & mask == u128::from(p)
+            }
+            _ => false,
+        }
+    }
+}
+
+fn v4_mask(len: u8) -> u32 {
+    if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - len as u32)
+    }
+}
+
+fn v6_mask(len: u8) -> u128 {
+    if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - len as u32)
+    }
+}
+
+impl FromStr for Prefix {
+    type Err = SettingsError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let syntax = || SettingsError::PrefixSyntax(s.to_string());
+        let (addr, len) = s.split_once('/').ok_or_else(syntax)?;
+        let addr: IpAddr = addr.parse().map_err(|_| syntax())?;
+        if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(syntax());
+        }
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len: u16 = len.parse().map_err(|_| syntax())?;
+        if len > max as u16 {
+            return Err(SettingsError::PrefixLength {
+                input: s.to_string(),
+                max,
+            });
+        }
+        let len = len as u8;
+        let addr = match addr {
+            IpAddr::V4(a) => IpAddr::V4((u32::from(a) & v4_mask(len)).into()),
+            IpAddr::V6(a) => IpAddr::V6((u128::from(a) & v6_mask(len)).into()),
+        };
+        Ok(Self { addr, len })
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// An Ethernet MAC address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Mac(pub [u8; 6]);
+
+impl Mac {
+    pub fn is_unicast(&self) -> bool {
+        self.0[0] & 1 == 0 && self.0 != [0; 6]
+    }
+}
+
+impl FromStr for Mac {
+    type Err = SettingsError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || SettingsError::Mac(s.to_string());
+        let mut out = [0u8; 6];
+        let mut parts = s.split([':', '-']);
+        for byte in out.iter_mut() {
+            let p = parts.next().ok_or_else(bad)?;
+            if p.is_empty() || p.len() > 2 {
+                return Err(bad());
+            }
+            *byte = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(Self(out))
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+/// An endpoint whose MAC the operator states: `IP=MAC`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StaticEndpoint {
+    pub ip: IpAddr,
+    pub mac: Mac,
+}
+
+impl FromStr for StaticEndpoint {
+    type Err = SettingsError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (ip, mac) = s
+            .split_once('=')
+            .ok_or_else(|| SettingsError::StaticSyntax(s.to_string()))?;
+        let ip: IpAddr = ip
+            .trim()
+            .parse()
+            .map_err(|_| SettingsError::StaticSyntax(s.to_string()))?;
+        let mac: Mac = mac.trim().parse()?;
+        if !mac.is_unicast() {
+            return Err(SettingsError::MacNotUnicast(mac.to_string()));
+        }
+        Ok(Self { ip, mac })
+    }
+}
+
+/// The endpoint map key of an address.
+pub fn endpoint_key(ip: IpAddr) -> EndpointKey {
+    match ip {
+        IpAddr::V4(a) => EndpointKey::from_v4_bytes(a.octets()),
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            // An IPv4-mapped IPv6 address is the same endpoint as the IPv4 one.
+            Some(v4) => EndpointKey::from_v4_bytes(v4.octets()),
+            None => EndpointKey::from_v6_bytes(a.octets()),
+        },
+    }
+}
+
+/// The address an endpoint map key stands for.
+pub fn key_ip(key: &EndpointKey) -> IpAddr {
+    let b = key.bytes();
+    if key.is_v4() {
+        IpAddr::from([b[12], b[13], b[14], b[15]])
+    } else {
+        IpAddr::from(b)
+    }
+}
+
+/// Guard mode, as given on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Rewrite the destination MAC of stale frames.
+    Fix,
+    /// Count and report stale frames, change nothing.
+    Observe,
+}
+
+impl Mode {
+    pub fn as_config(self) -> u32 {
+        match self {
+            Mode::Fix => mode::FIX,
+            Mode::Observe => mode::OBSERVE,
+        }
+    }
+
+    pub fn from_config(value: u32) -> &'static str {
+        if value == mode::FIX {
+            "fix"
+        } else {
+            "observe"
+        }
+    }
+}
+
+/// Builds the kernel side's settings.
+pub fn build_config(
+    mode: Mode,
+    prefixes: &[Prefix],
+    event_interval: Duration,
+    own_macs: &[Mac],
+) -> Result<Config, SettingsError> {
+    if prefixes.is_empty() {
+        return Err(SettingsError::NoPrefix);
+    }
+    let mut cfg = Config {
+        mode: mode.as_config(),
+        event_interval_ns: event_interval.as_nanos().min(u64::MAX as u128) as u64,
+        ..Config::default()
+    };
+    let v4: Vec<_> = prefixes.iter().filter(|p| p.addr.is_ipv4()).collect();
+    let v6: Vec<_> = prefixes.iter().filter(|p| p.addr.is_ipv6()).collect();
+    if v4.len() > MAX_V4_PREFIXES {
+        return Err(SettingsError::TooManyPrefixes {
+            family: "IPv4",
+            given: v4.len(),
+            max: MAX_V4_PREFIXES,
+        });
+    }
+    if v6.len() > MAX_V6_PREFIXES {
+        return Err(SettingsError::TooManyPrefixes {
+            family: "IPv6",
+            given: v6.len(),
+            max: MAX_V6_PREFIXES,
+        });
+    }
+    for (slot, p) in cfg.v4.iter_mut().zip(&v4) {
+        let IpAddr::V4(a) = p.addr else {
+            unreachable!()
+        };
+        *slot = V4Prefix {
+            addr: u32::from_ne_bytes(a.octets()),
+            mask: u32::from_ne_bytes(v4_mask(p.len).to_be_bytes()),
+        };
+    }
+    for (slot, p) in cfg.v6.iter_mut().zip(&v6) {
+        let IpAddr::V6(a) = p.addr else {
+            unreachable!()
+        };
+        let mask = EndpointKey::from_v6_bytes(v6_mask(p.len).to_be_bytes());
+        *slot = V6Prefix {
+            addr: EndpointKey::from_v6_bytes(a.octets()).addr,
+            mask: mask.addr,
+        };
+    }
+    cfg.v4_count = v4.len() as u32;
+    cfg.v6_count = v6.len() as u32;
+    let mut distinct: Vec<Mac> = Vec::new();
+    for m in own_macs {
+        if !distinct.contains(m) {
+            distinct.push(*m);
+        }
+    }
+    if distinct.len() > MAX_OWN_MACS {
+        return Err(SettingsError::TooManyInterfaces(MAX_OWN_MACS));
+    }
+    for (slot, m) in cfg.own_macs.iter_mut().zip(&distinct) {
+        *slot = OwnMac {
+            mac: m.0,
+            _pad: [0; 2],
+        };
+    }
+    cfg.own_mac_count = distinct.len() as u32;
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_parse_and_normalise() {
+        let p: Prefix = "192.168.1.77/24".parse().unwrap();
+        assert_eq!(p.to_string(), "192.168.1.0/24");
+        assert!(p.contains("192.168.1.240".parse().unwrap()));
+        assert!(!p.contains("192.168.2.1".parse().unwrap()));
+        assert!(!p.contains("fd00::1".parse().unwrap()));
+        let p: Prefix = "fd00:1::5/64".parse().unwrap();
+        assert_eq!(p.to_string(), "fd00:1::/64");
+        assert!(p.contains("fd00:1::abcd".parse().unwrap()));
+        let all: Prefix = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+    }
+
+    #[test]
+    fn bad_prefixes_are_rejected_with_the_input_named() {
+        for bad in [
+            "192.168.1.0",
+            "192.168.1.0/",
+            "192.168.1.0/+4",
+            "192.168.1/24",
+            "x/24",
+            "fd00::/abc",
+        ] {
+            let e = bad.parse::<Prefix>().unwrap_err();
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+        assert_eq!(
+            "192.168.1.0/33".parse::<Prefix>().unwrap_err(),
+            SettingsError::PrefixLength {
+                input: "192.168.1.0/33".into(),
+                max: 32
+            }
+        );
+        assert!("fd00::/129".parse::<Prefix>().is_err());
+    }
+
+    #[test]
+    fn macs_parse_and_print() {
+        let m: Mac = "3A:ea:10:f9:a1:2e".parse().unwrap();
+        assert_eq!(m.0, [0x3a, 0xea, 0x10, 0xf9, 0xa1, 0x2e]);
+        assert_eq!(m.to_string(), "3a:ea:10:f9:a1:2e");
+        assert_eq!("3a-ea-10-f9-a1-2e".parse::<Mac>().unwrap(), m);
+        for bad in [
+            "",
+            "3a:ea:10:f9:a1",
+            "3a:ea:10:f9:a1:2e:00",
+            "3a:ea:10:f9:a1:zz",
+            "3a:ea:10:f9:a1:123",
+        ] {
+            assert!(bad.parse::<Mac>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn static_entries() {
+        let s: StaticEndpoint = "192.168.1.240=3a:ea:10:f9:a1:2e".parse().unwrap();
+        assert_eq!(s.ip, "192.168.1.240".parse::<IpAddr>().unwrap());
+        assert!(matches!(
+            "192.168.1.240".parse::<StaticEndpoint>(),
+            Err(SettingsError::StaticSyntax(_))
+        ));
+        assert!(matches!(
+            "192.168.1.240=ff:ff:ff:ff:ff:ff".parse::<StaticEndpoint>(),
+            Err(SettingsError::MacNotUnicast(_))
+        ));
+        assert!(matches!(
+            "192.168.1.240=3a:ea".parse::<StaticEndpoint>(),
+            Err(SettingsError::Mac(_))
+        ));
+    }
+
+    #[test]
+    fn keys_roundtrip_and_v4_mapped_is_v4() {
+        for ip in ["192.168.1.240", "fd00::1", "::1"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(key_ip(&endpoint_key(ip)), ip);
+        }
+        assert_eq!(
+            endpoint_key("::ffff:192.168.1.240".parse().unwrap()),
+            endpoint_key("192.168.1.240".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn config_words_match_packet_bytes() {
+        let prefixes: Vec<Prefix> = vec![
+            "192.168.1.0/24".parse().unwrap(),
+            "fd00::/16".parse().unwrap(),
+        ];
+        let own = [Mac([2, 0, 0, 0, 0, 1]), Mac([2, 0, 0, 0, 0, 1])];
+        let cfg = build_config(Mode::Fix, &prefixes, Duration::from_millis(1500), &own).unwrap();
+        assert_eq!(cfg.mode, mode::FIX);
+        assert_eq!(cfg.event_interval_ns, 1_500_000_000);
+        assert_eq!((cfg.v4_count, cfg.v6_count, cfg.own_mac_count), (1, 1, 1));
+        // The kernel side compares native loads of packet bytes.
+        let dst = u32::from_ne_bytes([192, 168, 1, 240]);
+        assert_eq!(dst & cfg.v4[0].mask, cfg.v4[0].addr);
+        let other = u32::from_ne_bytes([192, 168, 2, 240]);
+        assert_ne!(other & cfg.v4[0].mask, cfg.v4[0].addr);
+        let v6 =
+            EndpointKey::from_v6_bytes("fd00:1::9".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        for i in 0..4 {
+            assert_eq!(v6.addr[i] & cfg.v6[0].mask[i], cfg.v6[0].addr[i]);
+        }
+    }
+
+    #[test]
+    fn config_limits() {
+        assert_eq!(
+            build_config(Mode::Fix, &[], Duration::ZERO, &[]).unwrap_err(),
+            SettingsError::NoPrefix
+        );
+        let many: Vec<Prefix> = (0..=MAX_V4_PREFIXES)
+            .map(|i| format!("10.{i}.0.0/16").parse().unwrap())
+            .collect();
+        assert!(matches!(
+            build_config(Mode::Fix, &many, Duration::ZERO, &[]),
+            Err(SettingsError::TooManyPrefixes { .. })
+        ));
+    }
+}

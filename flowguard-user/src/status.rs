@@ -1,0 +1,288 @@
+//! `flowguard status`: reads a running instance's pinned maps and shows the
+//! global counters and, per endpoint, its MAC, source, age and evidence.
+
+use std::{fmt::Write as _, path::Path};
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use flowguard_common::{
+    endpoint_flags, pin_names, source, Config, Counters, Endpoint, EndpointKey,
+};
+use serde::Serialize;
+
+use crate::{
+    settings::{key_ip, Mac, Mode},
+    sys,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("no flowguard is running with pin directory {0} (no pinned maps there)")]
+    NotRunning(String),
+    #[error("reading {path}: {source}")]
+    Map {
+        path: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+#[derive(Debug, Default, Serialize, PartialEq, Eq, Clone, Copy)]
+pub struct CounterTotals {
+    pub checked: u64,
+    pub stale: u64,
+    pub rewritten: u64,
+    pub ambiguous: u64,
+    pub events: u64,
+    pub events_lost: u64,
+    pub learned_new: u64,
+    pub learned_moved: u64,
+    pub learn_failed: u64,
+}
+
+impl CounterTotals {
+    pub fn sum<'a>(per_cpu: impl IntoIterator<Item = &'a Counters>) -> Self {
+        let mut t = Self::default();
+        for c in per_cpu {
+            t.checked += c.checked;
+            t.stale += c.stale;
+            t.rewritten += c.rewritten;
+            t.ambiguous += c.ambiguous;
+            t.events += c.events;
+            t.events_lost += c.events_lost;
+            t.learned_new += c.learned_new;
+            t.learned_moved += c.learned_moved;
+            t.learn_failed += c.learn_failed;
+        }
+        t
+    }
+}
+
+#[derive(Debug, Serialize, PartialEq, Clone)]
+pub struct EndpointStatus {
+    pub ip: String,
+    pub mac: String,
+    pub source: &'static str,
+    /// Seconds since the MAC was last set, when known.
+    pub age_secs: Option<f64>,
+    pub stale_packets: u64,
+    pub rewritten: u64,
+    pub last_stale_mac: Option<String>,
+    pub last_stale_secs_ago: Option<f64>,
+    pub ambiguous: bool,
+}
+
+#[derive(Debug, Serialize, PartialEq, Clone)]
+pub struct Status {
+    pub pin_dir: String,
+    pub mode: &'static str,
+    pub counters: CounterTotals,
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+pub fn source_name(s: u8) -> &'static str {
+    match s {
+        source::STATIC => "static",
+        source::NEIGHBOUR => "neighbour",
+        source::LEARNED => "learned",
+        _ => "unknown",
+    }
+}
+
+fn secs_since(now_ns: u64, then_ns: u64) -> Option<f64> {
+    (then_ns != 0 && now_ns >= then_ns).then(|| (now_ns - then_ns) as f64 / 1e9)
+}
+
+/// The status of one endpoint at monotonic time `now_ns`.
+pub fn endpoint_status(key: &EndpointKey, ep: &Endpoint, now_ns: u64) -> EndpointStatus {
+    EndpointStatus {
+        ip: key_ip(key).to_string(),
+        mac: Mac(ep.mac).to_string(),
+        source: source_name(ep.source),
+        age_secs: secs_since(now_ns, ep.updated_ns),
+        stale_packets: ep.stale_packets,
+        rewritten: ep.rewritten,
+        last_stale_mac: (ep.stale_packets != 0).then(|| Mac(ep.last_stale_mac).to_string()),
+        last_stale_secs_ago: secs_since(now_ns, ep.last_stale_ns),
+        ambiguous: ep.flags & endpoint_flags::AMBIGUOUS != 0,
+    }
+}
+
+fn open(dir: &Path, file: &str) -> Result<Map, StatusError> {
+    let path = dir.join(file);
+    if !path.exists() {
+        return Err(StatusError::NotRunning(dir.display().to_string()));
+    }
+    let data = MapData::from_pin(&path).map_err(|source| StatusError::Map {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Map::from_map_data(data).map_err(|source| StatusError::Map {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Reads the pinned maps under `dir`.
+pub fn read(dir: &Path) -> Result<Status, StatusError> {
+    let err = |file: &str| {
+        let path = dir.join(file).display().to_string();
+        move |source| StatusError::Map { path, source }
+    };
+    let config: Array<MapData, Config> =
+        Array::try_from(open(dir, pin_names::CONFIG)?).map_err(err(pin_names::CONFIG))?;
+    let config = config.get(&0, 0).map_err(err(pin_names::CONFIG))?;
+    let counters: PerCpuArray<MapData, Counters> =
+        PerCpuArray::try_from(open(dir, pin_names::COUNTERS)?).map_err(err(pin_names::COUNTERS))?;
+    let per_cpu = counters.get(&0, 0).map_err(err(pin_names::COUNTERS))?;
+    let endpoints: HashMap<MapData, EndpointKey, Endpoint> =
+        HashMap::try_from(open(dir, pin_names::ENDPOINTS)?).map_err(err(pin_names::ENDPOINTS))?;
+    let now = sys::monotonic_ns();
+    let mut list = Vec::new();
+    // An entry deleted while we iterate is simply skipped.
+    for (k, v) in endpoints.iter().flatten() {
+        list.push((key_ip(&k), endpoint_status(&k, &v, now)));
+    }
+    list.sort_by_key(|e| e.0);
+    Ok(Status {
+        pin_dir: dir.display().to_string(),
+        mode: Mode::from_config(config.mode),
+        counters: CounterTotals::sum(per_cpu.iter()),
+        endpoints: list.into_iter().map(|(_, s)| s).collect(),
+    })
+}
+
+fn fmt_secs(s: Option<f64>) -> String {
+    match s {
+        None => "-".into(),
+        Some(s) if s < 120.0 => format!("{s:.1}s"),
+        Some(s) if s < 7200.0 => format!("{:.0}m", s / 60.0),
+        Some(s) => format!("{:.1}h", s / 3600.0),
+    }
+}
+
+/// The human-readable form.
+pub fn render(st: &Status) -> String {
+    let c = &st.counters;
+    let mut out = String::new();
+    let _ = writeln!(out, "flowguard at {} ({} mode)", st.pin_dir, st.mode);
+    let _ = writeln!(
+        out,
+        "frames to stale MACs: {}, rewritten: {}, ambiguous (untouched): {}",
+        c.stale, c.rewritten, c.ambiguous
+    );
+    let _ = writeln!(
+        out,
+        "events: {} sent, {} lost; learned: {} new, {} moved, {} failed",
+        c.events, c.events_lost, c.learned_new, c.learned_moved, c.learn_failed
+    );
+    if st.endpoints.is_empty() {
+        let _ = writeln!(out, "no endpoints known yet");
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "{:<39} {:<17} {:<9} {:>7} {:>10} {:>10} {:<17} {:>10}",
+        "ENDPOINT", "MAC", "SOURCE", "AGE", "STALE", "REWRITTEN", "LAST STALE MAC", "LAST SEEN"
+    );
+    for e in &st.endpoints {
+        let _ = writeln!(
+            out,
+            "{:<39} {:<17} {:<9} {:>7} {:>10} {:>10} {:<17} {:>10}{}",
+            e.ip,
+            e.mac,
+            e.source,
+            fmt_secs(e.age_secs),
+            e.stale_packets,
+            e.rewritten,
+            e.last_stale_mac.as_deref().unwrap_or("-"),
+            fmt_secs(e.last_stale_secs_ago),
+            if e.ambiguous { "  AMBIGUOUS" } else { "" }
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_sum_over_cpus() {
+        let a = Counters {
+            stale: 2,
+            rewritten: 1,
+            ..Counters::default()
+        };
+        let b = Counters {
+            stale: 3,
+            learned_new: 1,
+            ..Counters::default()
+        };
+        let t = CounterTotals::sum([&a, &b]);
+        assert_eq!((t.stale, t.rewritten, t.learned_new), (5, 1, 1));
+    }
+
+    #[test]
+    fn endpoint_status_fields() {
+        let key = EndpointKey::from_v4_bytes([192, 168, 1, 240]);
+        let ep = Endpoint {
+            mac: [2, 0, 0, 0, 0, 2],
+            source: source::LEARNED,
+            updated_ns: 1_000_000_000,
+            stale_packets: 4,
+            rewritten: 4,
+            last_stale_ns: 2_000_000_000,
+            last_stale_mac: [2, 0, 0, 0, 0, 1],
+            ..Endpoint::default()
+        };
+        let s = endpoint_status(&key, &ep, 3_500_000_000);
+        assert_eq!(s.ip, "192.168.1.240");
+        assert_eq!(s.mac, "02:00:00:00:00:02");
+        assert_eq!(s.source, "learned");
+        assert_eq!(s.age_secs, Some(2.5));
+        assert_eq!(s.last_stale_secs_ago, Some(1.5));
+        assert_eq!(s.last_stale_mac.as_deref(), Some("02:00:00:00:00:01"));
+        let fresh = endpoint_status(&key, &Endpoint::default(), 5);
+        assert_eq!((fresh.age_secs, fresh.last_stale_mac), (None, None));
+    }
+
+    #[test]
+    fn render_mentions_every_endpoint() {
+        let st = Status {
+            pin_dir: "/sys/fs/bpf/flowguard".into(),
+            mode: "fix",
+            counters: CounterTotals {
+                stale: 7,
+                rewritten: 7,
+                ..Default::default()
+            },
+            endpoints: vec![endpoint_status(
+                &EndpointKey::from_v4_bytes([192, 168, 1, 240]),
+                &Endpoint {
+                    mac: [2, 0, 0, 0, 0, 2],
+                    source: source::STATIC,
+                    ..Endpoint::default()
+                },
+                0,
+            )],
+        };
+        let text = render(&st);
+        assert!(
+            text.contains("frames to stale MACs: 7, rewritten: 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("192.168.1.240") && text.contains("static"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&st).unwrap();
+        assert_eq!(json["endpoints"][0]["mac"], "02:00:00:00:00:02");
+        assert_eq!(json["counters"]["stale"], 7);
+    }
+
+    #[test]
+    fn missing_pin_dir_is_not_running() {
+        let e = read(Path::new("/nonexistent/flowguard")).unwrap_err();
+        assert!(matches!(e, StatusError::NotRunning(_)), "{e}");
+    }
+}
