@@ -249,7 +249,7 @@ fn stale(
             count,
             ..Event::default()
         };
-        sent = Some(EVENTS.output(&ev, 0).is_ok());
+        sent = Some(EVENTS.output(ev, 0).is_ok());
     }
     if let Some(c) = counters() {
         c.stale += 1;
@@ -344,7 +344,7 @@ fn learn(f: &impl Frame) -> Option<()> {
     };
     let sent = EVENTS
         .output(
-            &Event {
+            Event {
                 kind: event_kind::LEARNED,
                 endpoint: key,
                 hook: hook::TC,

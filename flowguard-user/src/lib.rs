@@ -4,6 +4,7 @@
 
 pub mod endpoints;
 pub mod events;
+pub mod flowtable;
 pub mod loader;
 pub mod settings;
 pub mod status;
