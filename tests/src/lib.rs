@@ -1,0 +1,3 @@
+pub mod flowguard_proc;
+pub mod netns;
+pub mod topology;

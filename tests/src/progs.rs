@@ -1,0 +1,347 @@
+//! Loads the flowguard eBPF object for `BPF_PROG_TEST_RUN` tests and
+//! benchmarks: every program loaded (never attached), typed access to the
+//! maps, and helpers to run a program on one frame.
+//!
+//! Each [`Guard`] is its own `aya::Ebpf` instance, so its maps start empty.
+
+use std::{path::PathBuf, time::Duration};
+
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{ProgramError, SchedClassifier, Xdp},
+    Ebpf, TestRun as _, TestRunOptions,
+};
+use flowguard_common::{
+    map_names, mode, program_names, source, Config, Counters, Endpoint, EndpointKey, Event, OwnMac,
+    V4Prefix, V6Prefix, MAX_OWN_MACS, MAX_V4_PREFIXES, MAX_V6_PREFIXES,
+};
+
+/// `XDP_PASS` from `enum xdp_action`.
+pub const XDP_PASS: u32 = 2;
+/// `TC_ACT_OK` from `linux/pkt_cls.h`.
+pub const TC_ACT_OK: u32 = 0;
+
+/// Baseline program names (empty programs, for the benchmark).
+pub const BENCH_EMPTY_XDP: &str = "bench_empty_xdp";
+pub const BENCH_EMPTY_TC: &str = "bench_empty_tc";
+
+/// Where the eBPF object is: `$FLOWGUARD_EBPF_OBJ`, else the path the
+/// workspace's eBPF build writes it to.
+pub fn object_path() -> PathBuf {
+    match std::env::var_os("FLOWGUARD_EBPF_OBJ") {
+        Some(p) => PathBuf::from(p),
+        None => workspace_root().join("target/bpf/bpfel-unknown-none/release/flowguard"),
+    }
+}
+
+/// The workspace root (the parent of this crate's directory).
+pub fn workspace_root() -> PathBuf {
+    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    p.canonicalize().unwrap_or(p)
+}
+
+/// Whether this process may run BPF_PROG_TEST_RUN. When it may not, prints
+/// the skip notice and returns false: the calling test returns at once.
+pub fn have_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("skipped: needs root (BPF_PROG_TEST_RUN)");
+        return false;
+    }
+    true
+}
+
+/// The programs of the object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prog {
+    /// `flowguard_xdp`.
+    Xdp,
+    /// `flowguard_tc`.
+    Tc,
+    /// `flowguard_tc_learn`.
+    TcLearn,
+    /// `bench_empty_xdp`.
+    EmptyXdp,
+    /// `bench_empty_tc`.
+    EmptyTc,
+}
+
+impl Prog {
+    pub const ALL: [Prog; 5] = [
+        Prog::Xdp,
+        Prog::Tc,
+        Prog::TcLearn,
+        Prog::EmptyXdp,
+        Prog::EmptyTc,
+    ];
+
+    /// The program's name in the object.
+    pub fn name(self) -> &'static str {
+        match self {
+            Prog::Xdp => program_names::XDP_GUARD,
+            Prog::Tc => program_names::TC_GUARD,
+            Prog::TcLearn => program_names::TC_LEARN,
+            Prog::EmptyXdp => BENCH_EMPTY_XDP,
+            Prog::EmptyTc => BENCH_EMPTY_TC,
+        }
+    }
+
+    pub fn is_xdp(self) -> bool {
+        matches!(self, Prog::Xdp | Prog::EmptyXdp)
+    }
+
+    /// The return value that lets the frame go on (XDP_PASS or TC_ACT_OK).
+    pub fn pass_value(self) -> u32 {
+        if self.is_xdp() {
+            XDP_PASS
+        } else {
+            TC_ACT_OK
+        }
+    }
+}
+
+/// What one test run gave back.
+#[derive(Clone, Debug)]
+pub struct RunOutput {
+    /// The program's return value.
+    pub ret: u32,
+    /// The frame as the program left it.
+    pub data: Vec<u8>,
+    /// The kernel's duration (per repeat).
+    pub duration: Duration,
+}
+
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The errno of a failed test run (for example `EINVAL` for a frame the
+/// kernel's test_run refuses), if the error came from the syscall.
+pub fn errno(e: &Error) -> Option<i32> {
+    match e.downcast_ref::<ProgramError>()? {
+        ProgramError::SyscallError(s) => s.io_error.raw_os_error(),
+        _ => None,
+    }
+}
+
+/// One loaded instance of the object, with its maps.
+pub struct Guard {
+    ebpf: Ebpf,
+    config: Array<MapData, Config>,
+    endpoints: HashMap<MapData, EndpointKey, Endpoint>,
+    counters: PerCpuArray<MapData, Counters>,
+    events: RingBuf<MapData>,
+}
+
+impl Guard {
+    /// Loads the object from [`object_path`] and every program in it.
+    pub fn load() -> Result<Self> {
+        let path = object_path();
+        let bytes = std::fs::read(&path).map_err(|e| {
+            format!(
+                "reading the eBPF object {} (build it first, or set FLOWGUARD_EBPF_OBJ): {e}",
+                path.display()
+            )
+        })?;
+        Self::load_bytes(&bytes)
+    }
+
+    /// Loads the object from memory and every program in it.
+    pub fn load_bytes(bytes: &[u8]) -> Result<Self> {
+        let mut ebpf = Ebpf::load(bytes)?;
+        for prog in Prog::ALL {
+            let p = ebpf
+                .program_mut(prog.name())
+                .ok_or_else(|| format!("program {} not in the object", prog.name()))?;
+            let res = if prog.is_xdp() {
+                <&mut Xdp>::try_from(p)?.load()
+            } else {
+                <&mut SchedClassifier>::try_from(p)?.load()
+            };
+            res.map_err(|e| format!("loading {}: {e:?}", prog.name()))?;
+        }
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| format!("map {name} not in the object"))
+        };
+        let config = Array::try_from(take(map_names::CONFIG)?)?;
+        let endpoints = HashMap::try_from(take(map_names::ENDPOINTS)?)?;
+        let counters = PerCpuArray::try_from(take(map_names::COUNTERS)?)?;
+        let events = RingBuf::try_from(take(map_names::EVENTS)?)?;
+        Ok(Self {
+            ebpf,
+            config,
+            endpoints,
+            counters,
+            events,
+        })
+    }
+
+    /// Writes the configuration (element 0 of CONFIG).
+    pub fn set_config(&mut self, cfg: &Config) -> Result<()> {
+        self.config.set(0, cfg, 0)?;
+        Ok(())
+    }
+
+    /// Reads the configuration back.
+    pub fn config(&self) -> Result<Config> {
+        Ok(self.config.get(&0, 0)?)
+    }
+
+    /// Inserts or replaces an endpoint.
+    pub fn insert_endpoint(&mut self, key: EndpointKey, ep: &Endpoint) -> Result<()> {
+        self.endpoints.insert(key, ep, 0)?;
+        Ok(())
+    }
+
+    /// The endpoint stored under `key`, if any.
+    pub fn endpoint(&self, key: &EndpointKey) -> Option<Endpoint> {
+        self.endpoints.get(key, 0).ok()
+    }
+
+    /// Every endpoint in the map.
+    pub fn endpoints(&self) -> Result<Vec<(EndpointKey, Endpoint)>> {
+        let mut all = Vec::new();
+        for item in self.endpoints.iter() {
+            all.push(item?);
+        }
+        Ok(all)
+    }
+
+    /// The counters, summed over all CPUs.
+    pub fn counters(&self) -> Result<Counters> {
+        let per_cpu = self.counters.get(&0, 0)?;
+        let mut sum = Counters::default();
+        for c in per_cpu.iter() {
+            sum.checked += c.checked;
+            sum.stale += c.stale;
+            sum.rewritten += c.rewritten;
+            sum.ambiguous += c.ambiguous;
+            sum.events += c.events;
+            sum.events_lost += c.events_lost;
+            sum.learned_new += c.learned_new;
+            sum.learned_moved += c.learned_moved;
+            sum.learn_failed += c.learn_failed;
+        }
+        Ok(sum)
+    }
+
+    /// Takes every event waiting in the ring buffer. Panics on a record that
+    /// is not exactly one `Event`: that is a layout mismatch between the sides.
+    pub fn drain_events(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            let bytes: &[u8] = &item;
+            assert_eq!(
+                bytes.len(),
+                std::mem::size_of::<Event>(),
+                "ring buffer record of {} bytes, expected one Event",
+                bytes.len()
+            );
+            out.push(bytemuck::pod_read_unaligned::<Event>(bytes));
+        }
+        out
+    }
+
+    /// Runs `prog` once on `frame`.
+    pub fn run(&self, prog: Prog, frame: &[u8]) -> Result<RunOutput> {
+        self.run_repeat(prog, frame, 1)
+    }
+
+    /// Runs `prog` on `frame`, `repeat` times in the kernel (on one buffer:
+    /// the output is the frame after the last run).
+    pub fn run_repeat(&self, prog: Prog, frame: &[u8], repeat: u32) -> Result<RunOutput> {
+        // Room for programs that grow the frame; none of ours do.
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        };
+        let p = self
+            .ebpf
+            .program(prog.name())
+            .ok_or_else(|| format!("program {} not in the object", prog.name()))?;
+        let res = if prog.is_xdp() {
+            <&Xdp>::try_from(p)?.test_run(opts)
+        } else {
+            <&SchedClassifier>::try_from(p)?.test_run(opts)
+        }?;
+        out.truncate(res.data_size_out as usize);
+        Ok(RunOutput {
+            ret: res.return_value,
+            data: out,
+            duration: res.duration,
+        })
+    }
+}
+
+/// An IPv4 prefix as the program compares it: `addr & mask == prefix`, both
+/// words as a native load of the network-order bytes gives them.
+pub fn v4_prefix(octets: [u8; 4], len: u32) -> V4Prefix {
+    assert!(len <= 32, "IPv4 prefix length {len}");
+    let mask_be: u32 = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    let mask = u32::from_ne_bytes(mask_be.to_be_bytes());
+    V4Prefix {
+        addr: u32::from_ne_bytes(octets) & mask,
+        mask,
+    }
+}
+
+/// An IPv6 prefix as the program compares it, word by word.
+pub fn v6_prefix(octets: [u8; 16], len: u32) -> V6Prefix {
+    assert!(len <= 128, "IPv6 prefix length {len}");
+    let mask_be: u128 = if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - len)
+    };
+    let mask_key = EndpointKey::from_v6_bytes(mask_be.to_be_bytes());
+    let addr_key = EndpointKey::from_v6_bytes(octets);
+    let mut p = V6Prefix {
+        addr: [0; 4],
+        mask: mask_key.addr,
+    };
+    for i in 0..4 {
+        p.addr[i] = addr_key.addr[i] & p.mask[i];
+    }
+    p
+}
+
+/// A configuration with these prefixes and own MACs, observe or fix mode.
+pub fn config(
+    fix: bool,
+    v4: &[V4Prefix],
+    v6: &[V6Prefix],
+    own_macs: &[[u8; 6]],
+    event_interval_ns: u64,
+) -> Config {
+    assert!(v4.len() <= MAX_V4_PREFIXES && v6.len() <= MAX_V6_PREFIXES);
+    assert!(own_macs.len() <= MAX_OWN_MACS);
+    let mut cfg = Config {
+        mode: if fix { mode::FIX } else { mode::OBSERVE },
+        v4_count: v4.len() as u32,
+        v6_count: v6.len() as u32,
+        own_mac_count: own_macs.len() as u32,
+        event_interval_ns,
+        ..Config::default()
+    };
+    cfg.v4[..v4.len()].copy_from_slice(v4);
+    cfg.v6[..v6.len()].copy_from_slice(v6);
+    for (slot, mac) in cfg.own_macs.iter_mut().zip(own_macs) {
+        *slot = OwnMac {
+            mac: *mac,
+            _pad: [0; 2],
+        };
+    }
+    cfg
+}
+
+/// An endpoint with this MAC from user space (neighbour table by default).
+pub fn endpoint(mac: [u8; 6]) -> Endpoint {
+    Endpoint {
+        mac,
+        source: source::NEIGHBOUR,
+        ..Endpoint::default()
+    }
+}
