@@ -23,6 +23,7 @@ pub mod map_names {
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const EVENTS: &str = "EVENTS";
+    pub const USER_COUNTERS: &str = "USER_COUNTERS";
 }
 
 /// File names the maps are pinned under, inside the pin directory.
@@ -30,6 +31,14 @@ pub mod pin_names {
     pub const CONFIG: &str = "config";
     pub const ENDPOINTS: &str = "endpoints";
     pub const COUNTERS: &str = "counters";
+    pub const USER_COUNTERS: &str = "user_counters";
+    /// Every pinned map, for pinning and cleanup.
+    pub const ALL: [(&str, &str); 4] = [
+        (super::map_names::CONFIG, CONFIG),
+        (super::map_names::ENDPOINTS, ENDPOINTS),
+        (super::map_names::COUNTERS, COUNTERS),
+        (super::map_names::USER_COUNTERS, USER_COUNTERS),
+    ];
 }
 
 /// Names of the programs in the object file.
@@ -222,6 +231,34 @@ pub struct Counters {
     pub learn_failed: u64,
 }
 
+/// Counters kept by user space (neighbour sync and eviction): element 0 of
+/// the USER_COUNTERS array map, which no program touches. Pinned with the
+/// others so that `bpftool` and `flowguard status` show them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct UserCounters {
+    /// Neighbour entries that gave an endpoint a MAC for the first time.
+    pub neigh_added: u64,
+    /// Neighbour entries that changed an endpoint's MAC.
+    pub neigh_moved: u64,
+    /// Endpoints dropped because the kernel no longer believes in a MAC.
+    pub neigh_removed: u64,
+    /// Endpoints marked ambiguous (same IP, different MACs on different interfaces).
+    pub neigh_ambiguous: u64,
+    /// Neighbour event overflows (ENOBUFS) answered with a fresh dump.
+    pub neigh_overflows: u64,
+    /// Full reconciles of the endpoint map with the neighbour table.
+    pub reconciles: u64,
+    /// Eviction runs (one per endpoint trigger that passed debounce).
+    pub eviction_runs: u64,
+    /// Conntrack entries deleted.
+    pub evicted: u64,
+    /// Conntrack entries that a dry run would have deleted.
+    pub dry_run_matches: u64,
+    /// Eviction runs that failed.
+    pub eviction_errors: u64,
+}
+
 /// `Event::kind` values.
 pub mod event_kind {
     /// A frame to a known endpoint carried a stale destination MAC.
@@ -287,6 +324,7 @@ mod user {
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for UserCounters {}
     unsafe impl aya::Pod for Event {}
 }
 

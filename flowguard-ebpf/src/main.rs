@@ -16,8 +16,8 @@ use aya_ebpf::{
 };
 use flowguard_common::{
     endpoint_flags, event_action, event_kind, hook, mode, source, Config, Counters, Endpoint,
-    EndpointKey, Event, EVENT_RING_BYTES, MAX_ENDPOINTS, MAX_OWN_MACS, MAX_V4_PREFIXES,
-    MAX_V6_PREFIXES,
+    EndpointKey, Event, UserCounters, EVENT_RING_BYTES, MAX_ENDPOINTS, MAX_OWN_MACS,
+    MAX_V4_PREFIXES, MAX_V6_PREFIXES,
 };
 
 use frame::{Frame, L3};
@@ -32,6 +32,10 @@ static ENDPOINTS: HashMap<EndpointKey, Endpoint, { MAX_ENDPOINTS as usize }> = H
 
 #[btf_map]
 static COUNTERS: PerCpuArray<Counters, 1> = PerCpuArray::new();
+
+/// Written by user space only; here so that it is pinned with the others.
+#[btf_map]
+static USER_COUNTERS: Array<UserCounters, 1> = Array::new();
 
 #[btf_map]
 static EVENTS: RingBuf<Event, { EVENT_RING_BYTES as usize }> = RingBuf::new();

@@ -13,7 +13,9 @@ use aya::{
     util::KernelVersion,
     Ebpf,
 };
-use flowguard_common::{map_names, pin_names, program_names, Config, Endpoint, EndpointKey};
+use flowguard_common::{
+    map_names, pin_names, program_names, Config, Endpoint, EndpointKey, UserCounters,
+};
 
 use crate::{settings::Mac, sys};
 
@@ -312,11 +314,7 @@ impl Guard {
     fn pin_maps(&mut self) -> Result<(), LoadError> {
         // Mark pinned first so that a partial pin is cleaned up on drop.
         self.pinned = true;
-        for (map, file) in [
-            (map_names::CONFIG, pin_names::CONFIG),
-            (map_names::ENDPOINTS, pin_names::ENDPOINTS),
-            (map_names::COUNTERS, pin_names::COUNTERS),
-        ] {
+        for (map, file) in pin_names::ALL {
             let path = self.pin_dir.join(file);
             let m = self.ebpf.map(map).expect("the object defines its maps");
             m.pin(&path).map_err(|source| LoadError::Pin {
@@ -335,6 +333,15 @@ impl Guard {
             .map_mut(map_names::ENDPOINTS)
             .expect("the object defines its maps");
         HashMap::try_from(map).map_err(|e| LoadError::Map(map_names::ENDPOINTS, e))
+    }
+
+    /// The counters user space keeps.
+    pub fn user_counters(&mut self) -> Result<Array<&mut MapData, UserCounters>, LoadError> {
+        let map = self
+            .ebpf
+            .map_mut(map_names::USER_COUNTERS)
+            .expect("the object defines its maps");
+        Array::try_from(map).map_err(|e| LoadError::Map(map_names::USER_COUNTERS, e))
     }
 
     /// The event ring buffer (can be taken once).
@@ -358,7 +365,7 @@ impl Drop for Guard {
         // Programs detach when `ebpf` drops (after this); the pins and the
         // directory go now, so that a stopped instance leaves nothing behind.
         if self.pinned {
-            for file in [pin_names::CONFIG, pin_names::ENDPOINTS, pin_names::COUNTERS] {
+            for (_, file) in pin_names::ALL {
                 let _ = fs::remove_file(self.pin_dir.join(file));
             }
         }
@@ -390,7 +397,7 @@ fn lock_pin_dir(dir: &Path) -> Result<(fs::File, bool), LoadError> {
         }
     }
     if !created {
-        for file in [pin_names::CONFIG, pin_names::ENDPOINTS, pin_names::COUNTERS] {
+        for (_, file) in pin_names::ALL {
             let path = dir.join(file);
             if path.exists() {
                 log::warn!(

@@ -5,7 +5,7 @@ use std::{fmt::Write as _, path::Path};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use flowguard_common::{
-    endpoint_flags, pin_names, source, Config, Counters, Endpoint, EndpointKey,
+    endpoint_flags, pin_names, source, Config, Counters, Endpoint, EndpointKey, UserCounters,
 };
 use serde::Serialize;
 
@@ -37,9 +37,34 @@ pub struct CounterTotals {
     pub learned_new: u64,
     pub learned_moved: u64,
     pub learn_failed: u64,
+    pub neigh_added: u64,
+    pub neigh_moved: u64,
+    pub neigh_removed: u64,
+    pub neigh_ambiguous: u64,
+    pub neigh_overflows: u64,
+    pub reconciles: u64,
+    pub eviction_runs: u64,
+    pub evicted: u64,
+    pub dry_run_matches: u64,
+    pub eviction_errors: u64,
 }
 
 impl CounterTotals {
+    /// Adds the counters user space keeps.
+    pub fn with_user(mut self, u: &UserCounters) -> Self {
+        self.neigh_added = u.neigh_added;
+        self.neigh_moved = u.neigh_moved;
+        self.neigh_removed = u.neigh_removed;
+        self.neigh_ambiguous = u.neigh_ambiguous;
+        self.neigh_overflows = u.neigh_overflows;
+        self.reconciles = u.reconciles;
+        self.eviction_runs = u.eviction_runs;
+        self.evicted = u.evicted;
+        self.dry_run_matches = u.dry_run_matches;
+        self.eviction_errors = u.eviction_errors;
+        self
+    }
+
     pub fn sum<'a>(per_cpu: impl IntoIterator<Item = &'a Counters>) -> Self {
         let mut t = Self::default();
         for c in per_cpu {
@@ -134,6 +159,9 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
     let counters: PerCpuArray<MapData, Counters> =
         PerCpuArray::try_from(open(dir, pin_names::COUNTERS)?).map_err(err(pin_names::COUNTERS))?;
     let per_cpu = counters.get(&0, 0).map_err(err(pin_names::COUNTERS))?;
+    let user: Array<MapData, UserCounters> = Array::try_from(open(dir, pin_names::USER_COUNTERS)?)
+        .map_err(err(pin_names::USER_COUNTERS))?;
+    let user = user.get(&0, 0).map_err(err(pin_names::USER_COUNTERS))?;
     let endpoints: HashMap<MapData, EndpointKey, Endpoint> =
         HashMap::try_from(open(dir, pin_names::ENDPOINTS)?).map_err(err(pin_names::ENDPOINTS))?;
     let now = sys::monotonic_ns();
@@ -146,7 +174,7 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
     Ok(Status {
         pin_dir: dir.display().to_string(),
         mode: Mode::from_config(config.mode),
-        counters: CounterTotals::sum(per_cpu.iter()),
+        counters: CounterTotals::sum(per_cpu.iter()).with_user(&user),
         endpoints: list.into_iter().map(|(_, s)| s).collect(),
     })
 }
@@ -174,6 +202,16 @@ pub fn render(st: &Status) -> String {
         out,
         "events: {} sent, {} lost; learned: {} new, {} moved, {} failed",
         c.events, c.events_lost, c.learned_new, c.learned_moved, c.learn_failed
+    );
+    let _ = writeln!(
+        out,
+        "neighbour table: {} added, {} moved, {} removed, {} ambiguous, {} overflows, {} reconciles",
+        c.neigh_added, c.neigh_moved, c.neigh_removed, c.neigh_ambiguous, c.neigh_overflows, c.reconciles
+    );
+    let _ = writeln!(
+        out,
+        "eviction: {} runs, {} conntrack entries deleted, {} matched in dry runs, {} errors",
+        c.eviction_runs, c.evicted, c.dry_run_matches, c.eviction_errors
     );
     if st.endpoints.is_empty() {
         let _ = writeln!(out, "no endpoints known yet");
