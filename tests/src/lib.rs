@@ -1,3 +1,5 @@
 pub mod flowguard_proc;
+pub mod frames;
 pub mod netns;
+pub mod progs;
 pub mod topology;
