@@ -190,6 +190,9 @@ fn try_guard(f: &impl Frame, hook: u8, ifindex: u32) -> Option<Verdict> {
     let l3 = frame::parse_l3(f)?;
     let cfg = config()?;
     let key = watched_key(f, cfg, l3, frame::V4_DST, frame::V6_DST)?;
+    if let Some(c) = counters() {
+        c.checked += 1;
+    }
     let ep = ENDPOINTS.get_ptr_mut(key)?;
     // SAFETY: a live hash map value; concurrent updates can at worst lose an
     // increment of the per-endpoint evidence, never corrupt the frame.
