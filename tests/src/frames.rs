@@ -236,7 +236,7 @@ pub fn with_dst(mut frame: Vec<u8>, dst: Mac) -> Vec<u8> {
     frame
 }
 
-/// An IPv4-mapped EndpointKey-style helper: the 16 bytes `::ffff:a.b.c.d`.
+/// The IPv4-mapped IPv6 address `::ffff:a.b.c.d` (how the endpoint map keys IPv4).
 pub fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
     let mut b = [0u8; 16];
     b[10] = 0xff;
