@@ -1263,24 +1263,46 @@ fn guards_without_learning_never_learn() {
     }
 }
 
-/// `Counters::checked` is documented as "unicast frames inside the watched
-/// prefixes that were looked up"; the kernel side never increments it.
+/// `Counters::checked`: unicast frames inside the watched prefixes that
+/// were looked up, whatever the lookup found. Nothing else counts.
 #[test]
-#[ignore = "flowguard-ebpf never increments Counters::checked (reported)"]
 fn checked_counts_in_prefix_lookups() {
     if !have_root() {
         return;
     }
     for prog in GUARDS {
         let g = setup(true);
-        run_pass(&g, prog, &udp4_to(STALE4, OTHER4), "in-prefix non-endpoint");
-        run_pass(&g, prog, &udp4_to(CUR4, EP4), "endpoint, current MAC");
-        run_pass(&g, prog, &udp4_to(STALE4, OUT4), "outside the prefixes");
-        let c = g.counters().expect("COUNTERS");
-        assert_eq!(
-            c.checked, 2,
-            "{prog:?}: two in-prefix unicast frames were looked up"
-        );
+        let looked_up = [
+            ("IPv4 in-prefix non-endpoint", udp4_to(STALE4, OTHER4)),
+            ("IPv6 in-prefix non-endpoint", udp6_to(STALE6, OTHER6)),
+            ("IPv4 endpoint, current MAC", udp4_to(CUR4, EP4)),
+            ("IPv6 endpoint, stale MAC", udp6_to(STALE6, EP6)),
+        ];
+        let not_looked_up = [
+            ("IPv4 outside the prefixes", udp4_to(STALE4, OUT4)),
+            ("IPv6 outside the prefixes", udp6_to(STALE6, OUT6)),
+            ("broadcast to the endpoint", udp4_to(BROADCAST, EP4)),
+            ("non-IP", frames::ethertype(l2(STALE4), 0x88b5, &[0; 46])),
+            ("truncated IPv4 to the endpoint", {
+                let mut f = udp4_to(STALE4, EP4);
+                f.pop();
+                f
+            }),
+        ];
+        for (i, (what, f)) in looked_up.iter().enumerate() {
+            run_pass(&g, prog, f, what);
+            let c = g.counters().expect("COUNTERS");
+            assert_eq!(c.checked, i as u64 + 1, "{prog:?} {what}: checked");
+        }
+        for (what, f) in &not_looked_up {
+            run_pass(&g, prog, f, what);
+            let c = g.counters().expect("COUNTERS");
+            assert_eq!(
+                c.checked,
+                looked_up.len() as u64,
+                "{prog:?} {what}: must not be counted as checked"
+            );
+        }
     }
 }
 
