@@ -4,8 +4,8 @@
 //! asked for ([`pad`]).
 
 use etherparse::{
-    ArpHardwareId, ArpOperation, ArpPacket, EtherType, Ethernet2Header, PacketBuilder,
-    SingleVlanHeader, VlanId, VlanPcp,
+    ArpHardwareId, ArpOperation, ArpPacket, EtherType, Ethernet2Header, IpFragOffset, IpHeaders,
+    IpNumber, Ipv4Header, Ipv4Options, PacketBuilder, SingleVlanHeader, VlanId, VlanPcp,
 };
 
 pub type Mac = [u8; 6];
@@ -107,6 +107,41 @@ pub fn udp4(l2: L2, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload:
         .write(&mut out, payload))
     .expect("building an IPv4/UDP frame");
     out
+}
+
+/// IPv4/UDP with IP options (a multiple of 4 bytes, at most 40) and,
+/// when `frag_offset` is not zero, as a non-first fragment at that offset
+/// (in 8-byte units) whose payload is `payload` as is (no UDP header).
+pub fn udp4_ext(
+    l2: L2,
+    src: [u8; 4],
+    dst: [u8; 4],
+    options: &[u8],
+    frag_offset: u16,
+    (sport, dport): (u16, u16),
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut ip = Ipv4Header::new(0, 64, IpNumber::UDP, src, dst).expect("an IPv4 header");
+    ip.options =
+        Ipv4Options::try_from(options).expect("IPv4 options: a multiple of 4, at most 40 bytes");
+    let mut out = Vec::new();
+    if frag_offset == 0 {
+        with_l2!(l2, |b| b
+            .ip(IpHeaders::Ipv4(ip.clone(), Default::default()))
+            .udp(sport, dport)
+            .write(&mut out, payload))
+        .expect("building an IPv4/UDP frame with options");
+        return out;
+    }
+    // A non-first fragment: the IP header and a slice of the datagram.
+    ip.fragment_offset = IpFragOffset::try_new(frag_offset).expect("fragment offset below 8192");
+    ip.protocol = IpNumber::UDP;
+    ip.total_len = (ip.header_len() + payload.len()) as u16;
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut head = ethertype(l2, 0x0800, &[]);
+    head.extend_from_slice(&ip.to_bytes());
+    head.extend_from_slice(payload);
+    head
 }
 
 /// IPv6/UDP.
@@ -286,6 +321,47 @@ mod tests {
         assert_eq!(&f[18..20], &200u16.to_be_bytes());
         assert_eq!(&f[20..22], &[0x86, 0xdd]);
         assert_eq!(f.len(), 22 + 40 + 8);
+    }
+
+    #[test]
+    fn ipv4_options_and_fragment_layout() {
+        let f = udp4_ext(
+            L2::new(D, S),
+            [10, 0, 0, 1],
+            [10, 0, 0, 2],
+            &[1; 8],
+            0,
+            (7, 9),
+            &[0; 4],
+        );
+        assert_eq!(f[14], 0x47, "version 4, IHL 7");
+        assert_eq!(
+            u16::from_be_bytes([f[16], f[17]]),
+            28 + 8 + 4,
+            "total length"
+        );
+        assert_eq!(
+            &f[14 + 28..14 + 32],
+            &[0, 7, 0, 9],
+            "UDP ports after the options"
+        );
+        let f = udp4_ext(
+            L2::new(D, S),
+            [10, 0, 0, 1],
+            [10, 0, 0, 2],
+            &[],
+            185,
+            (7, 9),
+            &[0; 4],
+        );
+        assert_eq!(f.len(), 14 + 20 + 4);
+        assert_eq!(
+            u16::from_be_bytes([f[20], f[21]]) & 0x1fff,
+            185,
+            "fragment offset"
+        );
+        assert_eq!(f[23], 17, "protocol UDP");
+        assert_eq!(u16::from_be_bytes([f[16], f[17]]), 24, "total length");
     }
 
     #[test]

@@ -469,6 +469,68 @@ fn vlan_tagged_stale_frames_are_rewritten_at_bytes_0_to_6() {
 }
 
 #[test]
+fn ipv4_options_and_fragments_are_guarded_with_correct_ports() {
+    if !have_root() {
+        return;
+    }
+    let ports = (SPORT, DPORT);
+    for prog in GUARDS {
+        for vlan in [Vlan::None, Vlan::Single(10)] {
+            // (name, frame, ports the event must carry)
+            let cases = [
+                (
+                    "IPv4 with 8 bytes of options (IHL 7)",
+                    frames::udp4_ext(
+                        l2(STALE4).vlan(vlan),
+                        PEER4,
+                        EP4,
+                        &[1; 8],
+                        0,
+                        ports,
+                        PAYLOAD,
+                    ),
+                    (SPORT, DPORT),
+                ),
+                (
+                    "IPv4 with 40 bytes of options (IHL 15)",
+                    frames::udp4_ext(
+                        l2(STALE4).vlan(vlan),
+                        PEER4,
+                        EP4,
+                        &[1; 40],
+                        0,
+                        ports,
+                        PAYLOAD,
+                    ),
+                    (SPORT, DPORT),
+                ),
+                (
+                    // A non-first fragment has no UDP header: no ports.
+                    "IPv4 non-first fragment",
+                    frames::udp4_ext(l2(STALE4).vlan(vlan), PEER4, EP4, &[], 185, ports, PAYLOAD),
+                    (0, 0),
+                ),
+            ];
+            for (name, frame, (sport, dport)) in &cases {
+                let what = format!("{prog:?} stale {name} {vlan:?}");
+                let mut g = setup(true);
+                let out = run_pass(&g, prog, frame, &what);
+                assert_eq!(&out[..6], &CUR4, "{what}: must be rewritten");
+                assert_eq!(&out[6..], &frame[6..], "{what}: only bytes 0..6 change");
+                let ev = g.drain_events();
+                assert_eq!(ev.len(), 1, "{what}: one event, got {ev:?}");
+                assert_eq!(ev[0].protocol, IPPROTO_UDP, "{what}: event protocol");
+                assert_eq!(
+                    (ev[0].src_port, ev[0].dst_port),
+                    (*sport, *dport),
+                    "{what}: event ports"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn three_vlan_tags_are_not_parsed() {
     if !have_root() {
         return;
@@ -538,6 +600,55 @@ fn events_are_rate_limited_per_endpoint() {
             "{what}: event counts"
         );
         assert_eq!(counters(&g).events, 2, "{what}: events counter");
+    }
+}
+
+#[test]
+fn full_event_ring_counts_lost_events() {
+    if !have_root() {
+        return;
+    }
+    // 5000 stale frames without rate limit: more events than the ring holds
+    // (EVENT_RING_BYTES / (72-byte event + 8-byte header) = 3276).
+    const N: u32 = 5000;
+    for prog in GUARDS {
+        let what = format!("{prog:?} {N} stale frames, no rate limit, ring never drained");
+        let mut g = setup_with(false, 0, &[]);
+        let frame = udp4_to(STALE4, EP4);
+        let out = g.run_repeat(prog, &frame, N).expect("test_run");
+        assert_eq!(out.data, frame, "{what}: observe mode keeps the frame");
+        let c = counters(&g);
+        assert_eq!(c.stale, u64::from(N), "{what}: stale");
+        assert_eq!(
+            c.events + c.events_lost,
+            u64::from(N),
+            "{what}: events + events_lost"
+        );
+        assert!(
+            c.events_lost > 0,
+            "{what}: the ring must have overflowed: {c:?}"
+        );
+        let drained = g.drain_events();
+        assert_eq!(
+            drained.len() as u64,
+            c.events,
+            "{what}: events in the ring vs counter"
+        );
+        assert!(
+            drained
+                .iter()
+                .enumerate()
+                .all(|(i, e)| e.count == i as u64 + 1),
+            "{what}: the ring holds the first events in order"
+        );
+        // Room again: the next stale frame is reported.
+        run_pass(&g, prog, &frame, &what);
+        assert_eq!(g.drain_events().len(), 1, "{what}: event after draining");
+        assert_eq!(
+            counters(&g).events,
+            c.events + 1,
+            "{what}: events counter after draining"
+        );
     }
 }
 
@@ -1134,6 +1245,94 @@ fn learning_new_and_moved_endpoint() {
     assert_eq!(&out[..6], &M2, "stale frame rewritten to the learned MAC");
     assert_eq!(&out[6..], &stale[6..], "only bytes 0..6 change");
     assert_eq!(counters(&g).rewritten, 1, "rewritten counter");
+}
+
+#[test]
+fn learning_a_move_restarts_the_event_rate_limit() {
+    if !have_root() {
+        return;
+    }
+    let mut g = setup_with(true, 10_000_000_000, &[OWN]);
+    let stale_to_m1 = udp4_to([0x02, 0, 0, 0, 0, 0x99], HOST4);
+    run_pass(&g, Prog::TcLearn, &from_host4(M1, HOST4), "learning M1");
+    run_pass(&g, Prog::TcLearn, &stale_to_m1, "stale frame 1");
+    run_pass(
+        &g,
+        Prog::TcLearn,
+        &stale_to_m1,
+        "stale frame 2 (rate-limited)",
+    );
+    let stale_events = |ev: &[Event]| ev.iter().filter(|e| e.kind == event_kind::STALE).count();
+    assert_eq!(
+        stale_events(&g.drain_events()),
+        1,
+        "one STALE event within the interval"
+    );
+    // A new MAC is a new story: the next stale frame is reported at once.
+    run_pass(&g, Prog::TcLearn, &from_host4(M2, HOST4), "learning M2");
+    let out = run_pass(
+        &g,
+        Prog::TcLearn,
+        &udp4_to(M1, HOST4),
+        "frame to the old MAC",
+    );
+    assert_eq!(&out[..6], &M2, "rewritten to the new MAC");
+    let ev = g.drain_events();
+    assert_eq!(
+        stale_events(&ev),
+        1,
+        "STALE event right after the move, got {ev:?}"
+    );
+    let ep = g.endpoint(&key4(HOST4)).expect("endpoint");
+    assert_eq!(
+        ep.last_stale_mac, M1,
+        "evidence: the old MAC was the stale one"
+    );
+}
+
+#[test]
+fn learning_counts_failure_when_the_map_is_full() {
+    if !have_root() {
+        return;
+    }
+    let mut g = learning_setup();
+    // Fill the map (two endpoints are already in it).
+    let cap = flowguard_common::MAX_ENDPOINTS;
+    for i in 0..cap - 2 {
+        let [_, b, c, d] = i.to_be_bytes();
+        g.insert_endpoint(key4([10, b, c, d]), &endpoint([0x02, 0x10, 0, b, c, d]))
+            .expect("filling ENDPOINTS");
+    }
+    assert_eq!(
+        g.endpoints().expect("ENDPOINTS").len(),
+        cap as usize,
+        "map full"
+    );
+    run_pass(
+        &g,
+        Prog::TcLearn,
+        &from_host4(M1, HOST4),
+        "learning into a full map",
+    );
+    assert!(g.endpoint(&key4(HOST4)).is_none(), "nothing learned");
+    assert_eq!(
+        counters(&g),
+        Counters {
+            learn_failed: 1,
+            ..Counters::default()
+        },
+        "learn_failed counted, nothing else"
+    );
+    assert!(g.drain_events().is_empty(), "no LEARNED event");
+    // An existing endpoint can still move when the map is full.
+    run_pass(
+        &g,
+        Prog::TcLearn,
+        &from_host4(M1, EP4),
+        "moving EP4 in a full map",
+    );
+    assert_learned(&g, key4(EP4), M1, "EP4 moved");
+    assert_eq!(counters(&g).learned_moved, 1, "learned_moved");
 }
 
 #[test]
