@@ -1,0 +1,277 @@
+#!/bin/bash
+# The lab's cases, run inside the VM by /init: each case builds a fresh
+# topology in network namespaces, starts flowguard in the role it names, lets a
+# WireGuard-like UDP flow get offloaded by the nftables flowtable, recreates
+# the receiving "container" with a new MAC (same IP), watches, and prints one
+# machine-readable line:
+#   LABRESULT scenario=S role=R key=value ...
+# which `cargo xtask lab` turns into its table and checks. Everything else on
+# the console is evidence for the log.
+#
+#   ns wan:       eth0 10.0.0.2          -- UDP peers (main flow, a never-offloaded flow, a flow to another endpoint)
+#   ns router:    wan 10.0.0.1, br-lan 192.168.1.1/24 (port lan1) or br-lan.1 on a VLAN-aware bridge,
+#                 nft flowtable ft, DNAT 10.0.0.1:51820 -> 192.168.1.240 (or routed)
+#   ns host:      eth0 (veth peer of lan1) = lower device of bridge-mode macvlans
+#   ns container: macvlan 192.168.1.240, UDP echo on 51820 (recreated with a new MAC)
+#   ns other:     macvlan 192.168.1.50, UDP echo on 51820 (another endpoint, left alone)
+#
+# Scenarios: blog (flowtable on wan + bridge port lan1, DNAT), routed (same,
+# no NAT), vlan (VLAN-aware bridge, L3 on br-lan.1, DNAT), control (flowtable
+# on wan + br-lan: no stale MAC expected).
+# Roles: none | router (flowguard --egress lan1 on the router, fix mode) |
+# observe (the same in observe mode) | host (flowguard on the host's macvlan
+# parent, --learn; the router untouched).
+# Knobs (kernel command line lab.KEY=VAL -> LAB_KEY):
+#   LAB_CASES       comma-separated SCENARIO:ROLE list (default blog:none)
+#   LAB_WINDOW      seconds to watch after the change (default 8)
+#   LAB_INTERVAL_MS the main peer's send interval (default 200)
+set -u
+CASES=${LAB_CASES:-blog:none}
+WINDOW=${LAB_WINDOW:-8}
+IV=${LAB_INTERVAL_MS:-200}
+OLD_MAC=02:42:c0:a8:01:f0
+NEW_MAC=02:42:de:ad:be:ef
+OTHER_MAC=02:42:c0:a8:01:32
+CIP=192.168.1.240
+OIP=192.168.1.50
+PORT=51820
+PREFIX=192.168.1.0/24
+R="ip netns exec router"; W="ip netns exec wan"; H="ip netns exec host"; C="ip netns exec container"
+
+now() { udpwg now; }
+log() { echo "LABLOG [$(now)] $*"; }
+wait_until() { # TIMEOUT_S CMD... : poll every 0.3s until CMD succeeds
+  local end=$(( $(date +%s) + $1 )); shift
+  until "$@" >/dev/null 2>&1; do [ "$(date +%s)" -ge "$end" ] && return 1; sleep 0.3; done
+}
+rx_count() { grep -c ' rx ' "$1" 2>/dev/null || true; }
+ct_list() { $R conntrack -L -p udp -o id 2>/dev/null; }
+# the conntrack line of the flow whose original source port is $2, from listing $1
+ct_line() { grep -- "sport=$2 " "$1" | head -n 1; }
+ct_id() { ct_line "$1" "$2" | sed -n 's/.*id=\([0-9]*\).*/\1/p'; }
+ct_offloaded() { ct_line "$1" "$2" | grep -q OFFLOAD; }
+flow_offloaded() { ct_list > "$L/ct.now"; ct_offloaded "$L/ct.now" "$1"; }
+neigh_mac() { $R ip neigh show $CIP | awk '{for(i=1;i<NF;i++) if($i=="lladdr") print $(i+1)}'; }
+# one counter from `flowguard status --json` (the "counters" object); empty if absent
+counter() { # JSON_FILE NAME
+  awk -v k="\"$2\":" '/"counters": *\{/ {c=1; next} c && /\}/ {c=0} c && $1==k {v=$2; sub(/,$/,"",v); print v}' "$1"
+}
+
+# flowguard is ready, or has exited
+fg_settled() { grep -q 'flowguard: ready' "$2" || ! kill -0 "$1" 2>/dev/null; }
+
+mk_macvlan() { # NS IP MAC : like docker's macvlan driver: create on the host, move into the netns
+  ip netns add "$1"; ip -n "$1" link set lo up
+  ip -n host link add mv-"$1" link eth0 type macvlan mode bridge || return 1
+  ip -n host link set mv-"$1" address "$3"
+  ip -n host link set mv-"$1" netns "$1"
+  ip -n "$1" link set mv-"$1" name eth0
+  ip -n "$1" addr add "$2"/24 dev eth0
+  ip -n "$1" link set eth0 up
+  ip -n "$1" route add default via 192.168.1.1
+}
+
+topology() { # TOPO NAT
+  local topo=$1 nat=$2
+  for ns in wan router host; do ip netns add $ns; ip -n $ns link set lo up; done
+  ip link add wan netns router type veth peer name eth0 netns wan
+  ip link add lan1 netns router type veth peer name eth0 netns host
+  ip -n wan addr add 10.0.0.2/24 dev eth0; ip -n wan link set eth0 up
+  ip -n router addr add 10.0.0.1/24 dev wan; ip -n router link set wan up
+  ip -n router link set lan1 up
+  ip -n host link set eth0 up
+  case $topo in
+    bridge)
+      ip -n router link add br-lan type bridge
+      ip -n router link set lan1 master br-lan
+      ip -n router addr add 192.168.1.1/24 dev br-lan
+      ip -n router link set br-lan up
+      L3DEV=br-lan ;;
+    vlan)   # OpenWrt-DSA-like: VLAN-aware bridge, L3 on br-lan.1, port untagged in VLAN 1
+      ip -n router link add br-lan type bridge vlan_filtering 1
+      ip -n router link set lan1 master br-lan
+      $R bridge vlan add dev lan1 vid 1 pvid untagged
+      $R bridge vlan del dev br-lan vid 1 self
+      $R bridge vlan add dev br-lan vid 1 self
+      ip -n router link add link br-lan name br-lan.1 type vlan id 1
+      ip -n router link set br-lan up
+      ip -n router link set br-lan.1 up
+      ip -n router addr add 192.168.1.1/24 dev br-lan.1
+      L3DEV=br-lan.1 ;;
+    *) return 1 ;;
+  esac
+  $R sysctl -qw net.ipv4.ip_forward=1
+  $R sysctl -qw net.netfilter.nf_conntrack_acct=1
+  [ "$nat" = route ] && ip -n wan route add 192.168.1.0/24 via 10.0.0.1
+  mk_macvlan container $CIP $OLD_MAC && mk_macvlan other $OIP $OTHER_MAC
+}
+
+ruleset() { # DEVS NAT : flowtable on DEVS; port 51821 is forwarded but never offloaded
+  echo "table inet fw {"
+  echo "  flowtable ft { hook ingress priority filter; devices = { $1 }; counter; }"
+  echo "  chain forward {"
+  echo "    type filter hook forward priority filter; policy accept;"
+  echo "    udp dport 51821 counter accept comment \"never offloaded\""
+  echo "    meta l4proto { tcp, udp } flow add @ft"
+  echo "  }"
+  echo "}"
+  if [ "$2" = dnat ]; then
+    echo "table ip nat {"
+    echo "  chain prerouting {"
+    echo "    type nat hook prerouting priority dstnat;"
+    echo "    iifname \"wan\" udp dport { 51820, 51821 } dnat to $CIP"
+    echo "    iifname \"wan\" udp dport 51822 dnat to $OIP:51820"
+    echo "  }"
+    echo "}"
+  fi
+}
+
+teardown() {
+  local p
+  for p in $(jobs -p); do kill "$p" 2>/dev/null; done
+  wait 2>/dev/null
+  ip -all netns delete 2>/dev/null
+}
+
+run_case() { # SCENARIO ROLE
+  local scen=$1 role=$2 topo nat ftdev
+  case $scen in
+    blog)    topo=bridge nat=dnat  ftdev=ports ;;
+    routed)  topo=bridge nat=route ftdev=ports ;;
+    vlan)    topo=vlan   nat=dnat  ftdev=ports ;;
+    control) topo=bridge nat=dnat  ftdev=l3 ;;
+    *) echo "LABRESULT scenario=$scen role=$role setup=unknown-scenario"; return ;;
+  esac
+  L=/tmp/lab/$scen-$role; rm -rf "$L"; mkdir -p "$L"
+  echo; echo "===== LABCASE scenario=$scen role=$role topo=$topo nat=$nat ftdev=$ftdev kernel=$(uname -r)"
+  local T0; T0=$(now)
+  if ! topology $topo $nat > "$L/setup.log" 2>&1; then
+    cat "$L/setup.log"; echo "LABRESULT scenario=$scen role=$role setup=topology-failed"; teardown; return
+  fi
+  local devs="wan, lan1"; [ "$ftdev" = l3 ] && devs="wan, $L3DEV"
+  ruleset "$devs" $nat > "$L/ruleset.nft"
+  if ! $R nft -f "$L/ruleset.nft" 2> "$L/nft.err"; then
+    cat "$L/ruleset.nft" "$L/nft.err"; echo "LABRESULT scenario=$scen role=$role setup=nft-rejected"; teardown; return
+  fi
+
+  # flowguard, before any traffic
+  local fgns="" fgpid="" fgstate=none pin=/run/fgbpf/$scen-$role
+  local -a fgargs=()
+  case $role in
+    router)  fgns=router; fgargs=(--egress lan1 --prefix $PREFIX --evict offloaded) ;;
+    observe) fgns=router; fgargs=(--egress lan1 --prefix $PREFIX --evict offloaded --mode observe) ;;
+    host)    fgns=host;   fgargs=(--ingress eth0 --egress eth0 --learn --prefix $PREFIX) ;;
+    none) ;;
+    *) echo "LABRESULT scenario=$scen role=$role setup=unknown-role"; teardown; return ;;
+  esac
+  if [ -n "$fgns" ]; then
+    log "starting in ns $fgns: flowguard run ${fgargs[*]} --pin-dir $pin"
+    ip netns exec $fgns flowguard run "${fgargs[@]}" --pin-dir "$pin" > "$L/flowguard.log" 2>&1 &
+    fgpid=$!
+    wait_until 60 fg_settled $fgpid "$L/flowguard.log"
+    if grep -q 'flowguard: ready' "$L/flowguard.log" && kill -0 $fgpid 2>/dev/null; then
+      fgstate=ready
+    else
+      fgstate=failed
+      echo "LABNOTE scenario=$scen role=$role flowguard did not get ready: $(grep -v '^\[' "$L/flowguard.log" | head -n 1)"
+    fi
+    log "flowguard $fgstate"
+  fi
+
+  # traffic: echo servers, then the peers (main flow, never-offloaded flow, other endpoint)
+  local dst=10.0.0.1 odst=10.0.0.1 oport=51822
+  [ $nat = route ] && { dst=$CIP; odst=$OIP; oport=51820; }
+  $C udpwg echo 0.0.0.0 $PORT container-A > "$L/container-A.log" 2>&1 &
+  local echo_a=$!
+  ip netns exec other udpwg echo 0.0.0.0 $PORT other > "$L/other.log" 2>&1 &
+  $W udpwg peer 0.0.0.0 40000 $dst 51820 "$IV" wanpeer > "$L/wan.log" 2>&1 &
+  $W udpwg peer 0.0.0.0 40001 $dst 51821 500 nonoffload > "$L/wan-nonoff.log" 2>&1 &
+  $W udpwg peer 0.0.0.0 40002 $odst $oport 500 otherpeer > "$L/wan-other.log" 2>&1 &
+  wait_until 30 flow_offloaded 40000 || log "WARN: main flow not offloaded after 30s"
+  wait_until 15 flow_offloaded 40002 || log "WARN: flow to the other endpoint not offloaded after 15s"
+  ct_list > "$L/ct.before"
+  echo "--- conntrack -L before the change:"; cat "$L/ct.before"
+  local offload_before=0; ct_offloaded "$L/ct.before" 40000 && offload_before=1
+  local rx_a; rx_a=$(rx_count "$L/container-A.log")
+  log "container-A received $rx_a packets; main flow offloaded=$offload_before"
+
+  # the change: the container is recreated with a new MAC, same IP
+  kill $echo_a; wait $echo_a 2>/dev/null
+  ip netns del container
+  mk_macvlan container $CIP $NEW_MAC >> "$L/setup.log" 2>&1
+  local t_change; t_change=$(now)
+  $C udpwg echo 0.0.0.0 $PORT container-B > "$L/container-B.log" 2>&1 &
+  log "container recreated with $NEW_MAC; gratuitous ARP and a ping to the router"
+  $C arping -U -c 2 -w 2 -I eth0 $CIP > /dev/null 2>&1 &
+  $C ping -c 2 -W 1 192.168.1.1 > /dev/null 2>&1 &
+
+  # watch; take flowguard's stale count 3 s before the end to see whether it still grows
+  sleep $(( WINDOW - 3 ))
+  [ $fgstate = ready ] && ip netns exec $fgns flowguard status --json --pin-dir "$pin" > "$L/status.mid" 2>&1
+  sleep 3
+  local t_end; t_end=$(now)
+  ct_list > "$L/ct.after"
+  local neigh; neigh=$(neigh_mac)
+  echo "--- conntrack -L at the end:"; cat "$L/ct.after"
+  echo "--- router neighbour of $CIP: $neigh"
+
+  # flowguard: status, then stop it (SIGTERM: detach, unpin, exit 0)
+  local stale=- rewritten=- evicted=- stale_late=- fg_rc=- evict_lines=-
+  if [ -n "$fgpid" ]; then
+    if [ $fgstate = ready ]; then
+      ip netns exec $fgns flowguard status --json --pin-dir "$pin" > "$L/status.end" 2>&1
+      echo "--- flowguard status --json:"; cat "$L/status.end"
+      stale=$(counter "$L/status.end" stale); rewritten=$(counter "$L/status.end" rewritten)
+      evicted=$(counter "$L/status.end" evicted)
+      local stale_mid; stale_mid=$(counter "$L/status.mid" stale)
+      [ -n "$stale" ] && [ -n "$stale_mid" ] && stale_late=$(( stale - stale_mid ))
+      : "${stale:=-}" "${rewritten:=-}" "${evicted:=-}"
+    fi
+    kill -TERM $fgpid 2>/dev/null; wait $fgpid; fg_rc=$?
+    evict_lines=$(grep -v '^\[' "$L/flowguard.log" | grep -c 'evicted')
+    [ "$evicted" = - ] && [ $fgstate = ready ] && evicted=$evict_lines
+    echo "--- flowguard output (exit code $fg_rc):"; sed 's/^/fg| /' "$L/flowguard.log"
+  fi
+
+  # the container's side: loss and time to recovery, from the logs' monotonic timestamps
+  local sent_after received_after lost recovery_ms
+  read -r sent_after received_after lost recovery_ms < <(
+    awk -v t0="$t_change" -v t1="$t_end" '
+      FILENAME ~ /wan.log$/ && $3 == "tx" && $1 >= t0 && $1 <= t1 - 0.5 { split($4, a, "="); sent[a[2]] = 1; n++ }
+      FILENAME ~ /container-B.log$/ && $3 == "rx" {
+        if (first == "") first = $1
+        s = $NF; gsub(/[^0-9]/, "", s); got[s] = 1 }
+      END {
+        r = 0; for (k in sent) if (k in got) r++
+        rec = (first == "") ? -1 : int((first - t0) * 1000)
+        printf "%d %d %d %d\n", n, r, n - r, rec }' "$L/wan.log" "$L/container-B.log")
+  local rx_b; rx_b=$(rx_count "$L/container-B.log")
+
+  # eviction evidence from the conntrack ids: the main flow's entry replaced,
+  # the never-offloaded entry of the same IP and the other endpoint's entry kept
+  local id_main_b id_main_a id_non_b id_non_a id_oth_b id_oth_a
+  id_main_b=$(ct_id "$L/ct.before" 40000); id_main_a=$(ct_id "$L/ct.after" 40000)
+  id_non_b=$(ct_id "$L/ct.before" 40001);  id_non_a=$(ct_id "$L/ct.after" 40001)
+  id_oth_b=$(ct_id "$L/ct.before" 40002);  id_oth_a=$(ct_id "$L/ct.after" 40002)
+  local main_replaced=0 reoffloaded=0 nonoff_kept=0 other_kept=0 other_offloaded=0
+  [ -n "$id_main_b" ] && [ -n "$id_main_a" ] && [ "$id_main_b" != "$id_main_a" ] && main_replaced=1
+  [ $main_replaced = 1 ] && ct_offloaded "$L/ct.after" 40000 && reoffloaded=1
+  [ -n "$id_non_b" ] && [ "$id_non_b" = "$id_non_a" ] && nonoff_kept=1
+  [ -n "$id_oth_b" ] && [ "$id_oth_b" = "$id_oth_a" ] && other_kept=1
+  ct_offloaded "$L/ct.before" 40002 && other_offloaded=1
+  local nonoff_was_offloaded=0; ct_offloaded "$L/ct.before" 40001 && nonoff_was_offloaded=1
+  local neigh_new=0; [ "$neigh" = $NEW_MAC ] && neigh_new=1
+
+  echo "LABRESULT scenario=$scen role=$role setup=ok fg=$fgstate fg_rc=$fg_rc" \
+    "rx_before=$rx_a offload_before=$offload_before neigh_new=$neigh_new" \
+    "sent_after=$sent_after received_after=$received_after lost=$lost recovery_ms=$recovery_ms rx_b=$rx_b" \
+    "stale=$stale stale_late=$stale_late rewritten=$rewritten evicted=$evicted evict_lines=$evict_lines" \
+    "main_replaced=$main_replaced reoffloaded=$reoffloaded nonoff_kept=$nonoff_kept nonoff_offloaded=$nonoff_was_offloaded" \
+    "other_kept=$other_kept other_offloaded=$other_offloaded" \
+    "secs=$(awk -v a="$T0" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}')"
+  teardown
+}
+
+for c in ${CASES//,/ }; do
+  run_case "${c%%:*}" "${c#*:}"
+done
