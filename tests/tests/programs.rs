@@ -531,6 +531,26 @@ fn ipv4_options_and_fragments_are_guarded_with_correct_ports() {
 }
 
 #[test]
+fn ethernet_padding_after_the_datagram_is_accepted() {
+    if !have_root() {
+        return;
+    }
+    // A bare TCP ACK is 54 bytes; on the wire it is padded to the 60-byte
+    // minimum. The datagram fits inside the frame, so it is guarded.
+    for prog in GUARDS {
+        for vlan in [Vlan::None, Vlan::Single(10)] {
+            let bare = frames::tcp4(l2(STALE4).vlan(vlan), PEER4, EP4, SPORT, DPORT, &[]);
+            let padded = frames::pad(bare.clone(), bare.len() + 6);
+            let what = format!("{prog:?} padded stale IPv4/TCP ACK {vlan:?}");
+            let g = setup(true);
+            let out = run_pass(&g, prog, &padded, &what);
+            assert_eq!(&out[..6], &CUR4, "{what}: must be rewritten");
+            assert_eq!(&out[6..], &padded[6..], "{what}: padding untouched");
+        }
+    }
+}
+
+#[test]
 fn three_vlan_tags_are_not_parsed() {
     if !have_root() {
         return;
