@@ -217,7 +217,8 @@ pub struct Counters {
     pub stale: u64,
     /// Stale frames whose destination MAC was rewritten (fix mode).
     pub rewritten: u64,
-    /// Stale frames to an ambiguous endpoint, left untouched.
+    /// Stale frames left untouched because the endpoint is ambiguous (or
+    /// holds a MAC no endpoint can have: zero, group).
     pub ambiguous: u64,
     /// Events sent to user space.
     pub events: u64,

@@ -224,7 +224,9 @@ fn stale(
     ep.last_stale_ns = now;
     ep.last_stale_mac = dst_mac;
     let current = ep.mac;
-    let (action, verdict) = if ep.flags & endpoint_flags::AMBIGUOUS != 0 {
+    // Never rewrite toward a MAC that cannot be an endpoint's, whoever wrote it.
+    let unusable = current[0] & 1 != 0 || current == [0; 6];
+    let (action, verdict) = if ep.flags & endpoint_flags::AMBIGUOUS != 0 || unusable {
         (event_action::AMBIGUOUS, Verdict::Pass)
     } else if cfg.mode == mode::FIX {
         ep.rewritten += 1;

@@ -710,6 +710,38 @@ fn ambiguous_endpoint_is_counted_never_rewritten() {
     }
 }
 
+#[test]
+fn endpoint_with_an_unusable_mac_is_never_rewritten_toward() {
+    if !have_root() {
+        return;
+    }
+    // Only user space and learning write endpoints, and both refuse such
+    // MACs; the kernel side refuses them too, whoever wrote the map.
+    for prog in GUARDS {
+        for bad in [[0u8; 6], [0xff; 6], [0x01, 0x00, 0x5e, 0, 0, 1]] {
+            let c = stale_cases(Vlan::None)
+                .into_iter()
+                .next()
+                .expect("a stale case");
+            let what = format!(
+                "{prog:?} stale {} to an endpoint holding {bad:02x?}",
+                c.name
+            );
+            let mut g = setup(true);
+            g.insert_endpoint(c.key, &endpoint(bad))
+                .expect("inserting the endpoint");
+            let out = run_pass(&g, prog, &c.frame, &what);
+            assert_eq!(out, c.frame, "{what}: must not be rewritten");
+            let got = counters(&g);
+            assert_eq!(
+                (got.stale, got.rewritten, got.ambiguous),
+                (1, 0, 1),
+                "{what}: counted as stale and left untouched"
+            );
+        }
+    }
+}
+
 /// Whether the kernel's test_run itself may refuse this frame (EINVAL)
 /// before the program sees it. XDP and skb: fewer than ETH_HLEN (14)
 /// bytes (`bpf_test_init`). skb (tc) on this machine's kernel (6.18), as
