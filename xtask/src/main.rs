@@ -3,6 +3,7 @@
 //! they need a toolchain of their own.
 
 mod ebpf;
+mod lab;
 mod setup;
 mod step;
 
@@ -61,6 +62,9 @@ enum Verb {
         #[arg(long)]
         no_lint: bool,
     },
+    /// Reproduce the flowtable stale-MAC bug on a Debian kernel in qemu and
+    /// check flowguard's roles against it (needs root; see lab/).
+    Lab(lab::LabArgs),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +77,7 @@ fn main() -> ExitCode {
         Verb::Demo { args } => demo(&args),
         Verb::Bench { args } => bench(&args),
         Verb::Test { no_lint } => test(no_lint),
+        Verb::Lab(args) => lab::lab(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,576 @@
+//! `cargo xtask lab`: the real-kernel lab. Boots a Debian kernel (fetched with
+//! `apt-get download`, never installed) in qemu with an initramfs that holds
+//! flowguard, reproduces the nftables flowtable stale-MAC bug in network
+//! namespaces and checks what flowguard does about it in each role.
+//!
+//! The scripts that run inside the VM live in `lab/` (see lab/cases.sh); each
+//! case prints a `LABRESULT key=value ...` line on the serial console, which
+//! this module turns into a table and checks against the expectations below.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::step;
+
+/// Debian packages the lab needs on the host (installed with apt if missing).
+const HOST_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "nftables",
+    "conntrack",
+    "tcpdump",
+    "iproute2",
+    "kmod",
+    "cpio",
+    "gcc",
+    "libc6-dev",
+];
+
+/// Scenarios that reproduce the stale MAC (flowtable on a bridge port).
+const REPRODUCING: &[&str] = &["blog", "routed", "vlan"];
+/// Flowtable on the bridge device only: no stale MAC expected.
+const CONTROL: &str = "control";
+const FULL_ROLES: &[&str] = &["none", "router", "host", "observe"];
+const CONTROL_ROLES: &[&str] = &["none", "router", "host"];
+const QUICK_ROLES: &[&str] = &["none", "router", "host"];
+
+/// Recovery time limits (ms, measured from the recreated container's start).
+const FIX_RECOVERY_MS: i64 = 2000;
+const OBSERVE_RECOVERY_MS: i64 = 1500;
+
+#[derive(clap::Args, Debug)]
+pub struct LabArgs {
+    /// Use this linux-image .deb instead of downloading one.
+    #[arg(long, value_name = "PATH", conflicts_with = "suite")]
+    kernel_deb: Option<PathBuf>,
+    /// The Debian suite whose linux-image-amd64 to boot (bookworm uses the
+    /// host's apt lists; others a private apt directory in the cache).
+    #[arg(long, default_value = "bookworm")]
+    suite: String,
+    /// Run only this scenario: blog, routed, vlan or control.
+    #[arg(long, value_name = "SCENARIO")]
+    only: Option<String>,
+    /// A subset that fits CI: the blog scenario without flowguard, and with
+    /// flowguard in the router and host roles, in one VM boot.
+    #[arg(long)]
+    quick: bool,
+    /// Put this flowguard binary into the VM instead of building one.
+    #[arg(long, value_name = "PATH")]
+    flowguard: Option<PathBuf>,
+    /// Where the kernel, the initramfs and the logs go.
+    #[arg(long, default_value = "/var/cache/flowguard/lab")]
+    cache: PathBuf,
+    /// Seconds to watch after the MAC change, in each case.
+    #[arg(long, default_value_t = 8)]
+    window: u32,
+}
+
+pub fn lab(args: &LabArgs) -> Result<()> {
+    let started = Instant::now();
+    let boots = plan(args)?;
+    ensure_host_packages()?;
+    let flowguard = match &args.flowguard {
+        Some(path) => path.clone(),
+        None => {
+            crate::build()?;
+            crate::release_binary("flowguard")?
+        }
+    };
+
+    fs::create_dir_all(&args.cache)
+        .with_context(|| format!("could not create {}", args.cache.display()))?;
+    let kroot = fetch_kernel(args)?;
+    let (kver, kernel) = kernel_image(&kroot)?;
+    let initramfs = args.cache.join(format!("initramfs-{kver}.cpio.gz"));
+    step::run(
+        "Building the lab initramfs",
+        Command::new(lab_dir().join("build-initramfs.sh"))
+            .arg(&kroot)
+            .arg(&flowguard)
+            .arg(&initramfs),
+    )?;
+
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let log_dir = args.cache.join(format!("logs/{stamp}"));
+    fs::create_dir_all(&log_dir)?;
+
+    let mut results = Vec::new();
+    let mut boot_times = Vec::new();
+    for (name, cases) in &boots {
+        let log = log_dir.join(format!("{name}.log"));
+        let t = Instant::now();
+        let mut got = boot(&kernel, &initramfs, cases, args.window, &log)?;
+        boot_times.push((name.clone(), t.elapsed().as_secs()));
+        for case in cases {
+            let (scenario, role) = case.split_once(':').expect("cases are SCENARIO:ROLE");
+            if !got
+                .iter()
+                .any(|r| r.get("scenario") == Some(scenario) && r.get("role") == Some(role))
+            {
+                let mut missing = CaseResult::default();
+                missing.insert("scenario", scenario);
+                missing.insert("role", role);
+                missing.insert("setup", "no-result-from-vm");
+                got.push(missing);
+            }
+        }
+        results.extend(got);
+    }
+
+    let failures = report(&results);
+    println!();
+    for (name, secs) in &boot_times {
+        println!("VM boot {name}: {secs} s");
+    }
+    println!(
+        "kernel {kver}; logs in {}; total {} s",
+        log_dir.display(),
+        started.elapsed().as_secs()
+    );
+    if failures > 0 {
+        bail!(
+            "{failures} of {} lab cases did not meet their expectations (see the table and {})",
+            results.len(),
+            log_dir.display()
+        );
+    }
+    println!("All {} lab cases met their expectations.", results.len());
+    Ok(())
+}
+
+/// The VM boots to run: (name, ["scenario:role", ...]), one scenario per boot.
+fn plan(args: &LabArgs) -> Result<Vec<(String, Vec<String>)>> {
+    let mut scenarios: Vec<&str> = if args.quick {
+        vec!["blog"]
+    } else {
+        REPRODUCING.iter().copied().chain([CONTROL]).collect()
+    };
+    if let Some(only) = &args.only {
+        if !REPRODUCING.contains(&only.as_str()) && only != CONTROL {
+            bail!("unknown scenario {only:?}: choose blog, routed, vlan or control");
+        }
+        scenarios = vec![only.as_str()];
+    }
+    Ok(scenarios
+        .into_iter()
+        .map(|s| {
+            let roles = if args.quick {
+                QUICK_ROLES
+            } else if s == CONTROL {
+                CONTROL_ROLES
+            } else {
+                FULL_ROLES
+            };
+            let cases = roles.iter().map(|r| format!("{s}:{r}")).collect();
+            (s.to_string(), cases)
+        })
+        .collect())
+}
+
+fn lab_dir() -> PathBuf {
+    step::workspace_root().join("lab")
+}
+
+fn ensure_host_packages() -> Result<()> {
+    let missing: Vec<&str> = HOST_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            step::probe(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_none_or(|s| !s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    apt(&["update", "-q"])?;
+    let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
+    install.extend(&missing);
+    apt(&install)
+}
+
+/// apt-get, retried while another apt holds the lock (up to ~5 minutes).
+fn apt(args: &[&str]) -> Result<()> {
+    for attempt in 1..=30 {
+        println!("==> apt-get {}", args.join(" "));
+        let status = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("could not start apt-get")?;
+        if status.success() {
+            return Ok(());
+        }
+        eprintln!("apt-get failed (attempt {attempt}); retrying in 10 s");
+        std::thread::sleep(std::time::Duration::from_secs(10));
+    }
+    bail!("apt-get {} kept failing", args.join(" "))
+}
+
+/// Downloads and unpacks the kernel (or unpacks --kernel-deb); returns its root.
+fn fetch_kernel(args: &LabArgs) -> Result<PathBuf> {
+    let mut command = Command::new(lab_dir().join("fetch-kernel.sh"));
+    match &args.kernel_deb {
+        Some(deb) => command.arg("--deb").arg(deb),
+        None => command.arg(&args.suite),
+    };
+    command.arg(&args.cache);
+    println!("==> Fetching the kernel ({})", step::display(&command));
+    let mut out = stdout_of(&mut command);
+    if out.is_none() && args.kernel_deb.is_none() && args.suite == "bookworm" {
+        // The host's apt lists may be missing or out of date.
+        apt(&["update", "-q"])?;
+        out = stdout_of(&mut command);
+    }
+    let out = out.context("fetching the kernel failed; see the messages above")?;
+    let root = out
+        .lines()
+        .last()
+        .map(PathBuf::from)
+        .context("fetch-kernel.sh printed no path")?;
+    Ok(root)
+}
+
+/// The kernel version and the path of its bzImage inside an unpacked package.
+fn kernel_image(kroot: &Path) -> Result<(String, PathBuf)> {
+    let modroot = [kroot.join("lib/modules"), kroot.join("usr/lib/modules")]
+        .into_iter()
+        .find(|p| p.is_dir())
+        .with_context(|| format!("no lib/modules in {}", kroot.display()))?;
+    let kver = fs::read_dir(&modroot)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .next()
+        .with_context(|| format!("{} is empty", modroot.display()))?;
+    let image = [
+        kroot.join(format!("boot/vmlinuz-{kver}")),
+        modroot.join(&kver).join("vmlinuz"),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+    .with_context(|| format!("no vmlinuz for {kver} in {}", kroot.display()))?;
+    Ok((kver, image))
+}
+
+/// KVM only with a hardware KVM module: some sandboxes expose a /dev/kvm
+/// (kvm_pvm) that cannot run stock kernels.
+fn use_kvm() -> bool {
+    let hardware =
+        Path::new("/sys/module/kvm_intel").is_dir() || Path::new("/sys/module/kvm_amd").is_dir();
+    hardware
+        && fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok()
+}
+
+/// One LABRESULT line: its key=value pairs.
+#[derive(Default, Debug)]
+struct CaseResult(BTreeMap<String, String>);
+
+impl CaseResult {
+    fn parse(line: &str) -> Self {
+        Self(
+            line.split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+    fn insert(&mut self, key: &str, value: &str) {
+        self.0.insert(key.to_string(), value.to_string());
+    }
+    fn num(&self, key: &str) -> Option<i64> {
+        self.get(key).and_then(|v| v.parse().ok())
+    }
+}
+
+/// Runs `command` with stderr shown, returns its stdout if it succeeded.
+fn stdout_of(command: &mut Command) -> Option<String> {
+    let output = command
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Boots the VM for `cases`, copies its console to `log`, echoes the
+/// progress lines and returns the parsed LABRESULT lines.
+fn boot(
+    kernel: &Path,
+    initramfs: &Path,
+    cases: &[String],
+    window: u32,
+    log: &Path,
+) -> Result<Vec<CaseResult>> {
+    let kvm = use_kvm();
+    let timeout = 90 + 150 * cases.len();
+    let mut command = Command::new("timeout");
+    command
+        .arg(timeout.to_string())
+        .arg("qemu-system-x86_64")
+        .args([
+            "-machine",
+            if kvm {
+                "q35,accel=kvm"
+            } else {
+                "q35,accel=tcg"
+            },
+        ])
+        .args(["-cpu", if kvm { "host" } else { "max" }])
+        .args(["-smp", "2", "-m", "1024"])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initramfs)
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 quiet loglevel=4 panic=-1 lab.cases={} lab.window={window}",
+            cases.join(",")
+        ))
+        .args(["-nic", "none", "-display", "none", "-serial", "stdio"])
+        .args(["-monitor", "none", "-no-reboot"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    println!(
+        "==> Booting the VM ({}) for {}; console in {}",
+        if kvm { "KVM" } else { "TCG" },
+        cases.join(" "),
+        log.display()
+    );
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("could not start {}", step::display(&command)))?;
+    let mut file = fs::File::create(log)?;
+    let mut reader = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut results = Vec::new();
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        if reader.read_until(b'\n', &mut buf)? == 0 {
+            break;
+        }
+        file.write_all(&buf)?;
+        let line = String::from_utf8_lossy(&buf);
+        let line = line.trim_end_matches(['\r', '\n']);
+        if let Some(rest) = line.strip_prefix("LABRESULT ") {
+            let result = CaseResult::parse(rest);
+            println!("    {}", one_line(&result));
+            results.push(result);
+        } else if line.starts_with("===== LABCASE") {
+            println!("  {}", line.trim_start_matches("===== "));
+        } else if line.starts_with("LABNOTE")
+            || line.starts_with("LABINIT")
+            || line.contains("Kernel panic")
+        {
+            println!("    {line}");
+        }
+    }
+    let status = child.wait()?;
+    if status.code() == Some(124) {
+        println!("    the VM timed out after {timeout} s");
+    }
+    Ok(results)
+}
+
+fn one_line(r: &CaseResult) -> String {
+    format!(
+        "{}/{}: received {} of {} after the change, recovery {} ms, stale {}, rewritten {}, evicted {}",
+        r.get("scenario").unwrap_or("?"),
+        r.get("role").unwrap_or("?"),
+        r.get("received_after").unwrap_or("?"),
+        r.get("sent_after").unwrap_or("?"),
+        r.get("recovery_ms").unwrap_or("?"),
+        r.get("stale").unwrap_or("?"),
+        r.get("rewritten").unwrap_or("?"),
+        r.get("evicted").unwrap_or("?"),
+    )
+}
+
+/// What a case must show; the reasons it does not.
+fn check(r: &CaseResult) -> Vec<String> {
+    let mut why = Vec::new();
+    let scenario = r.get("scenario").unwrap_or("?");
+    let role = r.get("role").unwrap_or("?");
+    if r.get("setup") != Some("ok") {
+        why.push(format!("setup: {}", r.get("setup").unwrap_or("?")));
+        return why;
+    }
+    let control = scenario == CONTROL;
+    let num = |k: &str| r.num(k);
+    let mut expect = |ok: bool, what: &str| {
+        if !ok {
+            why.push(what.to_string());
+        }
+    };
+    // The premise of every case: the flow was offloaded, the router learned the new MAC.
+    if !control {
+        expect(
+            num("offload_before") == Some(1),
+            "flow not [OFFLOAD] before the change",
+        );
+    }
+    expect(
+        num("neigh_new") == Some(1),
+        "router's neighbour table did not learn the new MAC",
+    );
+    expect(
+        num("sent_after").unwrap_or(0) >= 10,
+        "too few packets sent after the change",
+    );
+    if role != "none" {
+        expect(r.get("fg") == Some("ready"), "flowguard did not start");
+        expect(
+            num("fg_rc") == Some(0),
+            "flowguard did not exit 0 on SIGTERM",
+        );
+    }
+    let received = num("received_after").unwrap_or(0);
+    let recovery = num("recovery_ms").unwrap_or(-1);
+    let stale = num("stale");
+    let evicted = num("evicted").unwrap_or(0); // a missing counter counts as 0
+    let recovered_within = |limit: i64| received > 0 && (0..=limit).contains(&recovery);
+    match (control, role) {
+        (false, "none") => expect(
+            received == 0,
+            "the bug did not reproduce: the recreated container received packets",
+        ),
+        (true, "none") => expect(
+            recovered_within(FIX_RECOVERY_MS),
+            "no delivery to the recreated container",
+        ),
+        (true, _) => {
+            expect(
+                recovered_within(FIX_RECOVERY_MS),
+                "no delivery to the recreated container",
+            );
+            expect(stale == Some(0), "stale frames counted in the control");
+        }
+        (false, "host") => {
+            expect(
+                recovered_within(FIX_RECOVERY_MS),
+                &format!("no recovery within {FIX_RECOVERY_MS} ms"),
+            );
+            expect(stale.unwrap_or(0) > 0, "no stale frames counted");
+            expect(num("rewritten").unwrap_or(0) > 0, "nothing rewritten");
+            expect(evicted == 0, "the host role evicted something");
+            expect(
+                num("main_replaced") == Some(0),
+                "the router's conntrack entry changed although the router was untouched",
+            );
+        }
+        (false, "router" | "observe") => {
+            let limit = if role == "observe" {
+                OBSERVE_RECOVERY_MS
+            } else {
+                FIX_RECOVERY_MS
+            };
+            expect(
+                recovered_within(limit),
+                &format!("no recovery within {limit} ms"),
+            );
+            expect(evicted >= 1, "nothing evicted");
+            expect(
+                num("main_replaced") == Some(1),
+                "the stale [OFFLOAD] conntrack entry was not deleted",
+            );
+            expect(
+                num("reoffloaded") == Some(1),
+                "the new conntrack entry was not offloaded again",
+            );
+            expect(
+                num("stale_late") == Some(0),
+                "stale frames still counted at the end (flowtable still uses the old MAC)",
+            );
+            expect(
+                num("nonoff_kept") == Some(1),
+                "a non-offloaded entry of the same IP was deleted (OFFLOAD filter)",
+            );
+            expect(
+                num("other_kept") == Some(1),
+                "another endpoint's offloaded entry was deleted",
+            );
+            if role == "observe" {
+                expect(
+                    num("rewritten").unwrap_or(0) == 0,
+                    "observe mode rewrote frames",
+                );
+            }
+        }
+        _ => expect(false, "unknown role"),
+    }
+    why
+}
+
+/// Prints the table and the reasons for failures; returns how many failed.
+fn report(results: &[CaseResult]) -> usize {
+    let dash = |v: Option<&str>| v.unwrap_or("-").to_string();
+    println!();
+    println!(
+        "{:<8} {:<8} {:>13} {:>9} {:>6} {:>9} {:>7}  result",
+        "scenario", "role", "lost after", "recovery", "stale", "rewritten", "evicted"
+    );
+    let mut failures = 0;
+    let mut reasons = Vec::new();
+    for r in results {
+        let why = check(r);
+        let lost = match (r.num("lost"), r.num("sent_after")) {
+            (Some(l), Some(s)) => format!("{l} of {s}"),
+            _ => "-".into(),
+        };
+        let recovery = match r.num("recovery_ms") {
+            Some(ms) if ms >= 0 => format!("{ms} ms"),
+            Some(_) => "never".into(),
+            None => "-".into(),
+        };
+        let evicted = match (r.get("role"), r.get("evicted")) {
+            (Some("none"), _) => "-".into(),
+            (_, Some(v)) => v.to_string(),
+            _ => "-".into(),
+        };
+        let scenario = dash(r.get("scenario"));
+        let role = dash(r.get("role"));
+        println!(
+            "{:<8} {:<8} {:>13} {:>9} {:>6} {:>9} {:>7}  {}",
+            scenario,
+            role,
+            lost,
+            recovery,
+            dash(r.get("stale")),
+            dash(r.get("rewritten")),
+            evicted,
+            if why.is_empty() { "ok" } else { "FAIL" }
+        );
+        if !why.is_empty() {
+            failures += 1;
+            reasons.push(format!("{scenario}/{role}: {}", why.join("; ")));
+        }
+    }
+    if !reasons.is_empty() {
+        println!();
+        for reason in reasons {
+            println!("FAIL {reason}");
+        }
+    }
+    failures
+}
