@@ -26,6 +26,8 @@ const APT_PACKAGES: &[&str] = &[
     "conntrack",
     "iproute2",
     "tcpdump",
+    "iputils-ping",
+    "iputils-arping",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
