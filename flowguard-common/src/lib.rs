@@ -220,6 +220,11 @@ pub struct Counters {
     /// Stale frames left untouched because the endpoint is ambiguous (or
     /// holds a MAC no endpoint can have: zero, group).
     pub ambiguous: u64,
+    /// Frames to a neighbour-table endpoint with another MAC than the map's,
+    /// left untouched because the kernel's neighbour table did not confirm
+    /// them stale (it already holds the frame's MAC and the map lags, or it
+    /// holds no MAC at all).
+    pub unconfirmed: u64,
     /// Events sent to user space.
     pub events: u64,
     /// Events lost because the ring buffer was full.
@@ -230,6 +235,22 @@ pub struct Counters {
     pub learned_moved: u64,
     /// Learning attempts that failed (map full).
     pub learn_failed: u64,
+}
+
+impl Counters {
+    /// Adds another CPU's counters to these.
+    pub fn add(&mut self, o: &Counters) {
+        self.checked += o.checked;
+        self.stale += o.stale;
+        self.rewritten += o.rewritten;
+        self.ambiguous += o.ambiguous;
+        self.unconfirmed += o.unconfirmed;
+        self.events += o.events;
+        self.events_lost += o.events_lost;
+        self.learned_new += o.learned_new;
+        self.learned_moved += o.learned_moved;
+        self.learn_failed += o.learn_failed;
+    }
 }
 
 /// Counters kept by user space (neighbour sync and eviction): element 0 of
@@ -360,7 +381,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<EndpointKey>(), 16);
         assert_eq!(core::mem::size_of::<Endpoint>(), 56);
         assert_eq!(core::mem::size_of::<Event>(), 72);
-        assert_eq!(core::mem::size_of::<Counters>(), 72);
+        assert_eq!(core::mem::size_of::<Counters>(), 80);
         assert_eq!(
             core::mem::size_of::<Config>(),
             24 + 8 * MAX_V4_PREFIXES + 32 * MAX_V6_PREFIXES + 8 * MAX_OWN_MACS

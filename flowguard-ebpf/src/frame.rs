@@ -4,7 +4,10 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::programs::{TcContext, XdpContext};
+use aya_ebpf::{
+    programs::{TcContext, XdpContext},
+    EbpfContext,
+};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -19,7 +22,7 @@ const MAX_VLAN_TAGS: usize = 2;
 
 /// The view of a frame that parsing needs: where its bytes are, and how long
 /// it is on the wire (the linear part may be shorter for a non-linear skb).
-pub trait Frame {
+pub trait Frame: EbpfContext {
     fn start(&self) -> usize;
     fn end(&self) -> usize;
     fn wire_len(&self) -> usize;

@@ -8,9 +8,9 @@
 mod frame;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK},
+    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK},
     btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
-    helpers::bpf_ktime_get_coarse_ns,
+    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -200,10 +200,64 @@ fn try_guard(f: &impl Frame, hook: u8, ifindex: u32) -> Option<Verdict> {
     if ep.mac == dst_mac {
         return None;
     }
-    Some(stale(f, cfg, ep, key, l3, dst_mac, hook, ifindex))
+    if ep.source == source::NEIGHBOUR {
+        // The map follows the neighbour table a moment late. Ask the
+        // kernel's table itself: rewrite only toward the MAC it holds now,
+        // and never when it holds none or agrees with the frame.
+        match neighbour_mac(f, l3, ifindex) {
+            Some(mac) if mac != dst_mac => {
+                return Some(stale(f, cfg, ep, mac, key, l3, dst_mac, hook, ifindex))
+            }
+            _ => {
+                if let Some(c) = counters() {
+                    c.unconfirmed += 1;
+                }
+                return None;
+            }
+        }
+    }
+    let current = ep.mac;
+    Some(stale(f, cfg, ep, current, key, l3, dst_mac, hook, ifindex))
 }
 
-/// A frame to `key` carries `dst_mac` instead of the endpoint's MAC.
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// The MAC the kernel's neighbour table holds now for the frame's
+/// destination, found the way the kernel forwards (bpf_fib_lookup from the
+/// interface the frame is on). `None` when there is no route or no valid
+/// neighbour, or forwarding is off on that interface.
+#[inline(always)]
+fn neighbour_mac(f: &impl Frame, l3: L3, ifindex: u32) -> Option<[u8; 6]> {
+    // SAFETY: a plain C struct for which all-zero is a valid value.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.ifindex = ifindex;
+    match l3 {
+        L3::V4 { off, .. } => {
+            p.family = AF_INET;
+            p.__bindgen_anon_3.ipv4_src = frame::load(f, off + frame::V4_SRC)?;
+            p.__bindgen_anon_4.ipv4_dst = frame::load(f, off + frame::V4_DST)?;
+        }
+        L3::V6 { off } => {
+            p.family = AF_INET6;
+            p.__bindgen_anon_3.ipv6_src = frame::load_v6_addr(f, off + frame::V6_SRC)?;
+            p.__bindgen_anon_4.ipv6_dst = frame::load_v6_addr(f, off + frame::V6_DST)?;
+        }
+        L3::Arp { .. } => return None,
+    }
+    // SAFETY: the helper reads and writes `p`, whose size we pass.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            f.as_ptr(),
+            &mut p,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    (rc == BPF_FIB_LKUP_RET_SUCCESS as i64).then_some(p.dmac)
+}
+
+/// A frame to `key` carries `dst_mac` instead of the endpoint's MAC `current`.
 #[inline(always)]
 #[expect(
     clippy::too_many_arguments,
@@ -213,6 +267,7 @@ fn stale(
     f: &impl Frame,
     cfg: &Config,
     ep: &mut Endpoint,
+    current: [u8; 6],
     key: EndpointKey,
     l3: L3,
     dst_mac: [u8; 6],
@@ -223,7 +278,6 @@ fn stale(
     ep.stale_packets += 1;
     ep.last_stale_ns = now;
     ep.last_stale_mac = dst_mac;
-    let current = ep.mac;
     // Never rewrite toward a MAC that cannot be an endpoint's, whoever wrote it.
     let unusable = current[0] & 1 != 0 || current == [0; 6];
     let (action, verdict) = if ep.flags & endpoint_flags::AMBIGUOUS != 0 || unusable {

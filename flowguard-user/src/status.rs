@@ -32,6 +32,7 @@ pub struct CounterTotals {
     pub stale: u64,
     pub rewritten: u64,
     pub ambiguous: u64,
+    pub unconfirmed: u64,
     pub events: u64,
     pub events_lost: u64,
     pub learned_new: u64,
@@ -66,19 +67,23 @@ impl CounterTotals {
     }
 
     pub fn sum<'a>(per_cpu: impl IntoIterator<Item = &'a Counters>) -> Self {
-        let mut t = Self::default();
-        for c in per_cpu {
-            t.checked += c.checked;
-            t.stale += c.stale;
-            t.rewritten += c.rewritten;
-            t.ambiguous += c.ambiguous;
-            t.events += c.events;
-            t.events_lost += c.events_lost;
-            t.learned_new += c.learned_new;
-            t.learned_moved += c.learned_moved;
-            t.learn_failed += c.learn_failed;
+        let mut c = Counters::default();
+        for cpu in per_cpu {
+            c.add(cpu);
         }
-        t
+        Self {
+            checked: c.checked,
+            stale: c.stale,
+            rewritten: c.rewritten,
+            ambiguous: c.ambiguous,
+            unconfirmed: c.unconfirmed,
+            events: c.events,
+            events_lost: c.events_lost,
+            learned_new: c.learned_new,
+            learned_moved: c.learned_moved,
+            learn_failed: c.learn_failed,
+            ..Self::default()
+        }
     }
 }
 
@@ -195,8 +200,9 @@ pub fn render(st: &Status) -> String {
     let _ = writeln!(out, "flowguard at {} ({} mode)", st.pin_dir, st.mode);
     let _ = writeln!(
         out,
-        "frames to stale MACs: {}, rewritten: {}, ambiguous (untouched): {}",
-        c.stale, c.rewritten, c.ambiguous
+        "frames to stale MACs: {}, rewritten: {}, ambiguous (untouched): {}, \
+         not confirmed by the neighbour table (untouched): {}",
+        c.stale, c.rewritten, c.ambiguous, c.unconfirmed
     );
     let _ = writeln!(
         out,

@@ -212,15 +212,7 @@ impl Guard {
         let per_cpu = self.counters.get(&0, 0)?;
         let mut sum = Counters::default();
         for c in per_cpu.iter() {
-            sum.checked += c.checked;
-            sum.stale += c.stale;
-            sum.rewritten += c.rewritten;
-            sum.ambiguous += c.ambiguous;
-            sum.events += c.events;
-            sum.events_lost += c.events_lost;
-            sum.learned_new += c.learned_new;
-            sum.learned_moved += c.learned_moved;
-            sum.learn_failed += c.learn_failed;
+            sum.add(c);
         }
         Ok(sum)
     }
@@ -337,11 +329,13 @@ pub fn config(
     cfg
 }
 
-/// An endpoint with this MAC from user space (neighbour table by default).
+/// An endpoint with this MAC, given by the operator (a static endpoint:
+/// neighbour-table endpoints are checked against the kernel's neighbour
+/// table, which tests of their own set up).
 pub fn endpoint(mac: [u8; 6]) -> Endpoint {
     Endpoint {
         mac,
-        source: source::NEIGHBOUR,
+        source: source::STATIC,
         ..Endpoint::default()
     }
 }

@@ -351,7 +351,7 @@ fn stale_fix_mode_rewrites_destination_mac() {
                 "{what}: evidence last_stale_mac"
             );
             assert_ne!(ep.last_stale_ns, 0, "{what}: evidence last_stale_ns");
-            assert_eq!(ep.source, source::NEIGHBOUR, "{what}: source unchanged");
+            assert_eq!(ep.source, source::STATIC, "{what}: source unchanged");
             let events = g.drain_events();
             assert_eq!(events.len(), 1, "{what}: exactly one event, got {events:?}");
             assert_stale_event(&events[0], prog, &c, event_action::REWRITTEN, 1, &what);
@@ -1376,7 +1376,16 @@ fn learning_counts_failure_when_the_map_is_full() {
         "learn_failed counted, nothing else"
     );
     assert!(g.drain_events().is_empty(), "no LEARNED event");
-    // An existing endpoint can still move when the map is full.
+    // An existing endpoint can still move when the map is full (a learned
+    // one: learning never overrides the operator's static endpoints).
+    g.insert_endpoint(
+        key4(EP4),
+        &Endpoint {
+            source: source::LEARNED,
+            ..endpoint(CUR4)
+        },
+    )
+    .expect("making EP4 a learned endpoint");
     run_pass(
         &g,
         Prog::TcLearn,
