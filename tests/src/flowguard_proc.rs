@@ -63,6 +63,30 @@ pub struct StatusCounters {
     pub learned_new: u64,
     pub learned_moved: u64,
     pub learn_failed: u64,
+    // Router role (kernel-side confirmation, neighbour sync, eviction):
+    // absent from the JSON of older builds.
+    #[serde(default)]
+    pub unconfirmed: u64,
+    #[serde(default)]
+    pub neigh_added: u64,
+    #[serde(default)]
+    pub neigh_moved: u64,
+    #[serde(default)]
+    pub neigh_removed: u64,
+    #[serde(default)]
+    pub neigh_ambiguous: u64,
+    #[serde(default)]
+    pub neigh_overflows: u64,
+    #[serde(default)]
+    pub reconciles: u64,
+    #[serde(default)]
+    pub eviction_runs: u64,
+    #[serde(default)]
+    pub evicted: u64,
+    #[serde(default)]
+    pub dry_run_matches: u64,
+    #[serde(default)]
+    pub eviction_errors: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
