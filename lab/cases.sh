@@ -20,7 +20,10 @@
 # on wan + br-lan: no stale MAC expected).
 # Roles: none | router (flowguard --egress lan1 on the router, fix mode) |
 # observe (the same in observe mode) | host (flowguard on the host's macvlan
-# parent, --learn; the router untouched).
+# parent, --learn; the router untouched) | ctdel (no flowguard: once the router
+# knows the new MAC, `conntrack -D --reply-src IP --status OFFLOAD` by hand,
+# what the router role's eviction is meant to do; it shows that the checks of
+# the eviction evidence can pass).
 # Knobs (kernel command line lab.KEY=VAL -> LAB_KEY):
 #   LAB_CASES       comma-separated SCENARIO:ROLE list (default blog:none)
 #   LAB_WINDOW      seconds to watch after the change (default 8)
@@ -51,6 +54,7 @@ ct_line() { grep -- "sport=$2 " "$1" | head -n 1; }
 ct_id() { ct_line "$1" "$2" | sed -n 's/.*id=\([0-9]*\).*/\1/p'; }
 ct_offloaded() { ct_line "$1" "$2" | grep -q OFFLOAD; }
 flow_offloaded() { ct_list > "$L/ct.now"; ct_offloaded "$L/ct.now" "$1"; }
+neigh_is_new() { [ "$(neigh_mac)" = $NEW_MAC ]; }
 neigh_mac() { $R ip neigh show $CIP | awk '{for(i=1;i<NF;i++) if($i=="lladdr") print $(i+1)}'; }
 # one counter from `flowguard status --json` (the "counters" object); empty if absent
 counter() { # JSON_FILE NAME
@@ -102,6 +106,8 @@ topology() { # TOPO NAT
   esac
   $R sysctl -qw net.ipv4.ip_forward=1
   $R sysctl -qw net.netfilter.nf_conntrack_acct=1
+  # events for every entry (the default 2 gives them only to entries created while a listener exists)
+  $R sysctl -qw net.netfilter.nf_conntrack_events=1
   [ "$nat" = route ] && ip -n wan route add 192.168.1.0/24 via 10.0.0.1
   mk_macvlan container $CIP $OLD_MAC && mk_macvlan other $OIP $OTHER_MAC
 }
@@ -161,7 +167,7 @@ run_case() { # SCENARIO ROLE
     router)  fgns=router; fgargs=(--egress lan1 --prefix $PREFIX --evict offloaded) ;;
     observe) fgns=router; fgargs=(--egress lan1 --prefix $PREFIX --evict offloaded --mode observe) ;;
     host)    fgns=host;   fgargs=(--ingress eth0 --egress eth0 --learn --prefix $PREFIX) ;;
-    none) ;;
+    none|ctdel) ;;
     *) echo "LABRESULT scenario=$scen role=$role setup=unknown-role"; teardown; return ;;
   esac
   if [ -n "$fgns" ]; then
@@ -195,6 +201,11 @@ run_case() { # SCENARIO ROLE
   local rx_a; rx_a=$(rx_count "$L/container-A.log")
   log "container-A received $rx_a packets; main flow offloaded=$offload_before"
 
+  # conntrack events from now on: the eviction evidence (which entries were destroyed)
+  $R conntrack -E -p udp -e NEW,DESTROY > "$L/ct.events" 2>&1 &
+  local ct_events=$!
+  sleep 0.3
+
   # the change: the container is recreated with a new MAC, same IP
   kill $echo_a; wait $echo_a 2>/dev/null
   ip netns del container
@@ -204,6 +215,11 @@ run_case() { # SCENARIO ROLE
   log "container recreated with $NEW_MAC; gratuitous ARP and a ping to the router"
   $C arping -U -c 2 -w 2 -I eth0 $CIP > /dev/null 2>&1 &
   $C ping -c 2 -W 1 192.168.1.1 > /dev/null 2>&1 &
+  if [ $role = ctdel ]; then
+    wait_until 5 neigh_is_new || log "WARN: the router did not learn the new MAC within 5s"
+    log "conntrack -D --reply-src $CIP --status OFFLOAD"
+    $R conntrack -D --reply-src $CIP --status OFFLOAD 2>&1 | sed 's/^/ctdel| /'
+  fi
 
   # watch; take flowguard's stale count 3 s before the end to see whether it still grows
   sleep $(( WINDOW - 3 ))
@@ -211,6 +227,8 @@ run_case() { # SCENARIO ROLE
   sleep 3
   local t_end; t_end=$(now)
   ct_list > "$L/ct.after"
+  kill $ct_events; wait $ct_events 2>/dev/null
+  echo "--- conntrack -E (NEW, DESTROY) since just before the change:"; cat "$L/ct.events"
   local neigh; neigh=$(neigh_mac)
   echo "--- conntrack -L at the end:"; cat "$L/ct.after"
   echo "--- router neighbour of $CIP: $neigh"
@@ -247,17 +265,16 @@ run_case() { # SCENARIO ROLE
         printf "%d %d %d %d\n", n, r, n - r, rec }' "$L/wan.log" "$L/container-B.log")
   local rx_b; rx_b=$(rx_count "$L/container-B.log")
 
-  # eviction evidence from the conntrack ids: the main flow's entry replaced,
-  # the never-offloaded entry of the same IP and the other endpoint's entry kept
-  local id_main_b id_main_a id_non_b id_non_a id_oth_b id_oth_a
-  id_main_b=$(ct_id "$L/ct.before" 40000); id_main_a=$(ct_id "$L/ct.after" 40000)
-  id_non_b=$(ct_id "$L/ct.before" 40001);  id_non_a=$(ct_id "$L/ct.after" 40001)
-  id_oth_b=$(ct_id "$L/ct.before" 40002);  id_oth_a=$(ct_id "$L/ct.after" 40002)
+  # eviction evidence from the conntrack events (ids are no use: a recreated
+  # entry often gets the same id): the main flow's entry destroyed and offloaded
+  # again; the never-offloaded entry of the same IP and the other endpoint's
+  # entry never destroyed
+  destroyed() { grep DESTROY "$L/ct.events" | grep -c -- "sport=$1 "; }
   local main_replaced=0 reoffloaded=0 nonoff_kept=0 other_kept=0 other_offloaded=0
-  [ -n "$id_main_b" ] && [ -n "$id_main_a" ] && [ "$id_main_b" != "$id_main_a" ] && main_replaced=1
+  [ "$(destroyed 40000)" -gt 0 ] && main_replaced=1
   [ $main_replaced = 1 ] && ct_offloaded "$L/ct.after" 40000 && reoffloaded=1
-  [ -n "$id_non_b" ] && [ "$id_non_b" = "$id_non_a" ] && nonoff_kept=1
-  [ -n "$id_oth_b" ] && [ "$id_oth_b" = "$id_oth_a" ] && other_kept=1
+  [ "$(destroyed 40001)" -eq 0 ] && [ -n "$(ct_line "$L/ct.after" 40001)" ] && nonoff_kept=1
+  [ "$(destroyed 40002)" -eq 0 ] && ct_offloaded "$L/ct.after" 40002 && other_kept=1
   ct_offloaded "$L/ct.before" 40002 && other_offloaded=1
   local nonoff_was_offloaded=0; ct_offloaded "$L/ct.before" 40001 && nonoff_was_offloaded=1
   local neigh_new=0; [ "$neigh" = $NEW_MAC ] && neigh_new=1

@@ -7,6 +7,7 @@ pub mod endpoints;
 pub mod events;
 pub mod flowtable;
 pub mod loader;
+pub mod neigh;
 pub mod settings;
 pub mod status;
 pub mod sys;
