@@ -65,6 +65,11 @@ pub fn describe(ev: &Event, ifname: impl Fn(u32) -> Option<String>) -> String {
     }
 }
 
+/// A few words on a stale event, for the reason of an eviction.
+pub fn describe_short(ev: &Event) -> String {
+    format!("sent to {} instead of {}", Mac(ev.old_mac), Mac(ev.new_mac))
+}
+
 #[cfg(test)]
 mod tests {
     use flowguard_common::EndpointKey;

@@ -2,6 +2,7 @@
 //! endpoint map in sync, and shows what happened. The binary `flowguard`
 //! is a thin command line over these modules.
 
+pub mod agent;
 pub mod conntrack;
 pub mod endpoints;
 pub mod events;

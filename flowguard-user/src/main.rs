@@ -3,18 +3,16 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{anyhow, bail, Context as _};
+use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use flowguard_common::source;
 use flowguard_user::{
-    endpoints, events,
+    agent::{self, AgentOptions},
+    conntrack::EvictScope,
+    endpoints, flowtable,
     loader::{Guard, GuardOptions, XdpAttach},
     settings::{self, endpoint_key, Mode, Prefix, StaticEndpoint},
-    status, sys,
-};
-use tokio::{
-    io::{unix::AsyncFd, Interest},
-    signal::unix::{signal, SignalKind},
+    status,
 };
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/flowguard";
@@ -75,6 +73,31 @@ struct RunArgs {
     /// How to attach XDP: driver mode with a fallback to skb mode, or only one of them.
     #[arg(long, value_enum, default_value = "auto")]
     xdp_mode: XdpAttach,
+    /// Router role: attach tc egress to every flowtable device that is a
+    /// bridge port (read from `nft -j list flowtables`).
+    #[arg(long)]
+    auto: bool,
+    /// Do not follow the kernel neighbour table (endpoints then come only
+    /// from --static and --learn).
+    #[arg(long)]
+    no_neigh: bool,
+    /// Reconcile the endpoint map with the whole neighbour table this often.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    reconcile_secs: u64,
+    /// Which conntrack entries of an endpoint to delete when its MAC changes
+    /// or frames to it carry a stale MAC: offloaded ones (OFFLOAD or
+    /// HW_OFFLOAD), all, or none.
+    #[arg(long, value_enum, default_value = "offloaded")]
+    evict: EvictScope,
+    /// Say which conntrack entries would be evicted; delete nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Evict the flows of one endpoint at most once per this many milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    evict_debounce_ms: u64,
+    /// Evict the flows of at most this many endpoints per second (0: no limit).
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    max_evictions_per_sec: u32,
 }
 
 fn main() -> ExitCode {
@@ -117,8 +140,26 @@ fn show_status(json: bool, pin_dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
+    let mut args = args;
+    if args.auto {
+        let found = flowtable::auto_devices()?;
+        println!(
+            "flowguard: the flowtable caches MACs on bridge ports {}: attaching tc egress there",
+            found.join(", ")
+        );
+        for d in found {
+            if !args.egress.contains(&d) {
+                args.egress.push(d);
+            }
+        }
+    }
     if args.ingress.is_empty() && args.egress.is_empty() {
-        bail!("nothing to attach to: give at least one --ingress IFACE or --egress IFACE");
+        bail!(
+            "nothing to attach to: give at least one --ingress IFACE or --egress IFACE, or --auto"
+        );
+    }
+    if args.reconcile_secs == 0 {
+        bail!("--reconcile-secs must be at least 1");
     }
     if args.learn && args.egress.is_empty() {
         bail!(
@@ -181,7 +222,24 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the event loop")?;
-    let outcome = rt.block_on(guard_loop(ring));
+    let agent = AgentOptions {
+        neighbours: !args.no_neigh,
+        prefixes: args.prefixes.clone(),
+        reconcile: Duration::from_secs(args.reconcile_secs),
+        evict: args.evict,
+        dry_run: args.dry_run,
+        debounce: Duration::from_millis(args.evict_debounce_ms),
+        max_evictions_per_sec: args.max_evictions_per_sec,
+    };
+    match (args.evict, args.dry_run) {
+        (EvictScope::Off, _) => println!("flowguard: eviction is off"),
+        (scope, dry) => println!(
+            "flowguard: evicting {} conntrack entries of an endpoint when its MAC changes or frames to it are stale{}",
+            if scope == EvictScope::All { "all" } else { "the offloaded" },
+            if dry { " (dry run: nothing is deleted)" } else { "" }
+        ),
+    }
+    let outcome = rt.block_on(agent::run(&mut guard, ring, agent));
 
     let summary = status::read(guard.pin_dir()).ok();
     let pin_dir = guard.pin_dir().to_path_buf();
@@ -198,33 +256,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     outcome
-}
-
-/// Prints each event until SIGINT or SIGTERM.
-async fn guard_loop(ring: aya::maps::RingBuf<aya::maps::MapData>) -> anyhow::Result<()> {
-    // SAFETY: the ring buffer owns its map fd and mmap, and both live exactly
-    // as long as the AsyncFd that owns the ring buffer.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-        .map_err(|e| anyhow!("watching the event ring buffer: {e}"))?;
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            ready = ring.readable_mut() => {
-                let mut ready = ready.context("waiting for events")?;
-                let ring = ready.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    match events::decode(&item) {
-                        Some(ev) => println!("{}", events::describe(&ev, sys::ifname)),
-                        None => log::warn!("ignoring an event of {} bytes", item.len()),
-                    }
-                }
-                ready.clear_ready();
-            }
-        }
-    }
 }
 
 #[cfg(test)]

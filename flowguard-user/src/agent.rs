@@ -1,0 +1,337 @@
+//! The user-space loop of `flowguard run`: says what the kernel side saw,
+//! keeps the endpoint map equal to the neighbour table, and evicts the
+//! conntrack entries of an endpoint whose MAC changed (or that the kernel
+//! side caught with a stale MAC), so that the flowtable learns the path anew.
+
+use std::{
+    net::IpAddr,
+    sync::mpsc as std_mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, Context as _};
+use aya::maps::{MapData, RingBuf};
+use flowguard_common::{event_kind, UserCounters};
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
+
+use crate::{
+    conntrack::{Conntrack, EvictScope, EvictionPolicy},
+    events,
+    loader::Guard,
+    neigh::{self, MapChange, NeighCache, NeighEvent, NeighbourSource},
+    settings::{key_ip, Prefix},
+    sys,
+};
+
+/// How the agent keeps endpoints and flows in order.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// Follow the kernel neighbour table for endpoints inside `prefixes`.
+    pub neighbours: bool,
+    pub prefixes: Vec<Prefix>,
+    /// Period of the full reconcile with the neighbour table.
+    pub reconcile: Duration,
+    pub evict: EvictScope,
+    /// Say what would be evicted, delete nothing.
+    pub dry_run: bool,
+    /// Minimum time between two evictions of one endpoint.
+    pub debounce: Duration,
+    /// Most evictions (endpoints) per second, overall.
+    pub max_evictions_per_sec: u32,
+}
+
+/// Why an endpoint's flows are evicted.
+#[derive(Clone, Debug)]
+enum Trigger {
+    NeighbourMoved(String),
+    StaleFrames(String),
+}
+
+struct EvictRequest {
+    ip: IpAddr,
+    trigger: Trigger,
+}
+
+struct EvictOutcome {
+    flows: u64,
+    dry_run: bool,
+    failed: bool,
+}
+
+/// Runs until SIGINT or SIGTERM.
+pub async fn run(
+    guard: &mut Guard,
+    ring: RingBuf<MapData>,
+    opts: AgentOptions,
+) -> anyhow::Result<()> {
+    // SAFETY: the ring buffer owns its map fd and mmap, and both live exactly
+    // as long as the AsyncFd that owns the ring buffer.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| anyhow!("watching the event ring buffer: {e}"))?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+
+    let (outcome_tx, mut outcomes) = mpsc::unbounded_channel();
+    let evictor = (opts.evict != EvictScope::Off).then(|| start_evictor(&opts, outcome_tx));
+    let mut policy = EvictionPolicy::new(opts.debounce, opts.max_evictions_per_sec);
+
+    let mut cache = NeighCache::new(opts.prefixes.clone());
+    let mut source = None;
+    if opts.neighbours {
+        let (src, entries) = NeighbourSource::open()
+            .await
+            .context("reading the neighbour table")?;
+        cache.replace_all(entries);
+        let changes = reconcile(guard, &cache)?;
+        report_changes(guard, &changes, &mut policy, evictor.as_ref(), false)?;
+        println!(
+            "flowguard: following the neighbour table ({} endpoints in the prefixes)",
+            cache.ips().count()
+        );
+        source = Some(src);
+    }
+    let mut reconcile_timer = tokio::time::interval(opts.reconcile);
+    reconcile_timer.tick().await;
+
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            ready = ring.readable_mut() => {
+                let mut ready = ready.context("waiting for events")?;
+                let mut stale = Vec::new();
+                let ring = ready.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    match events::decode(&item) {
+                        Some(ev) => {
+                            println!("{}", events::describe(&ev, sys::ifname));
+                            if ev.kind == event_kind::STALE {
+                                stale.push((key_ip(&ev.endpoint), events::describe_short(&ev)));
+                            }
+                        }
+                        None => log::warn!("ignoring an event of {} bytes", item.len()),
+                    }
+                }
+                ready.clear_ready();
+                for (ip, why) in stale {
+                    request_eviction(&mut policy, evictor.as_ref(), ip, Trigger::StaleFrames(why));
+                }
+            }
+            ev = next_neigh(&mut source) => {
+                let ev = ev.context("following the neighbour table")?;
+                let src = source.as_mut().expect("only polled with a source");
+                let changes = if matches!(ev, NeighEvent::Overflow) {
+                    log::warn!("missed neighbour events (the kernel's buffer overflowed): reading the whole table again");
+                    bump(guard, |c| c.neigh_overflows += 1)?;
+                    cache.replace_all(src.dump().await.context("dumping the neighbour table")?);
+                    reconcile(guard, &cache)?
+                } else {
+                    let mut map = guard.endpoints()?;
+                    let mut changes = Vec::new();
+                    for ip in cache.apply(&ev) {
+                        if let Some(c) = neigh::sync_ip(&mut map, &cache, ip)
+                            .with_context(|| format!("updating endpoint {ip}"))?
+                        {
+                            changes.push(c);
+                        }
+                    }
+                    changes
+                };
+                report_changes(guard, &changes, &mut policy, evictor.as_ref(), true)?;
+            }
+            _ = reconcile_timer.tick(), if source.is_some() => {
+                let src = source.as_mut().expect("guarded by the condition");
+                cache.replace_all(src.dump().await.context("dumping the neighbour table")?);
+                let changes = reconcile(guard, &cache)?;
+                bump(guard, |c| c.reconciles += 1)?;
+                if !changes.is_empty() {
+                    log::info!("periodic reconcile repaired {} endpoints", changes.len());
+                }
+                report_changes(guard, &changes, &mut policy, evictor.as_ref(), true)?;
+            }
+            Some(outcome) = outcomes.recv() => {
+                bump(guard, |c| {
+                    c.eviction_runs += 1;
+                    if outcome.failed {
+                        c.eviction_errors += 1;
+                    } else if outcome.dry_run {
+                        c.dry_run_matches += outcome.flows;
+                    } else {
+                        c.evicted += outcome.flows;
+                    }
+                })?;
+            }
+        }
+    }
+}
+
+async fn next_neigh(source: &mut Option<NeighbourSource>) -> Result<NeighEvent, neigh::NeighError> {
+    match source {
+        Some(s) => s.next_event().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn reconcile(guard: &mut Guard, cache: &NeighCache) -> anyhow::Result<Vec<MapChange>> {
+    let mut map = guard.endpoints()?;
+    neigh::reconcile(&mut map, cache)
+        .context("reconciling the endpoint map with the neighbour table")
+}
+
+/// Read-modify-write of the user-space counters (this loop is their only writer).
+fn bump(guard: &mut Guard, f: impl FnOnce(&mut UserCounters)) -> anyhow::Result<()> {
+    let mut arr = guard.user_counters()?;
+    let mut c = arr.get(&0, 0).context("reading user counters")?;
+    f(&mut c);
+    arr.set(0, c, 0).context("writing user counters")?;
+    Ok(())
+}
+
+fn report_changes(
+    guard: &mut Guard,
+    changes: &[MapChange],
+    policy: &mut EvictionPolicy,
+    evictor: Option<&std_mpsc::Sender<EvictRequest>>,
+    say_added: bool,
+) -> anyhow::Result<()> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    bump(guard, |c| {
+        for ch in changes {
+            match ch {
+                MapChange::Added { .. } => c.neigh_added += 1,
+                MapChange::Moved { .. } | MapChange::Resolved { .. } => c.neigh_moved += 1,
+                MapChange::Removed { .. } => c.neigh_removed += 1,
+                MapChange::Ambiguous { .. } => c.neigh_ambiguous += 1,
+            }
+        }
+    })?;
+    for ch in changes {
+        match ch {
+            MapChange::Added { .. } if !say_added => log::debug!("{ch}"),
+            _ => println!("{ch}"),
+        }
+        match ch {
+            MapChange::Moved { ip, old, new } => request_eviction(
+                policy,
+                evictor,
+                *ip,
+                Trigger::NeighbourMoved(format!("its MAC changed from {old} to {new}")),
+            ),
+            // A MAC change across a neighbour flush (the bridge lost carrier)
+            // shows up as Removed then Added: offloaded flows may still
+            // carry the old MAC. Not at start-up: nothing changed then.
+            MapChange::Added { ip, mac } if say_added => request_eviction(
+                policy,
+                evictor,
+                *ip,
+                Trigger::NeighbourMoved(format!("it (re)appeared in the neighbour table at {mac}")),
+            ),
+            MapChange::Resolved { ip, mac } => request_eviction(
+                policy,
+                evictor,
+                *ip,
+                Trigger::NeighbourMoved(format!("it is no longer ambiguous, at {mac}")),
+            ),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn request_eviction(
+    policy: &mut EvictionPolicy,
+    evictor: Option<&std_mpsc::Sender<EvictRequest>>,
+    ip: IpAddr,
+    trigger: Trigger,
+) {
+    let Some(tx) = evictor else { return };
+    if !policy.should_evict(ip, Instant::now()) {
+        log::debug!("{ip}: eviction debounced or rate-limited ({trigger:?})");
+        return;
+    }
+    let _ = tx.send(EvictRequest { ip, trigger });
+}
+
+/// Conntrack work is synchronous netlink and may dump large tables: it runs
+/// on a thread of its own (in this thread's network namespace).
+fn start_evictor(
+    opts: &AgentOptions,
+    outcomes: mpsc::UnboundedSender<EvictOutcome>,
+) -> std_mpsc::Sender<EvictRequest> {
+    let (tx, rx) = std_mpsc::channel::<EvictRequest>();
+    let scope = opts.evict;
+    let dry_run = opts.dry_run;
+    std::thread::Builder::new()
+        .name("flowguard-evict".into())
+        .spawn(move || {
+            let mut ct = match Conntrack::open() {
+                Ok(ct) => ct,
+                Err(e) => {
+                    eprintln!("flowguard: eviction is off: {e}");
+                    // Drain requests so that senders never block or fail loudly.
+                    for _ in rx {
+                        let _ = outcomes.send(EvictOutcome {
+                            flows: 0,
+                            dry_run,
+                            failed: true,
+                        });
+                    }
+                    return;
+                }
+            };
+            for req in rx {
+                let why = match &req.trigger {
+                    Trigger::NeighbourMoved(w) => w.clone(),
+                    Trigger::StaleFrames(w) => format!("frames to it carried a stale MAC ({w})"),
+                };
+                let started = Instant::now();
+                let outcome = match ct.evict(req.ip, scope, dry_run) {
+                    Ok(flows) => {
+                        let verb = if dry_run { "would evict" } else { "evicted" };
+                        for f in &flows {
+                            println!("{}: {verb} flow {} because {why}", req.ip, f.describe());
+                        }
+                        if flows.is_empty() {
+                            let which = match scope {
+                                EvictScope::All => "conntrack entry",
+                                _ => "offloaded conntrack entry",
+                            };
+                            log::info!("{}: no {which} to evict ({why})", req.ip);
+                        } else {
+                            log::info!(
+                                "{}: {} {} flows in {:.1} ms",
+                                req.ip,
+                                verb,
+                                flows.len(),
+                                started.elapsed().as_secs_f64() * 1e3
+                            );
+                        }
+                        EvictOutcome {
+                            flows: flows.len() as u64,
+                            dry_run,
+                            failed: false,
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("flowguard: evicting the flows of {} failed: {e}", req.ip);
+                        EvictOutcome {
+                            flows: 0,
+                            dry_run,
+                            failed: true,
+                        }
+                    }
+                };
+                if outcomes.send(outcome).is_err() {
+                    return;
+                }
+            }
+        })
+        .expect("spawning the eviction thread");
+    tx
+}
