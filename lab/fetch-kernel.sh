@@ -10,8 +10,8 @@ set -euo pipefail
 if [ "${1:-}" = --deb ]; then
   DEB=$(readlink -f "$2"); CACHE=$3
   DEST=$CACHE/kernels/$(basename "$DEB" .deb)
-  if [ ! -d "$DEST/boot" ] || [ "$DEB" -nt "$DEST" ]; then
-    rm -rf "$DEST"; mkdir -p "$DEST"; dpkg-deb -x "$DEB" "$DEST"
+  if [ ! -f "$DEST/.complete" ] || [ "$DEB" -nt "$DEST/.complete" ]; then
+    rm -rf "$DEST"; mkdir -p "$DEST"; dpkg-deb -x "$DEB" "$DEST"; touch "$DEST/.complete"
   fi
   echo "$DEST"; exit 0
 fi
