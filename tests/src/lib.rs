@@ -2,4 +2,5 @@ pub mod flowguard_proc;
 pub mod frames;
 pub mod netns;
 pub mod progs;
+pub mod router;
 pub mod topology;

@@ -1,0 +1,677 @@
+//! The router-role topology: a router that forwards a client's UDP flows to
+//! two LAN endpoints behind bridge ports, with conntrack tracking them, and
+//! the means to change an endpoint's MAC by real ARP, to make the router send
+//! to a stale MAC (as an offloaded flowtable flow would), and to read the
+//! router's neighbour and conntrack tables.
+//!
+//! ```text
+//!  client ns                  router ns (forwarding on, nft inet fgct: ct)
+//!  eth0 10.0.0.2/24 ══ wan0 10.0.0.1/24
+//!  default via 10.0.0.1       br-lan 192.168.1.1/24 ─┬─ lan1 ══ eth0 192.168.1.240/24  endpoint ns A
+//!                                                     └─ lan2 ══ eth0 192.168.1.241/24  endpoint ns B
+//! ```
+//!
+//! Everything that fills the router's neighbour table here is real ARP sent
+//! by the endpoints (`arping`), which creates no conntrack entry: the only
+//! entries are the flows a test sends on purpose.
+
+use std::collections::HashSet;
+use std::io::ErrorKind;
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::netns::{self, Netns};
+
+pub const ROUTER_LAN_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 1);
+pub const ROUTER_WAN_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+pub const ENDPOINT_A_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 240);
+pub const ENDPOINT_B_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 241);
+/// The prefix flowguard is told to track.
+pub const LAN_PREFIX: &str = "192.168.1.0/24";
+pub const BRIDGE: &str = "br-lan";
+/// The bridge port toward endpoint A: where flowguard attaches tc egress.
+pub const PORT_A: &str = "lan1";
+pub const PORT_B: &str = "lan2";
+pub const WAN_PORT: &str = "wan0";
+/// The interface name inside every endpoint and the client.
+pub const ENDPOINT_IF: &str = "eth0";
+
+/// Endpoint A's MAC at first, and after it "was recreated".
+pub const MAC_A1: &str = "02:42:c0:a8:01:f0";
+pub const MAC_A2: &str = "02:42:c0:a8:01:f1";
+/// Endpoint B's MAC (it never moves).
+pub const MAC_B: &str = "02:42:c0:a8:01:f5";
+
+/// The nftables table that tracks forwarded and local traffic in the router.
+const CT_TABLE: &str = "fgct";
+/// The netdev table of the stale-MAC emulation.
+const STALE_TABLE: &str = "fg_stale";
+/// Marks a [`UdpFlow`]'s datagrams, so that nothing else is counted.
+const FLOW_MAGIC: &[u8; 8] = b"fg-rflow";
+/// A receiver counts a burst as drained after this long without a datagram.
+const DRAIN_QUIET: Duration = Duration::from_millis(300);
+/// Bound on how long the router's neighbour table may take to show a change.
+pub const NEIGH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the router-role tests cannot run here, or `None`: on top of the
+/// namespace prerequisites they need `arping` (iputils) and `conntrack`
+/// (conntrack-tools).
+pub fn missing_prerequisite() -> Option<String> {
+    if let Some(reason) = netns::missing_prerequisite() {
+        return Some(reason);
+    }
+    for tool in ["arping", "conntrack"] {
+        // Only whether it can be started matters.
+        if Command::new(tool).arg("-V").output().is_err() {
+            return Some(format!("`{tool}` is not installed"));
+        }
+    }
+    None
+}
+
+/// Returns early from the calling test, printing `skipped: <reason>`, unless
+/// the router-role topology can be built here.
+#[macro_export]
+macro_rules! skip_unless_router_role_supported {
+    () => {
+        if let Some(reason) = $crate::router::missing_prerequisite() {
+            println!("skipped: {reason}");
+            return;
+        }
+    };
+}
+
+/// A LAN endpoint: its own namespace behind one bridge port of the router.
+pub struct Endpoint {
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+    /// The router's bridge port toward it.
+    pub port: &'static str,
+    mac: String,
+}
+
+impl Endpoint {
+    pub fn mac(&self) -> &str {
+        &self.mac
+    }
+
+    /// Sends one ARP request for the router's address: the router answers
+    /// and records the endpoint's current MAC (state STALE), as it does for
+    /// any host that talks to it. No IP packet, so no conntrack entry.
+    pub fn arp_router(&self) {
+        self.ns.exec(&[
+            "arping",
+            "-c1",
+            "-w2",
+            "-I",
+            ENDPOINT_IF,
+            &ROUTER_LAN_IP.to_string(),
+        ]);
+    }
+
+    /// Announces the endpoint's current MAC with one gratuitous ARP request
+    /// (`arping -U`), as a restarted host or a VRRP master does. A router
+    /// that has an entry for the IP takes the new MAC at once.
+    pub fn announce(&self) {
+        // arping exits 1 when nothing answers, which is normal for -U.
+        let output = self.ns.try_exec(&[
+            "arping",
+            "-U",
+            "-c1",
+            "-I",
+            ENDPOINT_IF,
+            &self.ip.to_string(),
+        ]);
+        assert!(
+            output.status.code().is_some(),
+            "arping -U was killed: {output:?}"
+        );
+    }
+}
+
+/// One entry of the router's neighbour table, as `ip -j neigh` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NeighState {
+    pub mac: Option<String>,
+    /// `REACHABLE`, `STALE`, `FAILED`, ...
+    pub states: Vec<String>,
+}
+
+pub struct RouterTopology {
+    // Fields drop in order: the router first (its veths take their peers
+    // along), then the other namespaces.
+    pub router: Netns,
+    pub client: Netns,
+    pub a: Endpoint,
+    pub b: Endpoint,
+}
+
+impl RouterTopology {
+    /// Builds the four namespaces, addresses and routes, turns forwarding on
+    /// (flowguard's kernel side confirms staleness with bpf_fib_lookup, which
+    /// needs it) and makes conntrack track forwarded and local traffic. The
+    /// router's neighbour table is still empty: see
+    /// [`RouterTopology::resolve`].
+    pub fn new() -> Self {
+        let router = Netns::new("router");
+        let client = Netns::new("client");
+        let a = Netns::new("epa");
+        let b = Netns::new("epb");
+
+        router.ip(&["link", "add", BRIDGE, "type", "bridge"]);
+        router.ip(&["addr", "add", "192.168.1.1/24", "dev", BRIDGE]);
+        router.ip(&["link", "set", BRIDGE, "up"]);
+        router.exec(&["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"]);
+        router.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+
+        router.ip(&[
+            "link",
+            "add",
+            WAN_PORT,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            ENDPOINT_IF,
+            "netns",
+            client.name(),
+        ]);
+        router.ip(&["addr", "add", "10.0.0.1/24", "dev", WAN_PORT]);
+        router.ip(&["link", "set", WAN_PORT, "up"]);
+        client.ip(&["addr", "add", "10.0.0.2/24", "dev", ENDPOINT_IF]);
+        client.ip(&["link", "set", ENDPOINT_IF, "up"]);
+        client.ip(&["route", "add", "default", "via", "10.0.0.1"]);
+
+        let a = Self::add_endpoint(&router, a, ENDPOINT_A_IP, PORT_A, MAC_A1);
+        let b = Self::add_endpoint(&router, b, ENDPOINT_B_IP, PORT_B, MAC_B);
+
+        let script = format!(
+            "table inet {CT_TABLE} {{\n\
+             chain fwd_ct {{ type filter hook forward priority 0; ct state new,established accept; }}\n\
+             chain out_ct {{ type filter hook output priority 0; ct state new,established accept; }}\n\
+             }}\n"
+        );
+        router.exec(&["nft", &script]);
+
+        Self {
+            router,
+            client,
+            a,
+            b,
+        }
+    }
+
+    fn add_endpoint(
+        router: &Netns,
+        ns: Netns,
+        ip: Ipv4Addr,
+        port: &'static str,
+        mac: &str,
+    ) -> Endpoint {
+        router.ip(&[
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            ENDPOINT_IF,
+            "netns",
+            ns.name(),
+        ]);
+        router.ip(&["link", "set", port, "master", BRIDGE, "up"]);
+        ns.ip(&["link", "set", ENDPOINT_IF, "address", mac]);
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", ENDPOINT_IF]);
+        ns.ip(&["link", "set", ENDPOINT_IF, "up"]);
+        ns.ip(&["route", "add", "default", "via", "192.168.1.1"]);
+        Endpoint {
+            ns,
+            ip,
+            port,
+            mac: mac.to_owned(),
+        }
+    }
+
+    pub fn endpoint(&self, ip: Ipv4Addr) -> &Endpoint {
+        [&self.a, &self.b]
+            .into_iter()
+            .find(|endpoint| endpoint.ip == ip)
+            .unwrap_or_else(|| panic!("{ip} is not an endpoint of the topology"))
+    }
+
+    fn endpoint_mut(&mut self, ip: Ipv4Addr) -> &mut Endpoint {
+        [&mut self.a, &mut self.b]
+            .into_iter()
+            .find(|endpoint| endpoint.ip == ip)
+            .unwrap_or_else(|| panic!("{ip} is not an endpoint of the topology"))
+    }
+
+    /// The router's neighbour entry for `ip` on the bridge, if any.
+    pub fn router_neigh(&self, ip: Ipv4Addr) -> Option<NeighState> {
+        let json = self
+            .router
+            .ip(&["-j", "neigh", "show", &ip.to_string(), "dev", BRIDGE]);
+        let entries: Value = if json.trim().is_empty() {
+            Value::Array(Vec::new())
+        } else {
+            serde_json::from_str(&json)
+                .unwrap_or_else(|error| panic!("`ip -j neigh` is not JSON ({error}): {json}"))
+        };
+        let entry = entries.as_array()?.first()?;
+        Some(NeighState {
+            mac: entry["lladdr"].as_str().map(str::to_ascii_lowercase),
+            states: entry["state"]
+                .as_array()
+                .map(|states| {
+                    states
+                        .iter()
+                        .filter_map(|s| s.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Polls the router's neighbour entry for `ip` until `wanted` holds, for
+    /// up to `timeout`; returns whether it did.
+    pub fn poll_router_neigh(
+        &self,
+        ip: Ipv4Addr,
+        timeout: Duration,
+        wanted: impl Fn(Option<&NeighState>) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if wanted(self.router_neigh(ip).as_ref()) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether the router's neighbour table holds `ip` at `mac`.
+    pub fn router_has_neigh(&self, ip: Ipv4Addr, mac: &str) -> bool {
+        self.router_neigh(ip)
+            .and_then(|n| n.mac)
+            .is_some_and(|m| m.eq_ignore_ascii_case(mac))
+    }
+
+    /// Makes the router learn `ip`'s current MAC by real ARP (the endpoint
+    /// asks for the router's address) and waits until its neighbour table
+    /// shows it.
+    pub fn resolve(&self, ip: Ipv4Addr) {
+        let endpoint = self.endpoint(ip);
+        let mac = endpoint.mac().to_owned();
+        let deadline = Instant::now() + NEIGH_TIMEOUT;
+        loop {
+            endpoint.arp_router();
+            let wanted = |n: Option<&NeighState>| {
+                n.and_then(|n| n.mac.as_deref())
+                    .is_some_and(|m| m.eq_ignore_ascii_case(&mac))
+            };
+            if self.poll_router_neigh(ip, Duration::from_secs(1), wanted) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the router did not learn {ip} at {mac} by ARP: {:?}",
+                self.router_neigh(ip)
+            );
+        }
+    }
+
+    /// What recreating a container or swapping a NIC does, by real ARP: the
+    /// endpoint's interface takes `new_mac` (same IP), forgets its own
+    /// neighbours, and announces itself with a gratuitous ARP; the router's
+    /// neighbour entry really changes (no `ip neigh` on the router). Waits
+    /// until the router's table shows `new_mac`.
+    pub fn move_endpoint(&mut self, ip: Ipv4Addr, new_mac: &str) {
+        {
+            let endpoint = self.endpoint_mut(ip);
+            endpoint
+                .ns
+                .ip(&["link", "set", ENDPOINT_IF, "address", new_mac]);
+            endpoint.ns.ip(&["neigh", "flush", "dev", ENDPOINT_IF]);
+            endpoint.mac = new_mac.to_owned();
+        }
+        let endpoint = self.endpoint(ip);
+        let deadline = Instant::now() + NEIGH_TIMEOUT;
+        loop {
+            endpoint.announce();
+            let wanted = |n: Option<&NeighState>| {
+                n.and_then(|n| n.mac.as_deref())
+                    .is_some_and(|m| m.eq_ignore_ascii_case(new_mac))
+            };
+            if self.poll_router_neigh(ip, Duration::from_secs(1), wanted) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the router's neighbour entry for {ip} did not change to {new_mac}: {:?}",
+                self.router_neigh(ip)
+            );
+        }
+    }
+
+    /// Makes every IPv4 frame to `ip` leave its bridge port with destination
+    /// MAC `mac`, whatever the neighbour table says: an nftables netdev
+    /// egress rule standing in for a flowtable's cached MAC. It runs before
+    /// tc egress, where flowguard sits.
+    pub fn set_stale(&self, ip: Ipv4Addr, mac: &str) {
+        self.clear_stale();
+        let port = self.endpoint(ip).port;
+        let script = format!(
+            "add table netdev {STALE_TABLE}; \
+             add chain netdev {STALE_TABLE} egress \
+             {{ type filter hook egress device {port} priority 0; }}; \
+             add rule netdev {STALE_TABLE} egress ip daddr {ip} ether daddr set {mac}"
+        );
+        self.router.exec(&["nft", &script]);
+    }
+
+    /// Removes the stale-MAC rule, if any.
+    pub fn clear_stale(&self) {
+        let script = format!("add table netdev {STALE_TABLE}; delete table netdev {STALE_TABLE}");
+        self.router.exec(&["nft", &script]);
+    }
+
+    /// Sets a per-namespace sysctl of the router (`key=value`).
+    pub fn router_sysctl(&self, setting: &str) {
+        self.router.exec(&["sysctl", "-qw", setting]);
+    }
+
+    /// Unreplied UDP entries live 30 s by default: long enough for a test,
+    /// but not with margin. Ten minutes, in the router's namespace only.
+    pub fn keep_udp_entries(&self) {
+        self.router_sysctl("net.netfilter.nf_conntrack_udp_timeout=600");
+    }
+
+    /// Neighbour timers of the router's bridge short enough that an entry
+    /// whose endpoint went away turns FAILED in about a second, instead of
+    /// five to ten.
+    pub fn fast_neighbour_failure(&self) {
+        for setting in [
+            "delay_first_probe_time=1",
+            "retrans_time_ms=100",
+            "ucast_solicit=1",
+            "mcast_solicit=1",
+            "app_solicit=0",
+        ] {
+            self.router_sysctl(&format!("net.ipv4.neigh.{BRIDGE}.{setting}"));
+        }
+    }
+
+    /// The client sends one datagram to each of `ports` at `to`, each from a
+    /// socket of its own (its own source port): one forwarded flow, and one
+    /// conntrack entry in the router, per port. Returns (source port,
+    /// destination port) of each flow.
+    pub fn send_flows(&self, to: Ipv4Addr, ports: &[u16]) -> Vec<(u16, u16)> {
+        self.client.enter(|| {
+            ports
+                .iter()
+                .map(|&port| {
+                    let socket = UdpSocket::bind(SocketAddrV4::new(CLIENT_IP, 0))
+                        .expect("bind a UDP socket in the client");
+                    let destination = SocketAddrV4::new(to, port);
+                    socket
+                        .send_to(b"flowguard router-role flow", destination)
+                        .unwrap_or_else(|error| {
+                            panic!("client cannot send to {destination}: {error}")
+                        });
+                    let source = socket.local_addr().expect("local address").port();
+                    (source, port)
+                })
+                .collect()
+        })
+    }
+
+    /// A long-lived UDP flow from the client to `to:port`, with its receiver
+    /// bound in the endpoint.
+    pub fn udp_flow(&self, to: Ipv4Addr, port: u16) -> UdpFlow {
+        let endpoint = self.endpoint(to);
+        let any = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
+        let receiver = endpoint
+            .ns
+            .enter(|| UdpSocket::bind(any))
+            .unwrap_or_else(|error| panic!("cannot bind {any} in {to}: {error}"));
+        receiver
+            .set_read_timeout(Some(DRAIN_QUIET))
+            .expect("set a read timeout on the receiver");
+        let client = SocketAddrV4::new(CLIENT_IP, port);
+        let sender = self
+            .client
+            .enter(|| UdpSocket::bind(client))
+            .unwrap_or_else(|error| panic!("cannot bind {client}: {error}"));
+        UdpFlow {
+            sender,
+            receiver,
+            destination: SocketAddrV4::new(to, port),
+            next_seq: 0,
+        }
+    }
+
+    /// The router's conntrack table, as `conntrack -L` prints it.
+    pub fn conntrack_entries(&self) -> Vec<CtEntry> {
+        let output = self.router.try_exec(&["conntrack", "-L"]);
+        assert!(
+            output.status.success(),
+            "`conntrack -L` failed in the router: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(CtEntry::parse)
+            .collect()
+    }
+
+    /// The router's conntrack entries that involve `ip`.
+    pub fn conntrack_entries_of(&self, ip: Ipv4Addr) -> Vec<CtEntry> {
+        let ip = IpAddr::V4(ip);
+        self.conntrack_entries()
+            .into_iter()
+            .filter(|entry| entry.involves(ip))
+            .collect()
+    }
+
+    /// Polls the router's conntrack table until `ip` has at least `n`
+    /// entries, for up to `timeout`; returns them (maybe fewer).
+    pub fn wait_conntrack_entries(
+        &self,
+        ip: Ipv4Addr,
+        n: usize,
+        timeout: Duration,
+    ) -> Vec<CtEntry> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let entries = self.conntrack_entries_of(ip);
+            if entries.len() >= n || Instant::now() >= deadline {
+                return entries;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Default for RouterTopology {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A UDP flow from the client through the router to an endpoint.
+pub struct UdpFlow {
+    sender: UdpSocket,
+    receiver: UdpSocket,
+    destination: SocketAddrV4,
+    next_seq: u64,
+}
+
+impl UdpFlow {
+    /// Sends `n` datagrams; returns their sequence numbers.
+    pub fn send_burst(&mut self, n: usize) -> Vec<u64> {
+        let mut sent = Vec::with_capacity(n);
+        for _ in 0..n {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let mut payload = [0u8; 16];
+            payload[..8].copy_from_slice(FLOW_MAGIC);
+            payload[8..].copy_from_slice(&seq.to_be_bytes());
+            self.sender
+                .send_to(&payload, self.destination)
+                .unwrap_or_else(|error| {
+                    panic!("client cannot send to {}: {error}", self.destination)
+                });
+            sent.push(seq);
+        }
+        sent
+    }
+
+    /// Drains the endpoint's socket until it has been quiet for 300 ms;
+    /// returns the sequence numbers of the flow's datagrams it received.
+    pub fn received(&self) -> Vec<u64> {
+        let mut received = Vec::new();
+        let mut buffer = [0u8; 64];
+        loop {
+            match self.receiver.recv_from(&mut buffer) {
+                Ok((16, _)) if &buffer[..8] == FLOW_MAGIC => {
+                    let seq: [u8; 8] = buffer[8..16].try_into().expect("8 bytes");
+                    received.push(u64::from_be_bytes(seq));
+                }
+                Ok(_) => {}
+                Err(error) if error.kind() == ErrorKind::Interrupted => {}
+                Err(error)
+                    if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                {
+                    return received;
+                }
+                Err(error) => panic!("endpoint cannot receive: {error}"),
+            }
+        }
+    }
+
+    /// Sends `n` datagrams and returns how many distinct ones arrived.
+    pub fn deliver(&mut self, n: usize) -> usize {
+        // Leftovers of an earlier burst must not count for this one.
+        self.received();
+        let sent: HashSet<u64> = self.send_burst(n).into_iter().collect();
+        self.received()
+            .into_iter()
+            .filter(|seq| sent.contains(seq))
+            .collect::<HashSet<_>>()
+            .len()
+    }
+}
+
+/// One direction of a conntrack entry as `conntrack -L` prints it (no ports
+/// for ICMP and other port-less protocols).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtTuple {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: Option<u16>,
+    pub dport: Option<u16>,
+}
+
+/// One line of `conntrack -L`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtEntry {
+    pub proto: String,
+    pub orig: CtTuple,
+    pub reply: CtTuple,
+}
+
+impl CtEntry {
+    /// Parses `udp 17 29 src=.. dst=.. sport=.. dport=.. [UNREPLIED] src=..
+    /// dst=.. sport=.. dport=.. mark=0 use=1`: the first `src=`..`dport=`
+    /// group is the original direction, the second the reply.
+    pub fn parse(line: &str) -> Option<Self> {
+        let mut words = line.split_whitespace();
+        let proto = words.next()?.to_owned();
+        let mut tuples: Vec<CtTuple> = Vec::new();
+        let mut current: Option<CtTuple> = None;
+        for word in words {
+            let Some((key, value)) = word.split_once('=') else {
+                continue;
+            };
+            match key {
+                "src" => {
+                    if let Some(done) = current.take() {
+                        tuples.push(done);
+                    }
+                    current = Some(CtTuple {
+                        src: value.parse().ok()?,
+                        dst: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                        sport: None,
+                        dport: None,
+                    });
+                }
+                "dst" => current.as_mut()?.dst = value.parse().ok()?,
+                "sport" => current.as_mut()?.sport = Some(value.parse().ok()?),
+                "dport" => current.as_mut()?.dport = Some(value.parse().ok()?),
+                _ => {}
+            }
+        }
+        tuples.extend(current);
+        match tuples[..] {
+            [orig, reply] => Some(Self { proto, orig, reply }),
+            _ => None,
+        }
+    }
+
+    pub fn involves(&self, ip: IpAddr) -> bool {
+        [self.orig.src, self.orig.dst, self.reply.src, self.reply.dst].contains(&ip)
+    }
+
+    /// The original direction the way flowguard prints it:
+    /// `udp 10.0.0.2:40000 -> 192.168.1.240:5000`.
+    pub fn orig_text(&self) -> String {
+        match (self.orig.sport, self.orig.dport) {
+            (Some(sport), Some(dport)) => format!(
+                "{} {}:{sport} -> {}:{dport}",
+                self.proto, self.orig.src, self.orig.dst
+            ),
+            _ => format!("{} {} -> {}", self.proto, self.orig.src, self.orig.dst),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_conntrack_list_lines() {
+        let line = "udp      17 29 src=10.0.0.2 dst=192.168.1.240 sport=54807 dport=5001 \
+                    [UNREPLIED] src=192.168.1.240 dst=10.0.0.2 sport=5001 dport=54807 mark=0 use=1";
+        let entry = CtEntry::parse(line).expect("a udp line");
+        assert_eq!(entry.proto, "udp");
+        assert_eq!(entry.orig.sport, Some(54807));
+        assert_eq!(entry.reply.src, IpAddr::V4(ENDPOINT_A_IP));
+        assert!(entry.involves(IpAddr::V4(ENDPOINT_A_IP)));
+        assert!(!entry.involves(IpAddr::V4(ENDPOINT_B_IP)));
+        assert_eq!(
+            entry.orig_text(),
+            "udp 10.0.0.2:54807 -> 192.168.1.240:5001"
+        );
+
+        let icmp = "icmp     1 29 src=192.168.1.240 dst=192.168.1.1 type=8 code=0 id=7 \
+                    src=192.168.1.1 dst=192.168.1.240 type=0 code=0 id=7 mark=0 use=1";
+        let entry = CtEntry::parse(icmp).expect("an icmp line");
+        assert_eq!(entry.orig.sport, None);
+        assert_eq!(entry.orig_text(), "icmp 192.168.1.240 -> 192.168.1.1");
+
+        assert_eq!(
+            CtEntry::parse("conntrack v1.4.7 (conntrack-tools): 2 flow entries have been shown."),
+            None
+        );
+    }
+}
