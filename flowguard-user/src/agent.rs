@@ -223,15 +223,6 @@ fn report_changes(
                 *ip,
                 Trigger::NeighbourMoved(format!("its MAC changed from {old} to {new}")),
             ),
-            // A MAC change across a neighbour flush (the bridge lost carrier)
-            // shows up as Removed then Added: offloaded flows may still
-            // carry the old MAC. Not at start-up: nothing changed then.
-            MapChange::Added { ip, mac } if say_added => request_eviction(
-                policy,
-                evictor,
-                *ip,
-                Trigger::NeighbourMoved(format!("it (re)appeared in the neighbour table at {mac}")),
-            ),
             MapChange::Resolved { ip, mac } => request_eviction(
                 policy,
                 evictor,
@@ -251,7 +242,13 @@ fn request_eviction(
     trigger: Trigger,
 ) {
     let Some(tx) = evictor else { return };
-    if !policy.should_evict(ip, Instant::now()) {
+    // A MAC change is news even right after another eviction; stale frames
+    // keep coming until the flow is gone, so those are debounced.
+    let admitted = match trigger {
+        Trigger::NeighbourMoved(_) => policy.should_evict_now(ip, Instant::now()),
+        Trigger::StaleFrames(_) => policy.should_evict(ip, Instant::now()),
+    };
+    if !admitted {
         log::debug!("{ip}: eviction debounced or rate-limited ({trigger:?})");
         return;
     }

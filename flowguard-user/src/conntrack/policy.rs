@@ -62,6 +62,17 @@ impl EvictionPolicy {
                 return false;
             }
         }
+        self.admit(ip, now)
+    }
+
+    /// Like [`EvictionPolicy::should_evict`] but without the debounce: for
+    /// a change that makes every earlier eviction moot (the endpoint's MAC
+    /// changed again). Only the overall rate limit applies.
+    pub fn should_evict_now(&mut self, ip: IpAddr, now: Instant) -> bool {
+        self.admit(ip.to_canonical(), now)
+    }
+
+    fn admit(&mut self, ip: IpAddr, now: Instant) -> bool {
         if self.max_per_sec > 0 {
             while let Some(&oldest) = self.recent.front() {
                 if now.saturating_duration_since(oldest) >= WINDOW {
@@ -88,6 +99,34 @@ impl EvictionPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mac_change_skips_the_debounce_but_not_the_rate_limit() {
+        let t0 = Instant::now();
+        let a: IpAddr = Ipv4Addr::new(192, 168, 1, 240).into();
+        let mut p = EvictionPolicy::new(Duration::from_secs(5), 2);
+        assert!(p.should_evict(a, t0));
+        assert!(
+            !p.should_evict(a, t0 + Duration::from_millis(100)),
+            "debounced"
+        );
+        assert!(
+            p.should_evict_now(a, t0 + Duration::from_millis(200)),
+            "a change is not debounced"
+        );
+        assert!(
+            !p.should_evict_now(a, t0 + Duration::from_millis(300)),
+            "2 per second at most"
+        );
+        assert!(
+            !p.should_evict(a, t0 + Duration::from_millis(1300)),
+            "the change restarted the debounce"
+        );
+        assert!(
+            p.should_evict_now(a, t0 + Duration::from_millis(1300)),
+            "the window moved on"
+        );
+    }
     use crate::conntrack::{Tuple, IPS_ASSURED, IPS_HW_OFFLOAD, IPS_OFFLOAD, IPS_SEEN_REPLY};
     use std::net::Ipv4Addr;
 
