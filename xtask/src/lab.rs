@@ -43,7 +43,9 @@ const FULL_ROLES: &[&str] = &["none", "router", "host", "observe"];
 /// conntrack(8), which shows what the router role's eviction evidence looks like.
 const BLOG_ROLES: &[&str] = &["none", "ctdel", "router", "host", "observe"];
 const CONTROL_ROLES: &[&str] = &["none", "router", "host"];
-const QUICK_ROLES: &[&str] = &["none", "router", "host"];
+const DEFAULT_CACHE: &str = "/var/cache/flowguard/lab";
+const QUICK_ROLES: &[&str] = &["none", "router", "observe", "host"];
+const QUICK_CONTROL_ROLES: &[&str] = &["none", "router"];
 
 /// Recovery time limits (ms, measured from the recreated container's start).
 const FIX_RECOVERY_MS: i64 = 2000;
@@ -61,19 +63,33 @@ pub struct LabArgs {
     /// Run only this scenario: blog, routed, vlan or control.
     #[arg(long, value_name = "SCENARIO")]
     only: Option<String>,
-    /// A subset that fits CI: the blog scenario without flowguard, and with
-    /// flowguard in the router and host roles, in one VM boot.
+    /// A subset that fits CI: the blog scenario without flowguard and with
+    /// flowguard in the router, observe and host roles, and the control
+    /// without flowguard and with the router role (two VM boots).
     #[arg(long)]
     quick: bool,
     /// Put this flowguard binary into the VM instead of building one.
     #[arg(long, value_name = "PATH")]
     flowguard: Option<PathBuf>,
     /// Where the kernel, the initramfs and the logs go.
-    #[arg(long, default_value = "/var/cache/flowguard/lab")]
+    #[arg(long, default_value = DEFAULT_CACHE)]
     cache: PathBuf,
     /// Seconds to watch after the MAC change, in each case.
     #[arg(long, default_value_t = 8)]
     window: u32,
+}
+
+/// The subset `cargo xtask test` runs, with an already built flowguard.
+pub fn quick_args(flowguard: PathBuf) -> LabArgs {
+    LabArgs {
+        kernel_deb: None,
+        suite: "bookworm".into(),
+        only: None,
+        quick: true,
+        flowguard: Some(flowguard),
+        cache: PathBuf::from(DEFAULT_CACHE),
+        window: 8,
+    }
 }
 
 pub fn lab(args: &LabArgs) -> Result<()> {
@@ -155,7 +171,7 @@ pub fn lab(args: &LabArgs) -> Result<()> {
 /// The VM boots to run: (name, ["scenario:role", ...]), one scenario per boot.
 fn plan(args: &LabArgs) -> Result<Vec<(String, Vec<String>)>> {
     let mut scenarios: Vec<&str> = if args.quick {
-        vec!["blog"]
+        vec!["blog", CONTROL]
     } else {
         REPRODUCING.iter().copied().chain([CONTROL]).collect()
     };
@@ -168,10 +184,12 @@ fn plan(args: &LabArgs) -> Result<Vec<(String, Vec<String>)>> {
     Ok(scenarios
         .into_iter()
         .map(|s| {
-            let roles = if args.quick {
-                QUICK_ROLES
+            let roles = if s == CONTROL && args.quick {
+                QUICK_CONTROL_ROLES
             } else if s == CONTROL {
                 CONTROL_ROLES
+            } else if args.quick {
+                QUICK_ROLES
             } else if s == "blog" {
                 BLOG_ROLES
             } else {

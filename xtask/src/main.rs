@@ -50,13 +50,15 @@ enum Verb {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Build, then measure the eBPF programs with BPF_PROG_TEST_RUN (needs root).
+    /// Build, then measure the eBPF programs with BPF_PROG_TEST_RUN, then the
+    /// eviction after a neighbour MAC change against `conntrack -D` (needs root).
     Bench {
         /// Arguments for flowguard-bench, after `--`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run the whole test suite: setup, eBPF build, fmt, clippy, build, tests.
+    /// Run the whole test suite: setup, eBPF build, fmt, clippy, build, tests,
+    /// and the quick subset of the VM lab.
     Test {
         /// Skip rustfmt and clippy, for quick iteration.
         #[arg(long)]
@@ -127,9 +129,19 @@ fn demo(args: &[String]) -> Result<()> {
 
 fn bench(args: &[String]) -> Result<()> {
     let object = build()?;
-    let mut command = Command::new(release_binary("flowguard-bench")?);
-    command.args(args).env("FLOWGUARD_EBPF_OBJ", &object);
-    exec(command)
+    step::run(
+        "Measuring the eBPF programs (flowguard-bench)",
+        Command::new(release_binary("flowguard-bench")?)
+            .args(args)
+            .env("FLOWGUARD_EBPF_OBJ", &object),
+    )?;
+    step::run(
+        "Measuring eviction after a neighbour MAC change (flowguard-evict-bench)",
+        Command::new(release_binary("flowguard-evict-bench")?)
+            .arg("--flowguard")
+            .arg(release_binary("flowguard")?)
+            .env("FLOWGUARD_EBPF_OBJ", &object),
+    )
 }
 
 const LINT_HINT: &str =
@@ -181,6 +193,8 @@ fn test(no_lint: bool) -> Result<()> {
             .env("FLOWGUARD_BIN", &flowguard),
         "see the failing tests above",
     )?;
+    println!("==> The real-kernel lab, quick subset (the flowtable bug in a VM)");
+    lab::lab(&lab::quick_args(flowguard))?;
     println!("All test steps passed.");
     Ok(())
 }
