@@ -280,6 +280,12 @@ fn stale(
     ep.last_stale_mac = dst_mac;
     // Never rewrite toward a MAC that cannot be an endpoint's, whoever wrote it.
     let unusable = current[0] & 1 != 0 || current == [0; 6];
+    if unusable {
+        aya_log_ebpf::warn!(
+            f,
+            "an endpoint holds a zero or group MAC: its frames are left untouched"
+        );
+    }
     let (action, verdict) = if ep.flags & endpoint_flags::AMBIGUOUS != 0 || unusable {
         (event_action::AMBIGUOUS, Verdict::Pass)
     } else if cfg.mode == mode::FIX {
@@ -400,6 +406,11 @@ fn learn(f: &impl Frame) -> Option<()> {
                 if let Some(c) = counters() {
                     c.learn_failed += 1;
                 }
+                aya_log_ebpf::warn!(
+                    f,
+                    "could not learn an endpoint: the endpoint map is full ({} entries) or busy",
+                    MAX_ENDPOINTS
+                );
                 return None;
             }
             [0; 6]

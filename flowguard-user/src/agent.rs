@@ -21,7 +21,7 @@ use tokio::{
 use crate::{
     conntrack::{Conntrack, EvictScope, EvictionPolicy},
     events,
-    loader::Guard,
+    loader::{Guard, KernelLogger},
     neigh::{self, MapChange, NeighCache, NeighEvent, NeighbourSource},
     settings::{key_ip, Prefix},
     sys,
@@ -72,6 +72,15 @@ pub async fn run(
     // as long as the AsyncFd that owns the ring buffer.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| anyhow!("watching the event ring buffer: {e}"))?;
+    let mut kernel_log = match guard.take_logger() {
+        // SAFETY: the logger owns its ring buffer's fd and mmap, which live
+        // exactly as long as the AsyncFd that owns the logger.
+        Some(l) => Some(
+            unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }
+                .map_err(|e| anyhow!("watching the kernel side's log: {e}"))?,
+        ),
+        None => None,
+    };
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
@@ -121,6 +130,11 @@ pub async fn run(
                     request_eviction(&mut policy, evictor.as_ref(), ip, Trigger::StaleFrames(why));
                 }
             }
+            ready = kernel_log_ready(&mut kernel_log) => {
+                let mut ready = ready.context("waiting for the kernel side's log")?;
+                ready.get_inner_mut().flush();
+                ready.clear_ready();
+            }
             ev = next_neigh(&mut source) => {
                 let ev = ev.context("following the neighbour table")?;
                 let src = source.as_mut().expect("only polled with a source");
@@ -166,6 +180,15 @@ pub async fn run(
                 })?;
             }
         }
+    }
+}
+
+async fn kernel_log_ready(
+    log: &mut Option<AsyncFd<KernelLogger>>,
+) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, KernelLogger>> {
+    match log {
+        Some(l) => l.readable_mut().await,
+        None => std::future::pending().await,
     }
 }
 

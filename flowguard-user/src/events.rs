@@ -38,6 +38,10 @@ pub fn describe(ev: &Event, ifname: impl Fn(u32) -> Option<String>) -> String {
             };
             let action = match ev.action {
                 event_action::REWRITTEN => "rewritten".to_string(),
+                event_action::AMBIGUOUS if !new_mac.is_unicast() => {
+                    "left untouched: the endpoint's MAC cannot be an endpoint's (zero or group)"
+                        .to_string()
+                }
                 event_action::AMBIGUOUS => {
                     "left untouched: the endpoint is ambiguous (seen with different MACs on different interfaces)".to_string()
                 }
@@ -113,6 +117,13 @@ mod tests {
         assert!(s.contains("ifindex 7"), "{s}");
         let s = describe(&stale_event(event_action::AMBIGUOUS), |_| None);
         assert!(s.contains("ambiguous"), "{s}");
+        let mut ev = stale_event(event_action::AMBIGUOUS);
+        ev.new_mac = [0; 6];
+        let s = describe(&ev, |_| None);
+        assert!(
+            s.contains("cannot be an endpoint's") && !s.contains("ambiguous"),
+            "{s}"
+        );
     }
 
     #[test]

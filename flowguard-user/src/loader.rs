@@ -103,6 +103,9 @@ pub struct Attachment {
     pub how: String,
 }
 
+/// Forwards the kernel side's aya-log records to the `log` crate.
+pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
 /// The loaded, attached and pinned kernel side.
 pub struct Guard {
     ebpf: Ebpf,
@@ -110,6 +113,7 @@ pub struct Guard {
     pinned: bool,
     /// Held for the lifetime of the guard: the pin directory's flock.
     _lock: fs::File,
+    logger: Option<KernelLogger>,
     pub attachments: Vec<Attachment>,
     pub own_macs: Vec<Mac>,
 }
@@ -174,6 +178,14 @@ impl Guard {
         lock: fs::File,
     ) -> Result<Self, LoadError> {
         let mut ebpf = Ebpf::load(object)?;
+        // The kernel side logs only on rare paths; forward those lines to `log`.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::debug!("the kernel side's log is not forwarded: {e}");
+                None
+            }
+        };
         let mut config = opts.config;
         config.own_mac_count = 0;
         for (slot, mac) in config.own_macs.iter_mut().zip(own_macs) {
@@ -197,6 +209,7 @@ impl Guard {
             pin_dir: opts.pin_dir.clone(),
             pinned: false,
             _lock: lock,
+            logger,
             attachments: Vec::new(),
             own_macs: own_macs.to_vec(),
         };
@@ -342,6 +355,11 @@ impl Guard {
             .map_mut(map_names::USER_COUNTERS)
             .expect("the object defines its maps");
         Array::try_from(map).map_err(|e| LoadError::Map(map_names::USER_COUNTERS, e))
+    }
+
+    /// The forwarder of the kernel side's log (can be taken once).
+    pub fn take_logger(&mut self) -> Option<KernelLogger> {
+        self.logger.take()
     }
 
     /// The event ring buffer (can be taken once).

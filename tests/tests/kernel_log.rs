@@ -1,0 +1,71 @@
+//! The kernel side logs through aya-log on its rare paths; `flowguard run`
+//! forwards those records to its own log (stderr).
+
+use std::time::{Duration, Instant};
+
+use flowguard_tests::{
+    flowguard_proc::Flowguard,
+    netns::{is_root, run, BpffsMount, Netns},
+};
+
+#[test]
+fn kernel_side_warnings_reach_the_log() {
+    if !is_root() {
+        println!("skipped: needs root (namespaces, bpffs, BPF)");
+        return;
+    }
+    let router = Netns::new("klog-r");
+    let endpoint = Netns::new("klog-e");
+    router.ip(&[
+        "link", "add", "lan1", "type", "veth", "peer", "name", "eth0",
+    ]);
+    router.ip(&["link", "set", "eth0", "netns", endpoint.name()]);
+    router.ip(&["addr", "add", "192.168.1.1/24", "dev", "lan1"]);
+    router.ip(&["link", "set", "lan1", "up"]);
+    endpoint.ip(&["link", "set", "eth0", "address", "02:00:00:00:00:0a", "up"]);
+    endpoint.ip(&["addr", "add", "192.168.1.240/24", "dev", "eth0"]);
+    let bpffs = BpffsMount::new();
+    let mut fg = Flowguard::start(
+        &router,
+        &bpffs.pin_dir(),
+        &[
+            "--egress",
+            "lan1",
+            "--prefix",
+            "192.168.1.0/24",
+            "--no-neigh",
+            "--evict",
+            "off",
+        ],
+    );
+    // Nothing in flowguard writes an all-zero MAC; an operator with bpftool
+    // can. The kernel side refuses to rewrite toward it, and says so.
+    let endpoints = bpffs.pin_dir().join("endpoints");
+    let key = "00 00 00 00 00 00 00 00 00 00 ff ff c0 a8 01 f0";
+    let mut value = vec!["00"; 56];
+    value[6] = "01"; // source: static
+    let mut args = vec![
+        "map",
+        "update",
+        "pinned",
+        endpoints.to_str().unwrap(),
+        "key",
+        "hex",
+    ];
+    args.extend(key.split(' '));
+    args.extend(["value", "hex"]);
+    args.extend(value);
+    run("bpftool", &args);
+    router.exec(&["ping", "-c", "1", "-W", "1", "192.168.1.240"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fg.stderr_text().contains("zero or group MAC") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stderr = fg.stderr_text();
+    assert!(
+        stderr.contains("WARN") && stderr.contains("an endpoint holds a zero or group MAC"),
+        "the kernel side's warning was not forwarded; stderr:\n{stderr}"
+    );
+    assert_eq!(fg.status().counters.rewritten, 0, "nothing rewritten");
+    assert!(fg.stop().success(), "flowguard exits cleanly");
+}
