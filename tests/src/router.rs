@@ -331,9 +331,10 @@ impl RouterTopology {
 
     /// What recreating a container or swapping a NIC does, by real ARP: the
     /// endpoint's interface takes `new_mac` (same IP), forgets its own
-    /// neighbours, and announces itself with a gratuitous ARP; the router's
-    /// neighbour entry really changes (no `ip neigh` on the router). Waits
-    /// until the router's table shows `new_mac`.
+    /// neighbours, and announces itself with a gratuitous ARP (or, when the
+    /// router has no entry for it, asks for the router's address); the
+    /// router's neighbour entry really changes (no `ip neigh` on the router).
+    /// Waits until the router's table shows `new_mac`.
     pub fn move_endpoint(&mut self, ip: Ipv4Addr, new_mac: &str) {
         {
             let endpoint = self.endpoint_mut(ip);
@@ -346,7 +347,14 @@ impl RouterTopology {
         let endpoint = self.endpoint(ip);
         let deadline = Instant::now() + NEIGH_TIMEOUT;
         loop {
-            endpoint.announce();
+            if self.router_neigh(ip).is_none() {
+                // A router without an entry ignores gratuitous ARP
+                // (arp_accept=0): the endpoint asks for the router instead,
+                // which creates the entry.
+                endpoint.arp_router();
+            } else {
+                endpoint.announce();
+            }
             let wanted = |n: Option<&NeighState>| {
                 n.and_then(|n| n.mac.as_deref())
                     .is_some_and(|m| m.eq_ignore_ascii_case(new_mac))

@@ -215,6 +215,12 @@ struct EvictionCase {
 
 impl EvictionCase {
     fn run(extra: &[&str]) -> Self {
+        Self::run_with(extra, false)
+    }
+
+    /// With `leave_first`, .240's neighbour entry is deleted (and has left
+    /// the map) before the endpoint comes back at its new MAC.
+    fn run_with(extra: &[&str], leave_first: bool) -> Self {
         let bpffs = BpffsMount::new();
         let mut topology = RouterTopology::new();
         topology.keep_udp_entries();
@@ -247,6 +253,14 @@ impl EvictionCase {
             status.counters
         );
 
+        if leave_first {
+            topology
+                .router
+                .ip(&["neigh", "del", &a_ip(), "dev", BRIDGE]);
+            flowguard.wait_for_status(".240 to leave the map", SETTLE_TIMEOUT, |status| {
+                status.endpoint(&a_ip()).is_none()
+            });
+        }
         topology.move_endpoint(ENDPOINT_A_IP, MAC_A2);
         Self {
             flowguard,
@@ -388,6 +402,28 @@ fn default_scope_deletes_nothing_without_offloaded_entries() {
     assert_eq!(
         orig_texts(&case.topology.conntrack_entries_of(ENDPOINT_B_IP)),
         orig_texts(&case.of_b)
+    );
+}
+
+/// A MAC change across a gap: .240's neighbour entry leaves the table
+/// (deleted here; an entry that turns FAILED, or a neighbour flush when the
+/// bridge loses carrier, does the same) and comes back at another MAC. Flows
+/// offloaded toward the old MAC are as stale as after a direct move, so
+/// they must be evicted.
+#[test]
+#[ignore = "product gap: a return at another MAC is reported as a new endpoint (Added) and evicts nothing"]
+fn a_return_at_another_mac_after_leaving_the_table_evicts_the_old_entries() {
+    skip_unless_router_role_supported!();
+    let case = EvictionCase::run_with(&["--evict", "all"], true);
+    let status = case.flowguard.poll_status(SETTLE_TIMEOUT, |status| {
+        status.counters.evicted >= PORTS.len() as u64
+    });
+    let left_a = case.topology.conntrack_entries_of(ENDPOINT_A_IP);
+    assert!(
+        status.is_ok() && left_a.is_empty(),
+        ".240 came back at {MAC_A2} after leaving the table at {MAC_A1}, but its entries \
+         were not evicted; left: {left_a:#?}\nstdout:\n{}",
+        case.flowguard.stdout_lines().join("\n")
     );
 }
 
