@@ -23,7 +23,7 @@ use crate::{
     events,
     loader::{Guard, KernelLogger},
     neigh::{self, MapChange, NeighCache, NeighEvent, NeighbourSource},
-    settings::{key_ip, Prefix},
+    settings::{key_ip, Mac, Prefix},
     sys,
 };
 
@@ -87,6 +87,7 @@ pub async fn run(
     let (outcome_tx, mut outcomes) = mpsc::unbounded_channel();
     let evictor = (opts.evict != EvictScope::Off).then(|| start_evictor(&opts, outcome_tx));
     let mut policy = EvictionPolicy::new(opts.debounce, opts.max_evictions_per_sec);
+    let mut departed = Departed::default();
 
     let mut cache = NeighCache::new(opts.prefixes.clone());
     let mut source = None;
@@ -96,7 +97,14 @@ pub async fn run(
             .context("reading the neighbour table")?;
         cache.replace_all(entries);
         let changes = reconcile(guard, &cache)?;
-        report_changes(guard, &changes, &mut policy, evictor.as_ref(), false)?;
+        report_changes(
+            guard,
+            &changes,
+            &mut policy,
+            &mut departed,
+            evictor.as_ref(),
+            false,
+        )?;
         println!(
             "flowguard: following the neighbour table ({} endpoints in the prefixes)",
             cache.ips().count()
@@ -155,7 +163,7 @@ pub async fn run(
                     }
                     changes
                 };
-                report_changes(guard, &changes, &mut policy, evictor.as_ref(), true)?;
+                report_changes(guard, &changes, &mut policy, &mut departed, evictor.as_ref(), true)?;
             }
             _ = reconcile_timer.tick(), if source.is_some() => {
                 let src = source.as_mut().expect("guarded by the condition");
@@ -165,7 +173,7 @@ pub async fn run(
                 if !changes.is_empty() {
                     log::info!("periodic reconcile repaired {} endpoints", changes.len());
                 }
-                report_changes(guard, &changes, &mut policy, evictor.as_ref(), true)?;
+                report_changes(guard, &changes, &mut policy, &mut departed, evictor.as_ref(), true)?;
             }
             Some(outcome) = outcomes.recv() => {
                 bump(guard, |c| {
@@ -214,10 +222,43 @@ fn bump(guard: &mut Guard, f: impl FnOnce(&mut UserCounters)) -> anyhow::Result<
     Ok(())
 }
 
+/// The last MAC of endpoints that left the neighbour table (deleted,
+/// FAILED, flushed with their bridge), so that a return at another MAC is
+/// seen for the move it is: flows offloaded toward the old MAC are stale.
+#[derive(Default)]
+struct Departed {
+    macs: std::collections::HashMap<IpAddr, (Mac, Instant)>,
+}
+
+impl Departed {
+    /// Forget departures after this long; a flowtable entry that old has
+    /// timed out by itself unless traffic kept it alive, and then stale
+    /// frames trigger the eviction anyway.
+    const MEMORY: Duration = Duration::from_secs(600);
+    const MAX: usize = 16_384;
+
+    fn left(&mut self, ip: IpAddr, mac: Mac, now: Instant) {
+        if self.macs.len() >= Self::MAX {
+            self.macs
+                .retain(|_, (_, at)| now.saturating_duration_since(*at) < Self::MEMORY);
+        }
+        if self.macs.len() < Self::MAX {
+            self.macs.insert(ip, (mac, now));
+        }
+    }
+
+    /// The MAC `ip` had when it left, if it returns at another one.
+    fn returned(&mut self, ip: IpAddr, mac: Mac, now: Instant) -> Option<Mac> {
+        let (old, at) = self.macs.remove(&ip)?;
+        (old != mac && now.saturating_duration_since(at) < Self::MEMORY).then_some(old)
+    }
+}
+
 fn report_changes(
     guard: &mut Guard,
     changes: &[MapChange],
     policy: &mut EvictionPolicy,
+    departed: &mut Departed,
     evictor: Option<&std_mpsc::Sender<EvictRequest>>,
     say_added: bool,
 ) -> anyhow::Result<()> {
@@ -239,7 +280,21 @@ fn report_changes(
             MapChange::Added { .. } if !say_added => log::debug!("{ch}"),
             _ => println!("{ch}"),
         }
+        let now = Instant::now();
         match ch {
+            MapChange::Removed { ip, old } => departed.left(*ip, *old, now),
+            MapChange::Added { ip, mac } => {
+                if let Some(old) = departed.returned(*ip, *mac, now) {
+                    request_eviction(
+                        policy,
+                        evictor,
+                        *ip,
+                        Trigger::NeighbourMoved(format!(
+                            "it left the neighbour table at {old} and came back at {mac}"
+                        )),
+                    );
+                }
+            }
             MapChange::Moved { ip, old, new } => request_eviction(
                 policy,
                 evictor,
@@ -354,4 +409,33 @@ fn start_evictor(
         })
         .expect("spawning the eviction thread");
     tx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_return_at_another_mac_is_a_move_and_at_the_same_mac_is_not() {
+        let t0 = Instant::now();
+        let ip: IpAddr = "192.168.1.240".parse().unwrap();
+        let (a, b) = (Mac([2, 0, 0, 0, 0, 0xa]), Mac([2, 0, 0, 0, 0, 0xb]));
+        let mut d = Departed::default();
+        assert_eq!(d.returned(ip, b, t0), None, "never left: a new endpoint");
+        d.left(ip, a, t0);
+        assert_eq!(d.returned(ip, b, t0 + Duration::from_secs(1)), Some(a));
+        assert_eq!(
+            d.returned(ip, b, t0 + Duration::from_secs(2)),
+            None,
+            "remembered once"
+        );
+        d.left(ip, a, t0);
+        assert_eq!(
+            d.returned(ip, a, t0 + Duration::from_secs(1)),
+            None,
+            "same MAC"
+        );
+        d.left(ip, a, t0);
+        assert_eq!(d.returned(ip, b, t0 + Departed::MEMORY), None, "forgotten");
+    }
 }

@@ -411,7 +411,6 @@ fn default_scope_deletes_nothing_without_offloaded_entries() {
 /// offloaded toward the old MAC are as stale as after a direct move, so
 /// they must be evicted.
 #[test]
-#[ignore = "product gap: a return at another MAC is reported as a new endpoint (Added) and evicts nothing"]
 fn a_return_at_another_mac_after_leaving_the_table_evicts_the_old_entries() {
     skip_unless_router_role_supported!();
     let case = EvictionCase::run_with(&["--evict", "all"], true);
