@@ -182,8 +182,12 @@ fn guard(f: &impl Frame, hook: u8, ifindex: u32) -> Verdict {
 
 #[inline(always)]
 fn try_guard(f: &impl Frame, hook: u8, ifindex: u32) -> Option<Verdict> {
-    let dst_mac: [u8; 6] = frame::load(f, 0)?;
-    if dst_mac[0] & 1 != 0 {
+    // Check the whole Ethernet header at once: a one-byte check compiles to
+    // `data >= data_end`, which the verifier does not take as a bound.
+    let eth = frame::ptr_at::<[u8; frame::ETH_HLEN]>(f, 0)?;
+    // SAFETY: ptr_at checked that the header lies inside the frame.
+    let first = unsafe { *(eth as *const u8) };
+    if first & 1 != 0 {
         // Broadcast and multicast frames are never the flowtable's doing.
         return None;
     }
@@ -197,6 +201,7 @@ fn try_guard(f: &impl Frame, hook: u8, ifindex: u32) -> Option<Verdict> {
     // SAFETY: a live hash map value; concurrent updates can at worst lose an
     // increment of the per-endpoint evidence, never corrupt the frame.
     let ep = unsafe { &mut *ep };
+    let dst_mac: [u8; 6] = frame::load(f, 0)?;
     if ep.mac == dst_mac {
         return None;
     }
