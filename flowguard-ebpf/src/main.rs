@@ -194,9 +194,9 @@ fn try_guard(f: &impl Frame, hook: u8, ifindex: u32) -> Option<Verdict> {
     let l3 = frame::parse_l3(f)?;
     let cfg = config()?;
     let key = watched_key(f, cfg, l3, frame::V4_DST, frame::V6_DST)?;
-    if let Some(c) = counters() {
-        c.checked += 1;
-    }
+    // One per-CPU lookup serves every counter this frame touches.
+    let c = counters()?;
+    c.checked += 1;
     let ep = ENDPOINTS.get_ptr_mut(key)?;
     // SAFETY: a live hash map value; concurrent updates can at worst lose an
     // increment of the per-endpoint evidence, never corrupt the frame.
@@ -205,24 +205,37 @@ fn try_guard(f: &impl Frame, hook: u8, ifindex: u32) -> Option<Verdict> {
     if ep.mac == dst_mac {
         return None;
     }
+    let seen = Sighting {
+        key,
+        l3,
+        dst_mac,
+        hook,
+        ifindex,
+    };
     if ep.source == source::NEIGHBOUR {
         // The map follows the neighbour table a moment late. Ask the
         // kernel's table itself: rewrite only toward the MAC it holds now,
         // and never when it holds none or agrees with the frame.
-        match neighbour_mac(f, l3, ifindex) {
-            Some(mac) if mac != dst_mac => {
-                return Some(stale(f, cfg, ep, mac, key, l3, dst_mac, hook, ifindex))
-            }
+        return match neighbour_mac(f, l3, ifindex) {
+            Some(mac) if mac != dst_mac => Some(stale(f, cfg, c, ep, mac, &seen)),
             _ => {
-                if let Some(c) = counters() {
-                    c.unconfirmed += 1;
-                }
-                return None;
+                c.unconfirmed += 1;
+                None
             }
-        }
+        };
     }
     let current = ep.mac;
-    Some(stale(f, cfg, ep, current, key, l3, dst_mac, hook, ifindex))
+    Some(stale(f, cfg, c, ep, current, &seen))
+}
+
+/// What the guard saw of a frame to a known endpoint with another MAC.
+#[derive(Clone, Copy)]
+struct Sighting {
+    key: EndpointKey,
+    l3: L3,
+    dst_mac: [u8; 6],
+    hook: u8,
+    ifindex: u32,
 }
 
 const AF_INET: u8 = 2;
@@ -262,23 +275,23 @@ fn neighbour_mac(f: &impl Frame, l3: L3, ifindex: u32) -> Option<[u8; 6]> {
     (rc == BPF_FIB_LKUP_RET_SUCCESS as i64).then_some(p.dmac)
 }
 
-/// A frame to `key` carries `dst_mac` instead of the endpoint's MAC `current`.
+/// A frame to the endpoint carries another MAC than `current`.
 #[inline(always)]
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site, all values already at hand"
-)]
 fn stale(
     f: &impl Frame,
     cfg: &Config,
+    c: &mut Counters,
     ep: &mut Endpoint,
     current: [u8; 6],
-    key: EndpointKey,
-    l3: L3,
-    dst_mac: [u8; 6],
-    hook: u8,
-    ifindex: u32,
+    seen: &Sighting,
 ) -> Verdict {
+    let Sighting {
+        key,
+        l3,
+        dst_mac,
+        hook,
+        ifindex,
+    } = *seen;
     let now = now_ns();
     ep.stale_packets += 1;
     ep.last_stale_ns = now;
@@ -325,18 +338,16 @@ fn stale(
         };
         sent = Some(EVENTS.output(ev, 0).is_ok());
     }
-    if let Some(c) = counters() {
-        c.stale += 1;
-        match action {
-            event_action::REWRITTEN => c.rewritten += 1,
-            event_action::AMBIGUOUS => c.ambiguous += 1,
-            _ => {}
-        }
-        match sent {
-            Some(true) => c.events += 1,
-            Some(false) => c.events_lost += 1,
-            None => {}
-        }
+    c.stale += 1;
+    match action {
+        event_action::REWRITTEN => c.rewritten += 1,
+        event_action::AMBIGUOUS => c.ambiguous += 1,
+        _ => {}
+    }
+    match sent {
+        Some(true) => c.events += 1,
+        Some(false) => c.events_lost += 1,
+        None => {}
     }
     verdict
 }

@@ -1,3 +1,4 @@
+pub mod flow;
 pub mod flowguard_proc;
 pub mod frames;
 pub mod netns;

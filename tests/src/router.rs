@@ -15,8 +15,6 @@
 //! by the endpoints (`arping`), which creates no conntrack entry: the only
 //! entries are the flows a test sends on purpose.
 
-use std::collections::HashSet;
-use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::process::Command;
 use std::thread;
@@ -24,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub use crate::flow::UdpFlow;
 use crate::netns::{self, Netns};
 
 pub const ROUTER_LAN_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 1);
@@ -52,9 +51,6 @@ const CT_TABLE: &str = "fgct";
 /// The netdev table of the stale-MAC emulation.
 const STALE_TABLE: &str = "fg_stale";
 /// Marks a [`UdpFlow`]'s datagrams, so that nothing else is counted.
-const FLOW_MAGIC: &[u8; 8] = b"fg-rflow";
-/// A receiver counts a burst as drained after this long without a datagram.
-const DRAIN_QUIET: Duration = Duration::from_millis(300);
 /// Bound on how long the router's neighbour table may take to show a change.
 pub const NEIGH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -445,26 +441,12 @@ impl RouterTopology {
     /// A long-lived UDP flow from the client to `to:port`, with its receiver
     /// bound in the endpoint.
     pub fn udp_flow(&self, to: Ipv4Addr, port: u16) -> UdpFlow {
-        let endpoint = self.endpoint(to);
-        let any = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
-        let receiver = endpoint
-            .ns
-            .enter(|| UdpSocket::bind(any))
-            .unwrap_or_else(|error| panic!("cannot bind {any} in {to}: {error}"));
-        receiver
-            .set_read_timeout(Some(DRAIN_QUIET))
-            .expect("set a read timeout on the receiver");
-        let client = SocketAddrV4::new(CLIENT_IP, port);
-        let sender = self
-            .client
-            .enter(|| UdpSocket::bind(client))
-            .unwrap_or_else(|error| panic!("cannot bind {client}: {error}"));
-        UdpFlow {
-            sender,
-            receiver,
-            destination: SocketAddrV4::new(to, port),
-            next_seq: 0,
-        }
+        UdpFlow::new(
+            &self.client,
+            SocketAddrV4::new(CLIENT_IP, port),
+            &self.endpoint(to).ns,
+            SocketAddrV4::new(to, port),
+        )
     }
 
     /// The router's conntrack table, as `conntrack -L` prints it.
@@ -512,70 +494,6 @@ impl RouterTopology {
 impl Default for RouterTopology {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-/// A UDP flow from the client through the router to an endpoint.
-pub struct UdpFlow {
-    sender: UdpSocket,
-    receiver: UdpSocket,
-    destination: SocketAddrV4,
-    next_seq: u64,
-}
-
-impl UdpFlow {
-    /// Sends `n` datagrams; returns their sequence numbers.
-    pub fn send_burst(&mut self, n: usize) -> Vec<u64> {
-        let mut sent = Vec::with_capacity(n);
-        for _ in 0..n {
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            let mut payload = [0u8; 16];
-            payload[..8].copy_from_slice(FLOW_MAGIC);
-            payload[8..].copy_from_slice(&seq.to_be_bytes());
-            self.sender
-                .send_to(&payload, self.destination)
-                .unwrap_or_else(|error| {
-                    panic!("client cannot send to {}: {error}", self.destination)
-                });
-            sent.push(seq);
-        }
-        sent
-    }
-
-    /// Drains the endpoint's socket until it has been quiet for 300 ms;
-    /// returns the sequence numbers of the flow's datagrams it received.
-    pub fn received(&self) -> Vec<u64> {
-        let mut received = Vec::new();
-        let mut buffer = [0u8; 64];
-        loop {
-            match self.receiver.recv_from(&mut buffer) {
-                Ok((16, _)) if &buffer[..8] == FLOW_MAGIC => {
-                    let seq: [u8; 8] = buffer[8..16].try_into().expect("8 bytes");
-                    received.push(u64::from_be_bytes(seq));
-                }
-                Ok(_) => {}
-                Err(error) if error.kind() == ErrorKind::Interrupted => {}
-                Err(error)
-                    if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
-                {
-                    return received;
-                }
-                Err(error) => panic!("endpoint cannot receive: {error}"),
-            }
-        }
-    }
-
-    /// Sends `n` datagrams and returns how many distinct ones arrived.
-    pub fn deliver(&mut self, n: usize) -> usize {
-        // Leftovers of an earlier burst must not count for this one.
-        self.received();
-        let sent: HashSet<u64> = self.send_burst(n).into_iter().collect();
-        self.received()
-            .into_iter()
-            .filter(|seq| sent.contains(seq))
-            .collect::<HashSet<_>>()
-            .len()
     }
 }
 

@@ -9,11 +9,9 @@
 //!   rewrites ether daddr)                       tc egress (learning)
 //! ```
 
-use std::collections::HashSet;
-use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::time::Duration;
 
+use crate::flow::UdpFlow;
 use crate::netns::Netns;
 
 pub const ROUTER_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 1);
@@ -34,16 +32,10 @@ const BRIDGE: &str = "br-lan";
 const BRIDGE_PORT: &str = "lan1";
 const CONTAINER_IF: &str = "mv0";
 const STALE_TABLE: &str = "flowguard_stale";
-/// Marks the flow's datagrams, so that nothing else is counted.
-const FLOW_MAGIC: &[u8; 8] = b"fg-flow\0";
-/// The receiver counts the flow as drained after this long without a datagram.
-const DRAIN_QUIET: Duration = Duration::from_millis(300);
 
 pub struct HostRoleTopology {
     // Fields drop in order: the sockets first, then the namespaces.
-    sender: UdpSocket,
-    receiver: UdpSocket,
-    next_seq: u64,
+    flow: UdpFlow,
     container_mac: String,
     pub container: Netns,
     pub host: Netns,
@@ -76,20 +68,15 @@ impl HostRoleTopology {
         router.ip(&["link", "set", BRIDGE_PORT, "master", BRIDGE, "up"]);
         host.ip(&["link", "set", HOST_PARENT, "up"]);
 
-        let router_addr = SocketAddrV4::new(ROUTER_IP, FLOW_PORT);
-        let sender = router.enter(|| UdpSocket::bind(router_addr));
-        let sender = sender.unwrap_or_else(|error| panic!("cannot bind {router_addr}: {error}"));
-        let any = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, FLOW_PORT);
-        let receiver = container.enter(|| UdpSocket::bind(any));
-        let receiver = receiver.unwrap_or_else(|error| panic!("cannot bind {any}: {error}"));
-        receiver
-            .set_read_timeout(Some(DRAIN_QUIET))
-            .expect("set a read timeout on the receiver");
+        let flow = UdpFlow::new(
+            &router,
+            SocketAddrV4::new(ROUTER_IP, FLOW_PORT),
+            &container,
+            SocketAddrV4::new(CONTAINER_IP, FLOW_PORT),
+        );
 
         let topology = Self {
-            sender,
-            receiver,
-            next_seq: 0,
+            flow,
             container_mac: container_mac.to_owned(),
             container,
             host,
@@ -185,55 +172,17 @@ impl HostRoleTopology {
     /// The router sends `n` datagrams of its flow; returns their sequence
     /// numbers.
     pub fn send_burst(&mut self, n: usize) -> Vec<u64> {
-        let destination = SocketAddrV4::new(CONTAINER_IP, FLOW_PORT);
-        let mut sent = Vec::with_capacity(n);
-        for _ in 0..n {
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            let mut payload = [0u8; 16];
-            payload[..8].copy_from_slice(FLOW_MAGIC);
-            payload[8..].copy_from_slice(&seq.to_be_bytes());
-            self.sender
-                .send_to(&payload, destination)
-                .unwrap_or_else(|error| panic!("router cannot send to {destination}: {error}"));
-            sent.push(seq);
-        }
-        sent
+        self.flow.send_burst(n)
     }
 
-    /// Drains the container's socket until it has been quiet for 300 ms;
+    /// Drains the container's socket until it has been quiet for a moment;
     /// returns the sequence numbers of the flow's datagrams it received.
     pub fn received(&self) -> Vec<u64> {
-        let mut received = Vec::new();
-        let mut buffer = [0u8; 64];
-        loop {
-            match self.receiver.recv_from(&mut buffer) {
-                Ok((16, _)) if &buffer[..8] == FLOW_MAGIC => {
-                    let seq: [u8; 8] = buffer[8..16].try_into().expect("8 bytes");
-                    received.push(u64::from_be_bytes(seq));
-                }
-                Ok(_) => {}
-                // A signal (the demo's Ctrl-C) cuts a timed receive short.
-                Err(error) if error.kind() == ErrorKind::Interrupted => {}
-                Err(error)
-                    if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
-                {
-                    return received;
-                }
-                Err(error) => panic!("container cannot receive: {error}"),
-            }
-        }
+        self.flow.received()
     }
 
     /// Sends `n` datagrams and returns how many of them arrived.
     pub fn deliver(&mut self, n: usize) -> usize {
-        // Leftovers of an earlier burst must not count for this one.
-        self.received();
-        let sent: HashSet<u64> = self.send_burst(n).into_iter().collect();
-        self.received()
-            .into_iter()
-            .filter(|seq| sent.contains(seq))
-            .collect::<HashSet<_>>()
-            .len()
+        self.flow.deliver(n)
     }
 }
