@@ -49,6 +49,9 @@ pub mod program_names {
     pub const TC_GUARD: &str = "flowguard_tc";
     /// tc guard that also learns endpoints from the source of frames (host role, egress).
     pub const TC_LEARN: &str = "flowguard_tc_learn";
+    /// Returns the kernel's jiffies through BPF_PROG_TEST_RUN, so that user
+    /// space can measure HZ. Never attached.
+    pub const JIFFIES: &str = "flowguard_jiffies";
 }
 
 /// Where an endpoint's current MAC came from.
@@ -142,16 +145,19 @@ pub struct Endpoint {
     pub source: u8,
     /// Bits of [`endpoint_flags`].
     pub flags: u8,
-    /// When `mac` was last set (0: by user space, which keeps its own time).
+    /// When `mac` was last set (CLOCK_MONOTONIC; 0: unknown).
     pub updated_ns: u64,
     /// Frames seen to this endpoint with another unicast destination MAC.
     pub stale_packets: u64,
     /// Of those, frames whose destination MAC was rewritten.
     pub rewritten: u64,
-    /// When the last stale frame was seen.
+    /// When the last stale frame was reported to user space: the clock is
+    /// read once per event interval, not per frame, so while stale frames
+    /// keep coming this is at most one event interval old.
     pub last_stale_ns: u64,
-    /// When the last event was sent to user space (rate limit).
-    pub last_event_ns: u64,
+    /// Jiffies when the last event was sent to user space (the rate limit;
+    /// jiffies cost one load, the clock a helper call). 0: never.
+    pub last_event_jiffies: u64,
     /// The destination MAC of the last stale frame.
     pub last_stale_mac: [u8; 6],
     pub _pad: [u8; 2],
@@ -193,8 +199,9 @@ pub struct Config {
     pub v6_count: u32,
     /// Number of valid entries in `own_macs`.
     pub own_mac_count: u32,
-    /// Minimum time between two events about the same endpoint.
-    pub event_interval_ns: u64,
+    /// Minimum time between two events about the same endpoint, in jiffies
+    /// (user space converts with the kernel's HZ, which it measures).
+    pub event_interval_jiffies: u64,
     pub v4: [V4Prefix; MAX_V4_PREFIXES],
     pub v6: [V6Prefix; MAX_V6_PREFIXES],
     /// MACs of the interfaces flowguard is attached to: never learned.

@@ -10,7 +10,7 @@ mod frame;
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK},
     btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
-    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_fib_lookup, bpf_jiffies64, bpf_ktime_get_coarse_ns},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -83,6 +83,13 @@ pub fn bench_empty_xdp(_ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn bench_empty_tc(_ctx: TcContext) -> i32 {
     TC_ACT_OK
+}
+
+/// Returns the low 32 bits of jiffies; user space runs it twice with
+/// BPF_PROG_TEST_RUN to measure the kernel's HZ. Never attached.
+#[xdp]
+pub fn flowguard_jiffies(_ctx: XdpContext) -> u32 {
+    jiffies() as u32
 }
 
 #[inline(always)]
@@ -163,6 +170,12 @@ fn watched_key(
 fn counters() -> Option<&'static mut Counters> {
     // SAFETY: the per-CPU slot is this CPU's own while the program runs.
     COUNTERS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+#[inline(always)]
+fn jiffies() -> u64 {
+    // SAFETY: a helper without arguments (inlined by the verifier on x86-64).
+    unsafe { bpf_jiffies64() }
 }
 
 #[inline(always)]
@@ -292,9 +305,7 @@ fn stale(
         hook,
         ifindex,
     } = *seen;
-    let now = now_ns();
     ep.stale_packets += 1;
-    ep.last_stale_ns = now;
     ep.last_stale_mac = dst_mac;
     // Never rewrite toward a MAC that cannot be an endpoint's, whoever wrote it.
     let unusable = current[0] & 1 != 0 || current == [0; 6];
@@ -312,9 +323,12 @@ fn stale(
     } else {
         (event_action::OBSERVED, Verdict::Pass)
     };
-    let send = ep.last_event_ns == 0 || now.wrapping_sub(ep.last_event_ns) >= cfg.event_interval_ns;
+    let now = jiffies();
+    let send = ep.last_event_jiffies == 0
+        || now.wrapping_sub(ep.last_event_jiffies) >= cfg.event_interval_jiffies;
     if send {
-        ep.last_event_ns = now;
+        ep.last_event_jiffies = now;
+        ep.last_stale_ns = now_ns();
     }
     let count = ep.stale_packets;
     let mut sent = None;
@@ -407,7 +421,7 @@ fn learn(f: &impl Frame) -> Option<()> {
             ep.source = source::LEARNED;
             ep.updated_ns = now;
             // A new MAC starts a new story: the next stale frame is reported at once.
-            ep.last_event_ns = 0;
+            ep.last_event_jiffies = 0;
             old
         }
         None => {

@@ -27,7 +27,7 @@ pub fn upsert(
         return Ok(previous);
     }
     if previous != Some(mac) {
-        value.last_event_ns = 0;
+        value.last_event_jiffies = 0;
         value.updated_ns = sys::monotonic_ns();
     }
     value.mac = mac.0;

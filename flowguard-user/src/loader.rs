@@ -17,7 +17,10 @@ use flowguard_common::{
     map_names, pin_names, program_names, Config, Endpoint, EndpointKey, UserCounters,
 };
 
-use crate::{settings::Mac, sys};
+use crate::{
+    settings::{self, Mac},
+    sys,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -59,6 +62,8 @@ pub enum LoadError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("cannot measure the kernel's HZ with BPF_PROG_TEST_RUN: {0}")]
+    Hz(String),
     #[error("map {0}: {1}")]
     Map(&'static str, #[source] aya::maps::MapError),
     #[error("pinning map {name} at {path}: {source}")]
@@ -92,8 +97,11 @@ pub struct GuardOptions {
     pub learn: bool,
     pub xdp: XdpAttach,
     pub pin_dir: PathBuf,
-    /// Settings without `own_macs`, which `start` fills in.
+    /// Settings without `own_macs` and the event interval, which `start`
+    /// fills in.
     pub config: Config,
+    /// Minimum time between two events about one endpoint.
+    pub event_interval: std::time::Duration,
 }
 
 /// One attachment, described for the operator.
@@ -187,6 +195,9 @@ impl Guard {
             }
         };
         let mut config = opts.config;
+        let hz = kernel_hz(&mut ebpf)?;
+        log::debug!("the kernel ticks at {hz} Hz");
+        config.event_interval_jiffies = settings::interval_jiffies(opts.event_interval, hz);
         config.own_mac_count = 0;
         for (slot, mac) in config.own_macs.iter_mut().zip(own_macs) {
             slot.mac = mac.0;
@@ -391,6 +402,49 @@ impl Drop for Guard {
     }
 }
 
+/// The kernel's HZ: jiffies read twice by the kernel side, 100 ms apart,
+/// rounded to the nearest value Linux is built with.
+pub fn kernel_hz(ebpf: &mut Ebpf) -> Result<u32, LoadError> {
+    use aya::programs::{TestRun as _, TestRunOptions};
+    let name = program_names::JIFFIES;
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .expect("the object defines the jiffies probe");
+    prog.load().map_err(|source| LoadError::Program {
+        program: name,
+        feature: "XDP",
+        source,
+    })?;
+    let frame = [0u8; 64];
+    let read = || -> Result<(u32, std::time::Instant), LoadError> {
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                ..Default::default()
+            })
+            .map_err(|e| LoadError::Hz(e.to_string()))?;
+        Ok((r.return_value, std::time::Instant::now()))
+    };
+    let (j0, t0) = read()?;
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let (j1, t1) = read()?;
+    let measured = j1.wrapping_sub(j0) as f64 / (t1 - t0).as_secs_f64();
+    Ok(nearest_hz(measured))
+}
+
+/// The HZ Linux can be built with that is nearest to a measurement.
+pub fn nearest_hz(measured: f64) -> u32 {
+    [100u32, 250, 300, 1000]
+        .into_iter()
+        .min_by(|a, b| {
+            let da = (*a as f64 - measured).abs();
+            let db = (*b as f64 - measured).abs();
+            da.total_cmp(&db)
+        })
+        .expect("a non-empty list")
+}
+
 /// Creates (if needed) and locks the pin directory. Leftover pins of an
 /// instance that died are removed: the lock proves nobody uses them.
 fn lock_pin_dir(dir: &Path) -> Result<(fs::File, bool), LoadError> {
@@ -427,4 +481,17 @@ fn lock_pin_dir(dir: &Path) -> Result<(fs::File, bool), LoadError> {
         }
     }
     Ok((lock, created))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nearest_hz;
+
+    #[test]
+    fn hz_measurements_round_to_a_linux_hz() {
+        assert_eq!(nearest_hz(247.0), 250);
+        assert_eq!(nearest_hz(292.0), 300);
+        assert_eq!(nearest_hz(96.0), 100);
+        assert_eq!(nearest_hz(1010.0), 1000);
+    }
 }

@@ -171,12 +171,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             return Err(settings::SettingsError::StaticOutsidePrefixes(s.ip).into());
         }
     }
-    let config = settings::build_config(
-        args.mode,
-        &args.prefixes,
-        Duration::from_millis(args.event_interval_ms),
-        &[],
-    )?;
+    let config = settings::build_config(args.mode, &args.prefixes, &[])?;
     let opts = GuardOptions {
         ingress: args.ingress.clone(),
         egress: args.egress.clone(),
@@ -184,6 +179,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         xdp: args.xdp_mode,
         pin_dir: args.pin_dir.clone(),
         config,
+        event_interval: Duration::from_millis(args.event_interval_ms),
     };
     let mut guard = Guard::start(&opts)?;
     {

@@ -225,11 +225,18 @@ impl Mode {
     }
 }
 
-/// Builds the kernel side's settings.
+/// `d` in jiffies of a kernel ticking `hz` times a second, rounded up (a
+/// non-zero interval never becomes zero, which would mean "no limit").
+pub fn interval_jiffies(d: Duration, hz: u32) -> u64 {
+    let j = (d.as_nanos() * hz as u128).div_ceil(1_000_000_000);
+    j.min(u64::MAX as u128) as u64
+}
+
+/// Builds the kernel side's settings (the event interval is set by the
+/// loader, which knows the kernel's HZ).
 pub fn build_config(
     mode: Mode,
     prefixes: &[Prefix],
-    event_interval: Duration,
     own_macs: &[Mac],
 ) -> Result<Config, SettingsError> {
     if prefixes.is_empty() {
@@ -237,7 +244,6 @@ pub fn build_config(
     }
     let mut cfg = Config {
         mode: mode.as_config(),
-        event_interval_ns: event_interval.as_nanos().min(u64::MAX as u128) as u64,
         ..Config::default()
     };
     let v4: Vec<_> = prefixes.iter().filter(|p| p.addr.is_ipv4()).collect();
@@ -391,9 +397,8 @@ mod tests {
             "fd00::/16".parse().unwrap(),
         ];
         let own = [Mac([2, 0, 0, 0, 0, 1]), Mac([2, 0, 0, 0, 0, 1])];
-        let cfg = build_config(Mode::Fix, &prefixes, Duration::from_millis(1500), &own).unwrap();
+        let cfg = build_config(Mode::Fix, &prefixes, &own).unwrap();
         assert_eq!(cfg.mode, mode::FIX);
-        assert_eq!(cfg.event_interval_ns, 1_500_000_000);
         assert_eq!((cfg.v4_count, cfg.v6_count, cfg.own_mac_count), (1, 1, 1));
         // The kernel side compares native loads of packet bytes.
         let dst = u32::from_ne_bytes([192, 168, 1, 240]);
@@ -408,16 +413,28 @@ mod tests {
     }
 
     #[test]
+    fn intervals_in_jiffies_round_up() {
+        assert_eq!(interval_jiffies(Duration::from_secs(1), 250), 250);
+        assert_eq!(interval_jiffies(Duration::from_millis(1500), 1000), 1500);
+        assert_eq!(
+            interval_jiffies(Duration::from_millis(1), 100),
+            1,
+            "never rounds to 0"
+        );
+        assert_eq!(interval_jiffies(Duration::ZERO, 250), 0);
+    }
+
+    #[test]
     fn config_limits() {
         assert_eq!(
-            build_config(Mode::Fix, &[], Duration::ZERO, &[]).unwrap_err(),
+            build_config(Mode::Fix, &[], &[]).unwrap_err(),
             SettingsError::NoPrefix
         );
         let many: Vec<Prefix> = (0..=MAX_V4_PREFIXES)
             .map(|i| format!("10.{i}.0.0/16").parse().unwrap())
             .collect();
         assert!(matches!(
-            build_config(Mode::Fix, &many, Duration::ZERO, &[]),
+            build_config(Mode::Fix, &many, &[]),
             Err(SettingsError::TooManyPrefixes { .. })
         ));
     }

@@ -176,6 +176,11 @@ impl Guard {
         })
     }
 
+    /// The kernel's HZ, measured with the object's jiffies probe.
+    pub fn hz(&mut self) -> Result<u32> {
+        Ok(flowguard_user::loader::kernel_hz(&mut self.ebpf)?)
+    }
+
     /// Writes the configuration (element 0 of CONFIG).
     pub fn set_config(&mut self, cfg: &Config) -> Result<()> {
         self.config.set(0, cfg, 0)?;
@@ -306,7 +311,7 @@ pub fn config(
     v4: &[V4Prefix],
     v6: &[V6Prefix],
     own_macs: &[[u8; 6]],
-    event_interval_ns: u64,
+    event_interval_jiffies: u64,
 ) -> Config {
     assert!(v4.len() <= MAX_V4_PREFIXES && v6.len() <= MAX_V6_PREFIXES);
     assert!(own_macs.len() <= MAX_OWN_MACS);
@@ -315,7 +320,7 @@ pub fn config(
         v4_count: v4.len() as u32,
         v6_count: v6.len() as u32,
         own_mac_count: own_macs.len() as u32,
-        event_interval_ns,
+        event_interval_jiffies,
         ..Config::default()
     };
     cfg.v4[..v4.len()].copy_from_slice(v4);

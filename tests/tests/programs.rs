@@ -72,14 +72,14 @@ fn setup(fix: bool) -> Guard {
     setup_with(fix, 0, &[])
 }
 
-fn setup_with(fix: bool, event_interval_ns: u64, own_macs: &[Mac]) -> Guard {
+fn setup_with(fix: bool, event_interval_jiffies: u64, own_macs: &[Mac]) -> Guard {
     let mut g = Guard::load().expect("loading the flowguard object");
     g.set_config(&config(
         fix,
         &[v4_prefix(PFX4, PFX4_LEN)],
         &[v6_prefix(PFX6, PFX6_LEN)],
         own_macs,
-        event_interval_ns,
+        event_interval_jiffies,
     ))
     .expect("writing CONFIG");
     g.insert_endpoint(key4(EP4), &endpoint(CUR4))
@@ -580,8 +580,9 @@ fn events_are_rate_limited_per_endpoint() {
         return;
     }
     for prog in GUARDS {
-        let what = format!("{prog:?} two stale frames, event_interval 10 s");
-        let mut g = setup_with(true, 10_000_000_000, &[]);
+        // 10,000 jiffies: at least 10 s, whatever the kernel's HZ.
+        let what = format!("{prog:?} two stale frames, event interval 10,000 jiffies");
+        let mut g = setup_with(true, 10_000, &[]);
         let frame = udp4_to(STALE4, EP4);
         for i in 0..2 {
             let out = run_pass(&g, prog, &frame, &what);

@@ -240,7 +240,7 @@ fn write<S: EndpointStore + ?Sized>(
     let mut value = old.unwrap_or_default();
     if old.map(|o| o.mac) != Some(mac.0) {
         // Report the next stale frame at once.
-        value.last_event_ns = 0;
+        value.last_event_jiffies = 0;
         value.updated_ns = sys::monotonic_ns();
     }
     value.mac = mac.0;
@@ -310,7 +310,7 @@ mod tests {
         let ev = map.get_mut(&key).unwrap();
         ev.stale_packets = 7;
         ev.last_stale_mac = C.0;
-        ev.last_event_ns = 99;
+        ev.last_event_jiffies = 99;
         // ...then the MAC changes with a single update.
         set(&mut c, "192.168.1.240", 5, B);
         assert_eq!(
@@ -323,7 +323,12 @@ mod tests {
         );
         let e = at(&map, "192.168.1.240").unwrap();
         assert_eq!(
-            (e.mac, e.stale_packets, e.last_stale_mac, e.last_event_ns),
+            (
+                e.mac,
+                e.stale_packets,
+                e.last_stale_mac,
+                e.last_event_jiffies
+            ),
             (B.0, 7, C.0, 0)
         );
         gone(&mut c, "192.168.1.240", 5);

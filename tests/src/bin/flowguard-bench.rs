@@ -31,9 +31,6 @@ const STALE: Mac = [0x02, 0x42, 0xc0, 0xa8, 0x01, 0x99];
 const ROUTER: Mac = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
 const OTHER_ENDPOINTS: u32 = 1000;
 const FRAME_LEN: usize = 64;
-/// Events about one endpoint at most once a second: the stale class takes
-/// the whole stale path on every repeat, and the ring buffer is not flooded.
-const EVENT_INTERVAL_NS: u64 = 1_000_000_000;
 
 struct Args {
     repeat: u32,
@@ -161,12 +158,16 @@ fn prog_label(p: Prog) -> &'static str {
 
 fn setup() -> Result<Guard, progs::Error> {
     let mut g = Guard::load()?;
+    // Events about one endpoint at most once a second (HZ jiffies): the
+    // stale class takes the whole stale path on every repeat, and the ring
+    // buffer is not flooded.
+    let one_second = u64::from(g.hz()?);
     g.set_config(&config(
         true,
         &[v4_prefix(PREFIX, 24)],
         &[],
         &[],
-        EVENT_INTERVAL_NS,
+        one_second,
     ))?;
     g.insert_endpoint(EndpointKey::from_v4_bytes(ENDPOINT), &endpoint(CURRENT))?;
     // Other endpoints so that the hash map is not trivially small: the
@@ -235,7 +236,13 @@ fn run() -> Result<String, progs::Error> {
         for case in cases.iter_mut() {
             if case.class.fix_mode() != fix {
                 fix = case.class.fix_mode();
-                g.set_config(&config(fix, &base_cfg.v4[..1], &[], &[], EVENT_INTERVAL_NS))?;
+                g.set_config(&config(
+                    fix,
+                    &base_cfg.v4[..1],
+                    &[],
+                    &[],
+                    base_cfg.event_interval_jiffies,
+                ))?;
             }
             let before = g.counters()?;
             let out = g.run_repeat(case.prog, &case.frame, args.repeat)?;
@@ -294,7 +301,7 @@ fn run() -> Result<String, progs::Error> {
          first repeat sees the stale MAC and the rest take the current-MAC path. The stale row \
          is therefore measured in observe mode, where the frame stays stale on every repeat \
          (verified: the stale counter grows by exactly `repeat` per run): it is the whole stale \
-         path (lookup, compare, coarse clock, per-endpoint evidence, rate-limit check, per-CPU \
+         path (lookup, compare, jiffies, per-endpoint evidence, rate-limit check, per-CPU \
          counters) WITHOUT the fix-mode extras, i.e. the 6-byte destination MAC write (XDP: one \
          direct store; tc: bpf_skb_store_bytes) and the two `rewritten` increments. Those are \
          not measured here: the object has no benchmark-only program for them, and fix mode \
