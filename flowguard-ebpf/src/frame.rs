@@ -16,6 +16,7 @@ const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;
 const IPV6_HLEN: usize = 40;
+const IPV4_MIN_HLEN: usize = 20;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const MAX_VLAN_TAGS: usize = 2;
@@ -83,8 +84,9 @@ fn load_be16(f: &impl Frame, offset: usize) -> Option<u16> {
 #[derive(Clone, Copy)]
 pub enum L3 {
     /// A complete IPv4 header at `off` with `ihl` 32-bit words, whose total
-    /// length fits in the frame.
-    V4 { off: usize, ihl: usize },
+    /// length fits in the frame, and its destination (a native load of the
+    /// address bytes).
+    V4 { off: usize, ihl: usize, dst: u32 },
     /// A complete IPv6 header at `off` whose payload fits in the frame.
     V6 { off: usize },
     /// An Ethernet/IPv4 ARP packet at `off`.
@@ -110,30 +112,43 @@ pub fn parse_l3(f: &impl Frame) -> Option<L3> {
     let wire_len = f.wire_len();
     match proto {
         ETH_P_IP => {
-            let ver_ihl: u8 = load(f, off)?;
+            // One bounds check covers the fixed header: every field read
+            // here, and the destination the caller needs next.
+            let h = ptr_at::<[u8; IPV4_MIN_HLEN]>(f, off)? as *const u8;
+            // SAFETY: the IPV4_MIN_HLEN bytes at `h` are inside the frame.
+            let (ver_ihl, total, dst) = unsafe {
+                (
+                    *h,
+                    u16::from_be(h.add(2).cast::<u16>().read_unaligned()) as usize,
+                    h.add(V4_DST).cast::<u32>().read_unaligned(),
+                )
+            };
             let ihl = (ver_ihl & 0x0f) as usize;
             if ver_ihl >> 4 != 4 || ihl < 5 {
                 return None;
             }
-            let total = load_be16(f, off + 2)? as usize;
-            // The whole header must be readable (ptr_at on its last byte),
-            // and the datagram must fit in the frame.
+            // The whole header must be readable (options: ptr_at on its last
+            // byte), and the datagram must fit in the frame.
             if total < ihl * 4 || off + total > wire_len {
                 return None;
             }
-            ptr_at::<u8>(f, off + ihl * 4 - 1)?;
-            Some(L3::V4 { off, ihl })
+            if ihl > 5 {
+                ptr_at::<u8>(f, off + ihl * 4 - 1)?;
+            }
+            Some(L3::V4 { off, ihl, dst })
         }
         ETH_P_IPV6 => {
-            let ver: u8 = load(f, off)?;
-            if ver >> 4 != 6 {
+            let h = ptr_at::<[u8; IPV6_HLEN]>(f, off)? as *const u8;
+            // SAFETY: the IPV6_HLEN bytes at `h` are inside the frame.
+            let (ver, payload) = unsafe {
+                (
+                    *h,
+                    u16::from_be(h.add(4).cast::<u16>().read_unaligned()) as usize,
+                )
+            };
+            if ver >> 4 != 6 || off + IPV6_HLEN + payload > wire_len {
                 return None;
             }
-            let payload = load_be16(f, off + 4)? as usize;
-            if off + IPV6_HLEN + payload > wire_len {
-                return None;
-            }
-            ptr_at::<[u8; IPV6_HLEN]>(f, off)?;
             Some(L3::V6 { off })
         }
         ETH_P_ARP => Some(L3::Arp { off }),
@@ -163,7 +178,7 @@ pub fn load_v6_addr(f: &impl Frame, offset: usize) -> Option<[u32; 4]> {
 #[inline(always)]
 pub fn transport(f: &impl Frame, l3: L3) -> (u8, u16, u16) {
     let (proto, l4) = match l3 {
-        L3::V4 { off, ihl } => {
+        L3::V4 { off, ihl, .. } => {
             let Some(proto) = load::<u8>(f, off + 9) else {
                 return (0, 0, 0);
             };

@@ -154,8 +154,12 @@ fn watched_key(
     v6_field: usize,
 ) -> Option<EndpointKey> {
     match l3 {
-        L3::V4 { off, .. } => {
-            let addr: u32 = frame::load(f, off + v4_field)?;
+        L3::V4 { off, dst, .. } => {
+            let addr: u32 = if v4_field == frame::V4_DST {
+                dst
+            } else {
+                frame::load(f, off + v4_field)?
+            };
             v4_watched(cfg, addr).then(|| EndpointKey::from_v4_raw(addr))
         }
         L3::V6 { off } => {
