@@ -19,7 +19,8 @@
 # no NAT), vlan (VLAN-aware bridge, L3 on br-lan.1, DNAT), control (flowtable
 # on wan + br-lan: no stale MAC expected).
 # Roles: none | router (flowguard --egress lan1 on the router, fix mode) |
-# observe (the same in observe mode) | host (flowguard on the host's macvlan
+# observe (the same in observe mode, attached with --auto: the flowtable's
+# bridge ports read from the ruleset) | host (flowguard on the host's macvlan
 # parent, --learn; the router untouched) | ctdel (no flowguard: once the router
 # knows the new MAC, `conntrack -D --reply-src IP --status OFFLOAD` by hand,
 # what the router role's eviction is meant to do; it shows that the checks of
@@ -165,7 +166,7 @@ run_case() { # SCENARIO ROLE
   local -a fgargs=()
   case $role in
     router)  fgns=router; fgargs=(--egress lan1 --prefix $PREFIX --evict offloaded) ;;
-    observe) fgns=router; fgargs=(--egress lan1 --prefix $PREFIX --evict offloaded --mode observe) ;;
+    observe) fgns=router; fgargs=(--auto --prefix $PREFIX --evict offloaded --mode observe) ;;
     host)    fgns=host;   fgargs=(--ingress eth0 --egress eth0 --learn --prefix $PREFIX) ;;
     none|ctdel) ;;
     *) echo "LABRESULT scenario=$scen role=$role setup=unknown-role"; teardown; return ;;

@@ -380,10 +380,11 @@ fn start_evictor(
                             log::info!("{}: no {which} to evict ({why})", req.ip);
                         } else {
                             log::info!(
-                                "{}: {} {} flows in {:.1} ms",
+                                "{}: {} {} flow{} in {:.1} ms",
                                 req.ip,
                                 verb,
                                 flows.len(),
+                                if flows.len() == 1 { "" } else { "s" },
                                 started.elapsed().as_secs_f64() * 1e3
                             );
                         }
