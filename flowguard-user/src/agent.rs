@@ -22,6 +22,7 @@ use crate::{
     conntrack::{Conntrack, EvictScope, EvictionPolicy},
     events,
     loader::{Guard, KernelLogger},
+    metrics,
     neigh::{self, MapChange, NeighCache, NeighEvent, NeighbourSource},
     settings::{key_ip, Mac, Prefix},
     sys,
@@ -42,6 +43,8 @@ pub struct AgentOptions {
     pub debounce: Duration,
     /// Most evictions (endpoints) per second, overall.
     pub max_evictions_per_sec: u32,
+    /// Serve Prometheus metrics on this (already bound) listener.
+    pub metrics: Option<metrics::Server>,
 }
 
 /// Why an endpoint's flows are evicted.
@@ -83,6 +86,11 @@ pub async fn run(
     };
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    // Serves until this function returns (the task is aborted on drop).
+    let _metrics = match &opts.metrics {
+        Some(server) => Some(server.spawn().context("serving metrics")?),
+        None => None,
+    };
 
     let (outcome_tx, mut outcomes) = mpsc::unbounded_channel();
     let evictor = (opts.evict != EvictScope::Off).then(|| start_evictor(&opts, outcome_tx));

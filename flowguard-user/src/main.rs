@@ -1,7 +1,7 @@
 //! The `flowguard` command: `run` guards interfaces until stopped, `status`
 //! shows what a running instance has seen.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
@@ -11,6 +11,7 @@ use flowguard_user::{
     conntrack::EvictScope,
     endpoints, flowtable,
     loader::{Guard, GuardOptions, XdpAttach},
+    metrics,
     settings::{self, endpoint_key, Mode, Prefix, StaticEndpoint},
     status,
 };
@@ -98,6 +99,13 @@ struct RunArgs {
     /// Evict the flows of at most this many endpoints per second (0: no limit).
     #[arg(long, value_name = "N", default_value_t = 50)]
     max_evictions_per_sec: u32,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9737
+    /// (off by default; only loopback addresses unless --metrics-allow-remote).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// Let --metrics listen on an address outside loopback.
+    #[arg(long)]
+    metrics_allow_remote: bool,
 }
 
 fn main() -> ExitCode {
@@ -171,6 +179,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             return Err(settings::SettingsError::StaticOutsidePrefixes(s.ip).into());
         }
     }
+    match args.metrics {
+        Some(addr) => metrics::check_address(addr, args.metrics_allow_remote)?,
+        None if args.metrics_allow_remote => {
+            bail!("--metrics-allow-remote needs --metrics ADDR")
+        }
+        None => {}
+    }
     let config = settings::build_config(args.mode, &args.prefixes, &[])?;
     let opts = GuardOptions {
         ingress: args.ingress.clone(),
@@ -181,6 +196,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         config,
         event_interval: Duration::from_millis(args.event_interval_ms),
     };
+    // Bound before anything is attached: a port in use fails here.
+    let metrics = args
+        .metrics
+        .map(|addr| metrics::Server::bind(addr, &args.pin_dir))
+        .transpose()?;
     let mut guard = Guard::start(&opts)?;
     {
         let mut map = guard.endpoints()?;
@@ -212,6 +232,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         "flowguard: maps pinned in {} (see `flowguard status --pin-dir {0}`)",
         guard.pin_dir().display()
     );
+    if let Some(m) = &metrics {
+        println!("flowguard: Prometheus metrics at {}", m.url());
+    }
     println!("flowguard: ready");
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -226,6 +249,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         dry_run: args.dry_run,
         debounce: Duration::from_millis(args.evict_debounce_ms),
         max_evictions_per_sec: args.max_evictions_per_sec,
+        metrics,
     };
     match (args.evict, args.dry_run) {
         (EvictScope::Off, _) => println!("flowguard: eviction is off"),
@@ -358,5 +382,28 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(e.to_string().contains("outside every --prefix"), "{e}");
+        let e = run(parse(&[
+            "flowguard",
+            "run",
+            "--egress",
+            "lo",
+            "--prefix",
+            "10.0.0.0/8",
+            "--metrics",
+            "0.0.0.0:9737",
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("not a loopback address"), "{e}");
+        let e = run(parse(&[
+            "flowguard",
+            "run",
+            "--egress",
+            "lo",
+            "--prefix",
+            "10.0.0.0/8",
+            "--metrics-allow-remote",
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("needs --metrics"), "{e}");
     }
 }

@@ -1,0 +1,738 @@
+//! `flowguard run --metrics ADDR`: the counters and the per-endpoint evidence
+//! of `flowguard status`, in the Prometheus text format (0.0.4), served by a
+//! tiny HTTP/1.1 responder on an opt-in, normally loopback, address.
+//!
+//! Only `GET /metrics` (and `HEAD`) is answered; anything else gets 404 or
+//! 405. Each connection is served by a task of its own, bounded in time and
+//! request size, and at most [`MAX_CONNECTIONS`] are served at once, so a
+//! slow or malformed client never holds up the agent or other scrapes.
+
+use std::{
+    fmt::Write as _,
+    io,
+    net::{IpAddr, SocketAddr, TcpListener as StdTcpListener},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+    task::JoinHandle,
+};
+
+use crate::status::{self, CounterTotals, Status};
+
+/// The media type of the Prometheus text format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The only path served.
+pub const PATH: &str = "/metrics";
+/// The longest request head (request line and headers) read from a client.
+pub const MAX_REQUEST: usize = 8 * 1024;
+/// How long one connection may take, from accept to the last byte written.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; more are closed at once.
+pub const MAX_CONNECTIONS: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error(
+        "--metrics {0} is not a loopback address: anyone who reaches it reads the \
+         endpoints' IPs and MACs; use 127.0.0.1:PORT or [::1]:PORT, or add --metrics-allow-remote"
+    )]
+    NotLoopback(SocketAddr),
+    #[error("cannot serve metrics on {addr}: {error}")]
+    Bind { addr: SocketAddr, error: io::Error },
+}
+
+/// Whether `ip` is a loopback address (127.0.0.0/8, ::1, or ::ffff:127.x.y.z).
+pub fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+/// Refuses an address outside loopback unless the operator allowed it.
+pub fn check_address(addr: SocketAddr, allow_remote: bool) -> Result<(), MetricsError> {
+    if allow_remote || is_loopback(addr.ip()) {
+        Ok(())
+    } else {
+        Err(MetricsError::NotLoopback(addr))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The exposition format
+
+/// The global counters: name (without `flowguard_` and `_total`), help, value.
+type CounterFamily = (&'static str, &'static str, fn(&CounterTotals) -> u64);
+
+const COUNTERS: &[CounterFamily] = &[
+    ("checked", "Unicast frames inside the watched prefixes that were looked up.", |c| c.checked),
+    ("stale", "Frames to a known endpoint with a stale destination MAC.", |c| c.stale),
+    ("rewritten", "Stale frames whose destination MAC was rewritten (fix mode).", |c| c.rewritten),
+    (
+        "ambiguous",
+        "Stale frames left untouched because the endpoint is ambiguous or its MAC unusable.",
+        |c| c.ambiguous,
+    ),
+    (
+        "unconfirmed",
+        "Frames to a neighbour-table endpoint with another MAC, left untouched because the kernel's neighbour table did not confirm them stale.",
+        |c| c.unconfirmed,
+    ),
+    ("events", "Events sent by the kernel side to user space.", |c| c.events),
+    ("events_lost", "Events lost because the ring buffer was full.", |c| c.events_lost),
+    ("learned_new", "Endpoints learned for the first time.", |c| c.learned_new),
+    ("learned_moved", "Learned endpoints whose MAC changed.", |c| c.learned_moved),
+    ("learn_failed", "Learning attempts that failed (endpoint map full).", |c| c.learn_failed),
+    ("neigh_added", "Neighbour entries that gave an endpoint a MAC for the first time.", |c| {
+        c.neigh_added
+    }),
+    ("neigh_moved", "Neighbour entries that changed an endpoint's MAC.", |c| c.neigh_moved),
+    (
+        "neigh_removed",
+        "Endpoints dropped because the kernel no longer believes in their MAC.",
+        |c| c.neigh_removed,
+    ),
+    (
+        "neigh_ambiguous",
+        "Endpoints marked ambiguous (one IP, different MACs on different interfaces).",
+        |c| c.neigh_ambiguous,
+    ),
+    (
+        "neigh_overflows",
+        "Neighbour event overflows answered with a fresh dump of the table.",
+        |c| c.neigh_overflows,
+    ),
+    ("reconciles", "Full reconciles of the endpoint map with the neighbour table.", |c| {
+        c.reconciles
+    }),
+    ("eviction_runs", "Eviction runs (one per endpoint trigger that passed debounce).", |c| {
+        c.eviction_runs
+    }),
+    ("evicted", "Conntrack entries deleted.", |c| c.evicted),
+    ("dry_run_matches", "Conntrack entries that a dry run would have deleted.", |c| {
+        c.dry_run_matches
+    }),
+    ("eviction_errors", "Eviction runs that failed.", |c| c.eviction_errors),
+];
+
+/// A per-endpoint counter: full name, help, value.
+type EndpointFamily = (
+    &'static str,
+    &'static str,
+    fn(&status::EndpointStatus) -> u64,
+);
+
+/// The endpoint sources that always have a `flowguard_endpoints` series.
+const SOURCES: [&str; 3] = ["learned", "neighbour", "static"];
+
+/// Escapes a label value: backslash, double quote and line feed.
+pub fn escape_label_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for ch in value.chars() {
+        match ch {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Escapes HELP text: backslash and line feed.
+pub fn escape_help(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {}", escape_help(help));
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// `st` in the Prometheus text format 0.0.4: one counter family per global
+/// counter, the endpoints by source, and two counters per endpoint.
+pub fn render(st: &Status) -> String {
+    let mut out = String::new();
+    for (name, help, value) in COUNTERS {
+        let name = format!("flowguard_{name}_total");
+        family(&mut out, &name, "counter", help);
+        let _ = writeln!(out, "{name} {}", value(&st.counters));
+    }
+
+    family(
+        &mut out,
+        "flowguard_endpoints",
+        "gauge",
+        "Endpoints known, by where their current MAC comes from.",
+    );
+    let mut by_source: Vec<(&str, u64)> = SOURCES.iter().map(|s| (*s, 0)).collect();
+    for e in &st.endpoints {
+        match by_source.iter_mut().find(|(s, _)| *s == e.source) {
+            Some((_, n)) => *n += 1,
+            None => by_source.push((e.source, 1)),
+        }
+    }
+    by_source.sort();
+    for (source, n) in by_source {
+        let _ = writeln!(
+            out,
+            "flowguard_endpoints{{source=\"{}\"}} {n}",
+            escape_label_value(source)
+        );
+    }
+
+    let per_endpoint: [EndpointFamily; 2] = [
+        (
+            "flowguard_endpoint_stale_packets_total",
+            "Frames to this endpoint that carried a stale destination MAC.",
+            |e| e.stale_packets,
+        ),
+        (
+            "flowguard_endpoint_rewritten_total",
+            "Frames to this endpoint whose stale destination MAC was rewritten.",
+            |e| e.rewritten,
+        ),
+    ];
+    for (name, help, value) in per_endpoint {
+        family(&mut out, name, "counter", help);
+        for e in &st.endpoints {
+            let _ = writeln!(
+                out,
+                "{name}{{ip=\"{}\",mac=\"{}\"}} {}",
+                escape_label_value(&e.ip),
+                escape_label_value(&e.mac),
+                value(e)
+            );
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// The HTTP side
+
+/// What a request head asks for.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Route {
+    /// `GET /metrics` (with `head_only` for `HEAD`).
+    Metrics {
+        head_only: bool,
+    },
+    NotFound,
+    MethodNotAllowed,
+    BadRequest,
+}
+
+/// Routes a request head (the bytes up to the blank line).
+pub fn route(head: &[u8]) -> Route {
+    let Ok(head) = std::str::from_utf8(head) else {
+        return Route::BadRequest;
+    };
+    let line = head.lines().next().unwrap_or("");
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Route::BadRequest;
+    };
+    if method.is_empty() || target.is_empty() || !version.starts_with("HTTP/1.") {
+        return Route::BadRequest;
+    }
+    let head_only = match method {
+        "GET" => false,
+        "HEAD" => true,
+        _ => return Route::MethodNotAllowed,
+    };
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    if path == PATH {
+        Route::Metrics { head_only }
+    } else {
+        Route::NotFound
+    }
+}
+
+/// Where the blank line that ends a request head is, if it has arrived.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    match (crlf, lf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn response(status: &str, content_type: &str, body: &str, head_only: bool) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n",
+        body.len()
+    );
+    if status.starts_with("405") {
+        out.push_str("Allow: GET, HEAD\r\n");
+    }
+    out.push_str("\r\n");
+    let mut out = out.into_bytes();
+    if !head_only {
+        out.extend_from_slice(body.as_bytes());
+    }
+    out
+}
+
+fn plain(status: &str, body: &str) -> Vec<u8> {
+    response(status, "text/plain; charset=utf-8", body, false)
+}
+
+/// Reads some bytes (tokio's `io-util` feature is not needed for this much).
+async fn read_some(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        stream.readable().await?;
+        match stream.try_read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            other => return other,
+        }
+    }
+}
+
+async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(buf) {
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads one request head, at most [`MAX_REQUEST`] bytes. `Ok(None)`: the
+/// client closed without sending anything.
+async fn read_head(stream: &TcpStream) -> io::Result<Option<Result<Vec<u8>, ()>>> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = read_some(stream, &mut chunk).await?;
+        if n == 0 {
+            return Ok((!buf.is_empty()).then_some(Err(())));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = head_end(&buf) {
+            buf.truncate(end);
+            return Ok(Some(Ok(buf)));
+        }
+        if buf.len() >= MAX_REQUEST {
+            return Ok(Some(Err(())));
+        }
+    }
+}
+
+async fn serve_connection(stream: TcpStream, pin_dir: Arc<Path>) -> io::Result<()> {
+    let reply = match read_head(&stream).await? {
+        None => return Ok(()),
+        Some(Err(())) => plain("400 Bad Request", "bad or oversized request\n"),
+        Some(Ok(head)) => match route(&head) {
+            Route::Metrics { head_only } => {
+                let dir = pin_dir.clone();
+                // Reading the maps is a few syscalls per endpoint: off the
+                // agent's thread.
+                match tokio::task::spawn_blocking(move || status::read(&dir)).await {
+                    Ok(Ok(st)) => response("200 OK", CONTENT_TYPE, &render(&st), head_only),
+                    Ok(Err(e)) => plain("503 Service Unavailable", &format!("{e}\n")),
+                    Err(e) => plain("500 Internal Server Error", &format!("{e}\n")),
+                }
+            }
+            Route::NotFound => plain("404 Not Found", "only /metrics is served here\n"),
+            Route::MethodNotAllowed => plain("405 Method Not Allowed", "only GET /metrics\n"),
+            Route::BadRequest => plain("400 Bad Request", "bad request\n"),
+        },
+    };
+    write_all(&stream, &reply).await?;
+    let stream = stream.into_std()?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let stream = TcpStream::from_std(stream)?;
+    // Read what the client still sends until it closes (bounded), so that
+    // closing with unread bytes does not reset the connection under the
+    // response.
+    let mut sink = [0u8; 1024];
+    let drain = async {
+        let mut left: usize = 64 * 1024;
+        while left > 0 {
+            match read_some(&stream, &mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+    Ok(())
+}
+
+async fn accept_loop(listener: TcpListener, pin_dir: Arc<Path>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors or a similar passing trouble.
+                log::warn!("metrics: accepting a connection failed: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            log::debug!("metrics: {peer}: too many connections, closed");
+            continue;
+        };
+        let dir = pin_dir.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(CONNECTION_TIMEOUT, serve_connection(stream, dir)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log::debug!("metrics: {peer}: {e}"),
+                Err(_) => log::debug!("metrics: {peer}: timed out, closed"),
+            }
+            drop(slot);
+        });
+    }
+}
+
+/// The bound metrics listener, ready to serve once the agent runs. Binding
+/// happens before anything is attached, so that a port in use fails early.
+#[derive(Clone, Debug)]
+pub struct Server {
+    listener: Arc<StdTcpListener>,
+    addr: SocketAddr,
+    pin_dir: PathBuf,
+}
+
+impl Server {
+    /// Binds `addr`; the scrapes read the maps pinned under `pin_dir`.
+    pub fn bind(addr: SocketAddr, pin_dir: &Path) -> Result<Self, MetricsError> {
+        let bind_err = |error| MetricsError::Bind { addr, error };
+        let listener = StdTcpListener::bind(addr).map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        let addr = listener.local_addr().map_err(bind_err)?;
+        Ok(Self {
+            listener: Arc::new(listener),
+            addr,
+            pin_dir: pin_dir.to_path_buf(),
+        })
+    }
+
+    /// The address bound (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Where Prometheus scrapes.
+    pub fn url(&self) -> String {
+        format!("http://{}{PATH}", self.addr)
+    }
+
+    /// Starts serving on the current tokio runtime; serving stops when the
+    /// returned task is dropped.
+    pub fn spawn(&self) -> io::Result<ServerTask> {
+        let listener = TcpListener::from_std(self.listener.try_clone()?)?;
+        let pin_dir: Arc<Path> = Arc::from(self.pin_dir.as_path());
+        Ok(ServerTask(tokio::spawn(accept_loop(listener, pin_dir))))
+    }
+}
+
+/// The serving task; dropping it stops accepting connections.
+#[derive(Debug)]
+pub struct ServerTask(JoinHandle<()>);
+
+impl Drop for ServerTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::status::EndpointStatus;
+
+    fn endpoint(ip: &str, mac: &str, source: &'static str, stale: u64) -> EndpointStatus {
+        EndpointStatus {
+            ip: ip.into(),
+            mac: mac.into(),
+            source,
+            age_secs: None,
+            stale_packets: stale,
+            rewritten: stale / 2,
+            last_stale_mac: None,
+            last_stale_secs_ago: None,
+            ambiguous: false,
+        }
+    }
+
+    fn sample_status() -> Status {
+        Status {
+            pin_dir: "/sys/fs/bpf/flowguard".into(),
+            mode: "fix",
+            counters: CounterTotals {
+                checked: 100,
+                stale: 7,
+                rewritten: 6,
+                evicted: 3,
+                ..Default::default()
+            },
+            endpoints: vec![
+                endpoint("192.168.1.240", "02:42:c0:a8:01:0b", "learned", 7),
+                endpoint("192.168.1.250", "02:42:c0:a8:01:0c", "neighbour", 0),
+                endpoint("fd00::1", "02:00:00:00:00:01", "neighbour", 0),
+            ],
+        }
+    }
+
+    /// Every sample line as (series, value).
+    fn samples(text: &str) -> HashMap<String, String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| {
+                let (series, value) = l.rsplit_once(' ').expect("series and value");
+                (series.to_string(), value.to_string())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn counters_endpoints_and_evidence_are_exposed() {
+        let text = render(&sample_status());
+        let s = samples(&text);
+        assert_eq!(s["flowguard_checked_total"], "100");
+        assert_eq!(s["flowguard_stale_total"], "7");
+        assert_eq!(s["flowguard_rewritten_total"], "6");
+        assert_eq!(s["flowguard_evicted_total"], "3");
+        assert_eq!(s["flowguard_eviction_errors_total"], "0");
+        assert_eq!(s["flowguard_endpoints{source=\"learned\"}"], "1");
+        assert_eq!(s["flowguard_endpoints{source=\"neighbour\"}"], "2");
+        assert_eq!(s["flowguard_endpoints{source=\"static\"}"], "0");
+        assert_eq!(
+            s["flowguard_endpoint_stale_packets_total{ip=\"192.168.1.240\",mac=\"02:42:c0:a8:01:0b\"}"],
+            "7"
+        );
+        assert_eq!(
+            s["flowguard_endpoint_rewritten_total{ip=\"192.168.1.240\",mac=\"02:42:c0:a8:01:0b\"}"],
+            "3"
+        );
+        assert!(s.contains_key(
+            "flowguard_endpoint_stale_packets_total{ip=\"fd00::1\",mac=\"02:00:00:00:00:01\"}"
+        ));
+        assert!(text.ends_with('\n'), "the last line ends with a line feed");
+        // One sample per counter, three sources, two per endpoint.
+        assert_eq!(s.len(), COUNTERS.len() + 3 + 2 * 3);
+    }
+
+    #[test]
+    fn every_status_counter_is_a_family() {
+        let json = serde_json::to_value(CounterTotals::default()).unwrap();
+        let text = render(&sample_status());
+        for name in json.as_object().unwrap().keys() {
+            let family = format!("flowguard_{name}_total");
+            assert!(
+                text.contains(&format!("\n{family} "))
+                    || text.starts_with(&format!("# HELP {family} ")),
+                "{family} missing"
+            );
+        }
+    }
+
+    #[test]
+    fn help_and_type_appear_once_per_family_before_its_samples() {
+        let text = render(&sample_status());
+        let mut seen: Vec<String> = Vec::new();
+        let mut current = String::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let name = rest.split(' ').next().unwrap().to_string();
+                assert!(!seen.contains(&name), "HELP twice for {name}");
+                seen.push(name.clone());
+                current = name;
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert_eq!(name, current, "TYPE right after its HELP");
+                assert!(kind == "counter" || kind == "gauge", "{line}");
+                if name.ends_with("_total") {
+                    assert_eq!(kind, "counter", "{line}");
+                }
+            } else {
+                let series = line.split(['{', ' ']).next().unwrap();
+                assert_eq!(series, current, "sample {line} outside its family");
+            }
+        }
+        assert_eq!(seen.len(), COUNTERS.len() + 3);
+        assert_eq!(text.matches("# TYPE ").count(), seen.len());
+    }
+
+    #[test]
+    fn families_are_complete_without_endpoints() {
+        let st = Status {
+            endpoints: vec![],
+            ..sample_status()
+        };
+        let text = render(&st);
+        assert!(text.contains("# TYPE flowguard_endpoint_stale_packets_total counter"));
+        assert!(text.contains("flowguard_endpoints{source=\"static\"} 0"));
+        assert!(!text.contains("{ip="));
+    }
+
+    #[test]
+    fn label_values_and_help_are_escaped() {
+        assert_eq!(escape_label_value(r#"a\b"c"#), r#"a\\b\"c"#);
+        assert_eq!(escape_label_value("x\ny"), "x\\ny");
+        assert_eq!(escape_label_value("fe80::1%eth0"), "fe80::1%eth0");
+        assert_eq!(escape_help("a\\b\nc \"q\""), "a\\\\b\\nc \"q\"");
+        let st = Status {
+            endpoints: vec![endpoint("odd\"ip\\\n", "m", "weird\"source", 1)],
+            ..sample_status()
+        };
+        let text = render(&st);
+        assert!(
+            text.contains(
+                "flowguard_endpoint_stale_packets_total{ip=\"odd\\\"ip\\\\\\n\",mac=\"m\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("flowguard_endpoints{source=\"weird\\\"source\"} 1"));
+        assert_eq!(text.lines().count(), text.matches('\n').count());
+    }
+
+    #[test]
+    fn routes() {
+        let r = |s: &str| route(s.as_bytes());
+        assert_eq!(
+            r("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Route::Metrics { head_only: false }
+        );
+        assert_eq!(
+            r("GET /metrics?name[]=x HTTP/1.0\r\n\r\n"),
+            Route::Metrics { head_only: false }
+        );
+        assert_eq!(
+            r("HEAD /metrics HTTP/1.1\r\n\r\n"),
+            Route::Metrics { head_only: true }
+        );
+        assert_eq!(r("GET / HTTP/1.1\r\n\r\n"), Route::NotFound);
+        assert_eq!(r("GET /metricsx HTTP/1.1\r\n\r\n"), Route::NotFound);
+        assert_eq!(r("POST /metrics HTTP/1.1\r\n\r\n"), Route::MethodNotAllowed);
+        assert_eq!(r("DELETE / HTTP/1.1\r\n\r\n"), Route::MethodNotAllowed);
+        for bad in [
+            "",
+            "GET\r\n\r\n",
+            "GET /metrics\r\n\r\n",
+            "GET /metrics HTTP/1.1 extra\r\n\r\n",
+            "GET /metrics SPDY/3\r\n\r\n",
+            "GET  /metrics HTTP/1.1\r\n\r\n",
+        ] {
+            assert_eq!(r(bad), Route::BadRequest, "{bad:?}");
+        }
+        assert_eq!(route(b"GET /\xff HTTP/1.1\r\n\r\n"), Route::BadRequest);
+    }
+
+    #[test]
+    fn head_ends_at_the_first_blank_line() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nbody"), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\n\n"), Some(16));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
+    }
+
+    #[test]
+    fn responses_have_a_length_and_close() {
+        let r = String::from_utf8(response("200 OK", CONTENT_TYPE, "abc\n", false)).unwrap();
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(r.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"));
+        assert!(r.contains("Content-Length: 4\r\n") && r.contains("Connection: close\r\n"));
+        assert!(r.ends_with("\r\n\r\nabc\n"));
+        let head = String::from_utf8(response("200 OK", CONTENT_TYPE, "abc\n", true)).unwrap();
+        assert!(head.contains("Content-Length: 4\r\n") && head.ends_with("\r\n\r\n"));
+        let r = String::from_utf8(plain("405 Method Not Allowed", "x")).unwrap();
+        assert!(r.contains("Allow: GET, HEAD\r\n"));
+    }
+
+    #[test]
+    fn only_loopback_unless_allowed() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        for ok in [
+            "127.0.0.1:9737",
+            "127.1.2.3:1",
+            "[::1]:9737",
+            "[::ffff:127.0.0.1]:9",
+        ] {
+            assert!(check_address(a(ok), false).is_ok(), "{ok}");
+        }
+        for remote in [
+            "0.0.0.0:9737",
+            "192.168.1.1:9737",
+            "[::]:9737",
+            "[fd00::1]:9",
+        ] {
+            let e = check_address(a(remote), false).unwrap_err().to_string();
+            assert!(e.contains("not a loopback address") && e.contains("--metrics-allow-remote"));
+            assert!(!e.contains('\n'));
+            assert!(check_address(a(remote), true).is_ok());
+        }
+    }
+
+    /// The whole responder on a real loopback socket (no root: the maps are
+    /// missing, so /metrics answers 503 with the reason).
+    #[test]
+    fn serves_over_tcp_and_a_silent_client_blocks_nobody() {
+        use std::io::{Read, Write};
+        let server =
+            Server::bind("127.0.0.1:0".parse().unwrap(), Path::new("/nonexistent/fg")).unwrap();
+        assert!(
+            server.url().starts_with("http://127.0.0.1:") && server.url().ends_with("/metrics")
+        );
+        let addr = server.local_addr();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let fetch = move |request: &'static str| {
+            std::thread::spawn(move || {
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                s.write_all(request.as_bytes()).unwrap();
+                let mut out = String::new();
+                s.read_to_string(&mut out).unwrap();
+                out
+            })
+        };
+        rt.block_on(async {
+            let _task = server.spawn().unwrap();
+            // Holds a slot and says nothing.
+            let silent = std::net::TcpStream::connect(addr).unwrap();
+            let wait = |h: std::thread::JoinHandle<String>| async move {
+                tokio::task::spawn_blocking(move || h.join().unwrap())
+                    .await
+                    .unwrap()
+            };
+            let not_found = wait(fetch("GET / HTTP/1.1\r\n\r\n")).await;
+            assert!(not_found.starts_with("HTTP/1.1 404 "), "{not_found}");
+            let post = wait(fetch("POST /metrics HTTP/1.1\r\n\r\n")).await;
+            assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
+            let unavailable = wait(fetch("GET /metrics HTTP/1.1\r\n\r\n")).await;
+            assert!(unavailable.starts_with("HTTP/1.1 503 "), "{unavailable}");
+            assert!(
+                unavailable.contains("no flowguard is running"),
+                "{unavailable}"
+            );
+            let huge: &'static str = Box::leak(
+                format!("GET /{} HTTP/1.1\r\n", "a".repeat(MAX_REQUEST)).into_boxed_str(),
+            );
+            let too_big = wait(fetch(huge)).await;
+            assert!(too_big.starts_with("HTTP/1.1 400 "), "{too_big}");
+            drop(silent);
+        });
+    }
+}
