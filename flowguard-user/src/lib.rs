@@ -4,11 +4,11 @@
 
 pub mod agent;
 pub mod conntrack;
+pub mod doctor;
 pub mod endpoints;
 pub mod events;
 pub mod flowtable;
 pub mod loader;
-pub mod metrics;
 pub mod neigh;
 pub mod settings;
 pub mod status;

@@ -1,0 +1,1133 @@
+//! `flowguard doctor`: reads the nftables ruleset, the interfaces, the kernel
+//! and conntrack, and says whether this machine's flowtable setup can cache
+//! destination MACs, whether flowguard can run here, and how many flows are
+//! offloaded now.
+//!
+//! [`gather`] collects the facts (commands, syscalls, ctnetlink, pinned
+//! maps); [`diagnose`] turns them into verdicts without touching the system,
+//! so that every decision is testable without root.
+
+use std::{collections::BTreeMap, fmt::Write as _, io, path::Path, process::Command};
+
+use aya::util::KernelVersion;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::{
+    conntrack::{Conntrack, Flow, IPS_HW_OFFLOAD},
+    flowtable::{self, DeviceRole, Flowtable},
+    status::{self, Status, StatusError},
+    sys,
+};
+
+/// Where flowguard pins its maps by default; must be on a bpffs.
+pub const BPFFS: &str = "/sys/fs/bpf";
+/// The kernel's own BTF, which bpftool and CO-RE loaders read.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// The oldest kernel flowguard's programs load on: they call
+/// `bpf_ktime_get_coarse_ns`.
+const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 11, 0);
+/// From this kernel on, tc programs attach with TCX instead of clsact.
+const TCX_KERNEL: KernelVersion = KernelVersion::new(6, 6, 0);
+
+/// How a check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Ok,
+    Info,
+    Warn,
+    Fail,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::Info => "info",
+            Verdict::Warn => "warn",
+            Verdict::Fail => "fail",
+        }
+    }
+}
+
+/// One line of the diagnosis: what was checked, how it came out, and a
+/// sentence saying what that means and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Check {
+    /// `privileges`, `bpffs`, `kernel`, `btf`, `nftables`, `flowtable`,
+    /// `conntrack` or `flowguard`.
+    pub check: &'static str,
+    pub verdict: Verdict,
+    pub message: String,
+    /// Further lines (a flowtable's devices).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<String>,
+}
+
+impl Check {
+    fn new(check: &'static str, verdict: Verdict, message: impl Into<String>) -> Self {
+        Self {
+            check,
+            verdict,
+            message: one_line(&message.into()),
+            details: Vec::new(),
+        }
+    }
+}
+
+/// Tools' error messages may span lines (`nft` prints two): one line per
+/// check keeps the output readable and greppable.
+fn one_line(text: &str) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines.join("; ")
+}
+
+/// What a flowtable device is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// A port of a bridge: the flowtable resolves the path through the
+    /// bridge once and caches the destination MAC.
+    BridgePort,
+    /// A bridge device itself: neighbours are resolved per packet.
+    Bridge,
+    /// Neither: neighbours are resolved per packet.
+    Plain,
+    /// `ip link` could not tell (the device does not exist here, ...).
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeviceReport {
+    pub name: String,
+    pub role: Role,
+    /// The bridge a bridge port belongs to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// Why the role is unknown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl DeviceReport {
+    fn describe(&self) -> String {
+        match self.role {
+            Role::BridgePort => format!(
+                "{}: port of bridge {} (caches destination MACs)",
+                self.name,
+                self.bridge.as_deref().unwrap_or("?")
+            ),
+            Role::Bridge => format!("{}: a bridge (no MAC caching)", self.name),
+            Role::Plain => format!("{}: a plain device (no MAC caching)", self.name),
+            Role::Unknown => format!(
+                "{}: unknown ({})",
+                self.name,
+                self.error.as_deref().unwrap_or("no answer")
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FlowtableReport {
+    pub family: String,
+    pub table: String,
+    pub name: String,
+    /// `flags offload`: hardware offload.
+    pub hw_offload: bool,
+    pub devices: Vec<DeviceReport>,
+    /// Whether this flowtable can send to a stale MAC: a device is a bridge
+    /// port, or the flows go to hardware.
+    pub caches_macs: bool,
+}
+
+/// Conntrack entries counted by status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ConntrackCounts {
+    pub entries: u64,
+    /// In a flowtable now (`OFFLOAD` or `HW_OFFLOAD`): the entries that can
+    /// carry a stale MAC.
+    pub offloaded: u64,
+    /// Offloaded to hardware (`HW_OFFLOAD`).
+    pub hw_offloaded: u64,
+}
+
+impl ConntrackCounts {
+    pub fn of(flows: &[Flow]) -> Self {
+        let mut c = Self::default();
+        for f in flows {
+            c.entries += 1;
+            c.offloaded += u64::from(f.is_offloaded());
+            c.hw_offloaded += u64::from(f.status & IPS_HW_OFFLOAD != 0);
+        }
+        c
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConntrackReport {
+    pub reachable: bool,
+    #[serde(flatten)]
+    pub counts: Option<ConntrackCounts>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KernelReport {
+    /// `major.minor.patch`, when it could be read.
+    pub version: Option<String>,
+    /// tc programs attach with TCX (6.6+); else through a clsact qdisc.
+    pub tcx: bool,
+    /// `bpf_ktime_get_coarse_ns` (5.11+), which flowguard's programs need.
+    pub coarse_clock: bool,
+    /// The kernel's BTF at /sys/kernel/btf/vmlinux.
+    pub btf: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FlowguardReport {
+    pub pin_dir: String,
+    pub running: bool,
+    /// `fix` or `observe`, when running.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+}
+
+/// The whole diagnosis, as `flowguard doctor --json` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Report {
+    pub checks: Vec<Check>,
+    pub kernel: KernelReport,
+    /// `nft --version`, when nft runs.
+    pub nft: Option<String>,
+    /// `None` when the ruleset could not be read.
+    pub flowtables: Option<Vec<FlowtableReport>>,
+    pub conntrack: ConntrackReport,
+    pub flowguard: FlowguardReport,
+    /// Whether a check failed (the exit code is 1 then).
+    pub failed: bool,
+}
+
+impl Report {
+    /// 1 when a check failed, else 0.
+    pub fn exit_code(&self) -> u8 {
+        u8::from(self.failed)
+    }
+}
+
+/// Whether a flowguard runs at the pin directory.
+#[derive(Debug, Clone)]
+pub enum Running {
+    Yes(Box<Status>),
+    No,
+    /// Cannot tell; the sentence says why.
+    Unknown(String),
+}
+
+/// Everything the doctor reads from the system, before any judgement.
+#[derive(Debug, Clone)]
+pub struct Facts {
+    /// From [`sys::missing_capabilities`].
+    pub missing_caps: Vec<String>,
+    /// Whether /sys/fs/bpf is a bpffs.
+    pub bpffs: bool,
+    pub kernel: Result<KernelVersion, String>,
+    pub btf: bool,
+    /// `nft --version`, or why nft does not run.
+    pub nft: Result<String, String>,
+    /// `nft -j list flowtables`, parsed, or why it could not be read.
+    pub flowtables: Result<Vec<Flowtable>, String>,
+    /// What each flowtable device is, or why `ip link` could not tell.
+    pub devices: BTreeMap<String, Result<DeviceRole, String>>,
+    pub conntrack: Result<ConntrackCounts, String>,
+    pub pin_dir: String,
+    pub flowguard: Running,
+}
+
+/// Reads the facts of the current network namespace (and the host's mount
+/// namespace): privileges, bpffs, kernel, nftables, the flowtables' devices,
+/// conntrack, and a flowguard pinned at `pin_dir`.
+pub fn gather(pin_dir: &Path) -> Facts {
+    let nft = nft_version();
+    let flowtables = match &nft {
+        Ok(_) => flowtable::flowtables().map_err(|e| e.to_string()),
+        Err(e) => Err(e.clone()),
+    };
+    let mut devices = BTreeMap::new();
+    for t in flowtables.iter().flatten() {
+        for d in &t.devices {
+            devices
+                .entry(d.clone())
+                .or_insert_with(|| flowtable::device_role(d).map_err(|e| e.to_string()));
+        }
+    }
+    let conntrack = Conntrack::open()
+        .and_then(|mut ct| ct.all_flows())
+        .map(|flows| ConntrackCounts::of(&flows))
+        .map_err(|e| e.to_string());
+    Facts {
+        missing_caps: sys::missing_capabilities()
+            .into_iter()
+            .map(str::to_string)
+            .collect(),
+        bpffs: sys::is_on_bpffs(Path::new(BPFFS)),
+        kernel: KernelVersion::current().map_err(|e| e.to_string()),
+        btf: Path::new(VMLINUX_BTF).exists(),
+        nft,
+        flowtables,
+        devices,
+        conntrack,
+        pin_dir: pin_dir.display().to_string(),
+        flowguard: running(pin_dir),
+    }
+}
+
+fn nft_version() -> Result<String, String> {
+    match Command::new("nft").arg("--version").output() {
+        Ok(out) if out.status.success() => {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        }
+        Ok(out) => Err(format!(
+            "`nft --version` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err("nft is not installed (Debian: apt install nftables)".to_string())
+        }
+        Err(e) => Err(format!("cannot run nft: {e}")),
+    }
+}
+
+fn running(pin_dir: &Path) -> Running {
+    // A directory we may not search looks absent to `status::read`: ask first.
+    if let Err(e) = std::fs::metadata(pin_dir) {
+        if e.kind() == io::ErrorKind::PermissionDenied {
+            return Running::Unknown(format!(
+                "cannot look into {} ({e}): run doctor as root to see whether flowguard runs",
+                pin_dir.display()
+            ));
+        }
+    }
+    match status::read(pin_dir) {
+        Ok(st) => Running::Yes(Box::new(st)),
+        Err(StatusError::NotRunning(_)) => Running::No,
+        Err(e) => Running::Unknown(e.to_string()),
+    }
+}
+
+/// Parses `nft -j list flowtables` and the `ip -j -d link show dev D` answer
+/// of each device (missing answers mean the device is unknown). For tests and
+/// for diagnosing saved output.
+pub fn facts_from_json(
+    flowtables: &Value,
+    links: &[(&str, Value)],
+) -> (Vec<Flowtable>, BTreeMap<String, Result<DeviceRole, String>>) {
+    let tables = flowtable::parse_flowtables(flowtables);
+    let mut devices = BTreeMap::new();
+    for t in &tables {
+        for d in &t.devices {
+            let role = links
+                .iter()
+                .find(|(name, _)| name == d)
+                .map(|(name, v)| flowtable::parse_device(name, v))
+                .ok_or_else(|| format!("Device \"{d}\" does not exist."));
+            devices.insert(d.clone(), role);
+        }
+    }
+    (tables, devices)
+}
+
+/// Turns the facts into verdicts. Touches nothing.
+pub fn diagnose(f: &Facts) -> Report {
+    let mut checks = vec![privileges(&f.missing_caps), bpffs(f.bpffs)];
+    checks.push(kernel(&f.kernel));
+    checks.push(btf(f.btf));
+    checks.push(nftables(&f.nft));
+    let flowtables = match &f.flowtables {
+        Ok(tables) => {
+            let reports: Vec<FlowtableReport> = tables
+                .iter()
+                .map(|t| flowtable_report(t, &f.devices))
+                .collect();
+            checks.extend(flowtable_checks(&reports));
+            Some(reports)
+        }
+        Err(e) => {
+            checks.push(Check::new(
+                "flowtable",
+                Verdict::Warn,
+                format!(
+                    "cannot read the nftables flowtables ({e}): doctor cannot tell whether \
+                     a flowtable caches MACs here"
+                ),
+            ));
+            None
+        }
+    };
+    checks.push(conntrack_check(&f.conntrack));
+    checks.push(flowguard_check(&f.pin_dir, &f.flowguard));
+    let kernel = KernelReport {
+        version: f.kernel.as_ref().ok().map(ToString::to_string),
+        tcx: f.kernel.as_ref().is_ok_and(|v| *v >= TCX_KERNEL),
+        coarse_clock: f.kernel.as_ref().is_ok_and(|v| *v >= MIN_KERNEL),
+        btf: f.btf,
+    };
+    let conntrack = match &f.conntrack {
+        Ok(c) => ConntrackReport {
+            reachable: true,
+            counts: Some(*c),
+            error: None,
+        },
+        Err(e) => ConntrackReport {
+            reachable: false,
+            counts: None,
+            error: Some(e.clone()),
+        },
+    };
+    let flowguard = FlowguardReport {
+        pin_dir: f.pin_dir.clone(),
+        running: matches!(f.flowguard, Running::Yes(_)),
+        mode: match &f.flowguard {
+            Running::Yes(st) => Some(st.mode.to_string()),
+            _ => None,
+        },
+    };
+    let failed = checks.iter().any(|c| c.verdict == Verdict::Fail);
+    Report {
+        checks,
+        kernel,
+        nft: f.nft.as_ref().ok().cloned(),
+        flowtables,
+        conntrack,
+        flowguard,
+        failed,
+    }
+}
+
+fn privileges(missing: &[String]) -> Check {
+    if missing.is_empty() {
+        return Check::new(
+            "privileges",
+            Verdict::Ok,
+            "CAP_BPF and CAP_NET_ADMIN are effective: flowguard can load and attach its \
+             programs, and doctor can read conntrack and the pinned maps",
+        );
+    }
+    Check::new(
+        "privileges",
+        Verdict::Fail,
+        format!(
+            "missing {}: flowguard cannot load or attach its programs, and doctor cannot \
+             read everything; run as root (sudo flowguard doctor) or grant the capabilities",
+            missing.join(" and ")
+        ),
+    )
+}
+
+fn bpffs(mounted: bool) -> Check {
+    if mounted {
+        Check::new(
+            "bpffs",
+            Verdict::Ok,
+            format!("{BPFFS} is a bpf filesystem: flowguard can pin its maps there"),
+        )
+    } else {
+        Check::new(
+            "bpffs",
+            Verdict::Fail,
+            format!(
+                "{BPFFS} is not a bpf filesystem: flowguard cannot pin its maps; mount it \
+                 with `mount -t bpf bpf {BPFFS}` (or pass --pin-dir on another bpffs)"
+            ),
+        )
+    }
+}
+
+fn kernel(read: &Result<KernelVersion, String>) -> Check {
+    let v = match read {
+        Ok(v) => *v,
+        Err(why) => {
+            return Check::new(
+                "kernel",
+                Verdict::Warn,
+                format!(
+                    "cannot read the kernel version ({why}): flowguard needs Linux 5.11 or newer, \
+                 and attaches tc programs with TCX from 6.6 on"
+                ),
+            )
+        }
+    };
+    if v < MIN_KERNEL {
+        return Check::new(
+            "kernel",
+            Verdict::Fail,
+            format!(
+                "Linux {v} is too old: flowguard's programs call bpf_ktime_get_coarse_ns, \
+                 which needs Linux 5.11; upgrade the kernel"
+            ),
+        );
+    }
+    let tc = if v >= TCX_KERNEL {
+        "tc programs attach with TCX (6.6+)"
+    } else {
+        "tc programs attach through a clsact qdisc (TCX needs 6.6)"
+    };
+    Check::new(
+        "kernel",
+        Verdict::Ok,
+        format!("Linux {v}: {tc}; bpf_ktime_get_coarse_ns (5.11+) is there"),
+    )
+}
+
+fn btf(present: bool) -> Check {
+    if present {
+        Check::new(
+            "btf",
+            Verdict::Ok,
+            format!("{VMLINUX_BTF} is there: the kernel has BTF"),
+        )
+    } else {
+        Check::new(
+            "btf",
+            Verdict::Warn,
+            format!(
+                "no {VMLINUX_BTF}: the kernel was built without CONFIG_DEBUG_INFO_BTF; \
+                 flowguard's maps carry their own BTF, but if loading fails, this is why"
+            ),
+        )
+    }
+}
+
+fn nftables(nft: &Result<String, String>) -> Check {
+    match nft {
+        Ok(version) => Check::new(
+            "nftables",
+            Verdict::Ok,
+            format!(
+                "{version} is installed: doctor and `flowguard run --auto` read the \
+                 flowtables with it"
+            ),
+        ),
+        Err(e) => Check::new(
+            "nftables",
+            Verdict::Warn,
+            format!(
+                "{e}: the flowtables cannot be read, so neither doctor nor \
+                 `flowguard run --auto` can find the devices that cache MACs"
+            ),
+        ),
+    }
+}
+
+fn flowtable_report(
+    t: &Flowtable,
+    roles: &BTreeMap<String, Result<DeviceRole, String>>,
+) -> FlowtableReport {
+    let devices: Vec<DeviceReport> = t
+        .devices
+        .iter()
+        .map(|d| match roles.get(d) {
+            Some(Ok(r)) => DeviceReport {
+                name: d.clone(),
+                role: if r.bridge_port_of.is_some() {
+                    Role::BridgePort
+                } else if r.is_bridge {
+                    Role::Bridge
+                } else {
+                    Role::Plain
+                },
+                bridge: r.bridge_port_of.clone(),
+                error: None,
+            },
+            Some(Err(e)) => DeviceReport {
+                name: d.clone(),
+                role: Role::Unknown,
+                bridge: None,
+                error: Some(e.clone()),
+            },
+            None => DeviceReport {
+                name: d.clone(),
+                role: Role::Unknown,
+                bridge: None,
+                error: Some("not looked up".to_string()),
+            },
+        })
+        .collect();
+    let caches_macs = t.hw_offload || devices.iter().any(|d| d.role == Role::BridgePort);
+    FlowtableReport {
+        family: t.family.clone(),
+        table: t.table.clone(),
+        name: t.name.clone(),
+        hw_offload: t.hw_offload,
+        devices,
+        caches_macs,
+    }
+}
+
+/// One check per flowtable, or one saying there is none.
+pub fn flowtable_checks(tables: &[FlowtableReport]) -> Vec<Check> {
+    if tables.is_empty() {
+        return vec![Check::new(
+            "flowtable",
+            Verdict::Info,
+            "no flowtable: nothing caches MACs",
+        )];
+    }
+    tables.iter().map(flowtable_check).collect()
+}
+
+fn flowtable_check(t: &FlowtableReport) -> Check {
+    let what = format!("{} {} {}", t.family, t.table, t.name);
+    let ports: Vec<&str> = t
+        .devices
+        .iter()
+        .filter(|d| d.role == Role::BridgePort)
+        .map(|d| d.name.as_str())
+        .collect();
+    let unknown: Vec<&str> = t
+        .devices
+        .iter()
+        .filter(|d| d.role == Role::Unknown)
+        .map(|d| d.name.as_str())
+        .collect();
+    let mut sentences = Vec::new();
+    if !ports.is_empty() {
+        let egress: Vec<String> = ports.iter().map(|p| format!("--egress {p}")).collect();
+        sentences.push(format!(
+            "caches destination MACs: flowguard's router role is needed here (attach with {} \
+             or --auto)",
+            egress.join(" ")
+        ));
+    }
+    if t.hw_offload {
+        sentences.push(
+            "hardware offload (flags offload): the CPU never sees these packets; only \
+             eviction on a neighbour change helps (flowguard's router role evicts when a \
+             neighbour's MAC changes; its host role fixes delivery on the receiving host)"
+                .to_string(),
+        );
+    }
+    let verdict = if !sentences.is_empty() {
+        Verdict::Warn
+    } else if !unknown.is_empty() {
+        sentences.push(format!(
+            "cannot tell whether it caches MACs: {} could not be looked up; a bridge port \
+             among them would cache destination MACs",
+            unknown.join(", ")
+        ));
+        Verdict::Warn
+    } else if t.devices.is_empty() {
+        sentences.push("no devices: no MAC caching".to_string());
+        Verdict::Ok
+    } else {
+        sentences.push(
+            "no MAC caching: its devices are bridges or plain ports, where the kernel \
+             resolves the neighbour for every packet"
+                .to_string(),
+        );
+        Verdict::Ok
+    };
+    Check {
+        check: "flowtable",
+        verdict,
+        message: one_line(&format!("{what}: {}", sentences.join("; "))),
+        details: t.devices.iter().map(|d| one_line(&d.describe())).collect(),
+    }
+}
+
+fn conntrack_check(ct: &Result<ConntrackCounts, String>) -> Check {
+    match ct {
+        Ok(c) => {
+            let mut message = format!(
+                "reachable over ctnetlink: {} entries, {} offloaded now (OFFLOAD), {} of them \
+                 in hardware (HW_OFFLOAD)",
+                c.entries, c.offloaded, c.hw_offloaded
+            );
+            if c.offloaded > 0 {
+                message.push_str(
+                    "; offloaded flows are the ones that can carry a stale MAC, and flowguard \
+                     evicts them when their endpoint's MAC changes",
+                );
+            }
+            Check::new("conntrack", Verdict::Ok, message)
+        }
+        Err(e) => Check::new(
+            "conntrack",
+            Verdict::Warn,
+            format!(
+                "not reachable over ctnetlink ({e}): flowguard cannot evict stale flows, and \
+                 doctor cannot count the offloaded ones"
+            ),
+        ),
+    }
+}
+
+fn flowguard_check(pin_dir: &str, running: &Running) -> Check {
+    match running {
+        Running::Yes(st) => {
+            let c = &st.counters;
+            Check::new(
+                "flowguard",
+                Verdict::Ok,
+                format!(
+                    "running at {pin_dir} in {} mode: {} endpoints, {} frames to stale MACs \
+                     seen, {} rewritten, {} conntrack entries evicted (`flowguard status` \
+                     for more)",
+                    st.mode,
+                    st.endpoints.len(),
+                    c.stale,
+                    c.rewritten,
+                    c.evicted
+                ),
+            )
+        }
+        Running::No => Check::new(
+            "flowguard",
+            Verdict::Info,
+            format!("not running at {pin_dir} (no pinned maps there)"),
+        ),
+        Running::Unknown(e) => Check::new(
+            "flowguard",
+            Verdict::Warn,
+            format!("cannot tell whether flowguard runs at {pin_dir}: {e}"),
+        ),
+    }
+}
+
+/// The human-readable form: one line per check, verdict first.
+pub fn render(r: &Report) -> String {
+    let mut out = String::new();
+    for c in &r.checks {
+        let _ = writeln!(
+            out,
+            "{:<5} {:<10} {}",
+            c.verdict.as_str(),
+            c.check,
+            c.message
+        );
+        for d in &c.details {
+            let _ = writeln!(out, "{:<16} {d}", "");
+        }
+    }
+    let count = |v: Verdict| r.checks.iter().filter(|c| c.verdict == v).count();
+    let (fails, warns) = (count(Verdict::Fail), count(Verdict::Warn));
+    let _ = writeln!(
+        out,
+        "{}",
+        match (fails, warns) {
+            (0, 0) => "all checks passed".to_string(),
+            (0, w) => format!("no check failed, {w} warning(s)"),
+            (f, w) => format!("{f} check(s) failed, {w} warning(s)"),
+        }
+    );
+    out
+}
+
+/// `flowguard doctor [--json]`: prints the diagnosis of this machine and
+/// returns the exit code (1 when a check failed).
+pub fn run(json: bool, pin_dir: &Path) -> u8 {
+    let report = diagnose(&gather(pin_dir));
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("error: cannot print the report as JSON: {e}");
+                return 1;
+            }
+        }
+    } else {
+        print!("{}", render(&report));
+    }
+    report.exit_code()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::conntrack::{Tuple, IPS_OFFLOAD};
+
+    /// A healthy root on a recent kernel, with no flowtable.
+    fn facts() -> Facts {
+        Facts {
+            missing_caps: Vec::new(),
+            bpffs: true,
+            kernel: Ok(KernelVersion::new(6, 12, 0)),
+            btf: true,
+            nft: Ok("nftables v1.0.6 (Lester Gooch #5)".into()),
+            flowtables: Ok(Vec::new()),
+            devices: BTreeMap::new(),
+            conntrack: Ok(ConntrackCounts::default()),
+            pin_dir: "/sys/fs/bpf/flowguard".into(),
+            flowguard: Running::No,
+        }
+    }
+
+    fn with_ruleset(flowtables: Value, links: &[(&str, Value)]) -> Facts {
+        let (tables, devices) = facts_from_json(&flowtables, links);
+        Facts {
+            flowtables: Ok(tables),
+            devices,
+            ..facts()
+        }
+    }
+
+    fn the<'a>(r: &'a Report, check: &str) -> Vec<&'a Check> {
+        r.checks.iter().filter(|c| c.check == check).collect()
+    }
+
+    fn metainfo() -> Value {
+        json!({"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5",
+                            "json_schema_version": 1}})
+    }
+
+    fn link_port(name: &str, bridge: &str) -> Value {
+        json!([{"ifindex": 4, "ifname": name, "master": bridge, "mtu": 1500,
+                "linkinfo": {"info_kind": "veth", "info_slave_kind": "bridge",
+                             "info_slave_data": {"state": "forwarding"}}}])
+    }
+
+    fn link_bridge(name: &str) -> Value {
+        json!([{"ifindex": 3, "ifname": name, "mtu": 1500,
+                "linkinfo": {"info_kind": "bridge", "info_data": {"stp_state": 0}}}])
+    }
+
+    fn link_plain(name: &str) -> Value {
+        json!([{"ifindex": 2, "ifname": name, "mtu": 1500, "linkinfo": {"info_kind": "veth"}}])
+    }
+
+    #[test]
+    fn no_flowtable_is_info_and_nothing_fails() {
+        let f = with_ruleset(json!({"nftables": [metainfo()]}), &[]);
+        let r = diagnose(&f);
+        let ft = the(&r, "flowtable");
+        assert_eq!(ft.len(), 1);
+        assert_eq!(ft[0].verdict, Verdict::Info);
+        assert_eq!(ft[0].message, "no flowtable: nothing caches MACs");
+        assert_eq!(r.flowtables.as_deref(), Some(&[][..]));
+        assert!(!r.failed);
+        assert_eq!(r.exit_code(), 0);
+        // An empty ruleset prints nothing at all: the same answer.
+        let r = diagnose(&with_ruleset(Value::Null, &[]));
+        assert_eq!(the(&r, "flowtable")[0].verdict, Verdict::Info);
+    }
+
+    #[test]
+    fn a_bridge_port_among_the_devices_caches_macs() {
+        let f = with_ruleset(
+            json!({"nftables": [metainfo(),
+                {"flowtable": {"family": "inet", "name": "ft", "table": "fw4", "handle": 3,
+                               "hook": "ingress", "prio": 0, "dev": ["wan", "lan1", "lan2"]}}]}),
+            &[
+                ("wan", link_plain("wan")),
+                ("lan1", link_port("lan1", "br-lan")),
+                ("lan2", link_port("lan2", "br-lan")),
+            ],
+        );
+        let r = diagnose(&f);
+        let c = the(&r, "flowtable")[0];
+        assert_eq!(c.verdict, Verdict::Warn);
+        assert_eq!(
+            c.message,
+            "inet fw4 ft: caches destination MACs: flowguard's router role is needed here \
+             (attach with --egress lan1 --egress lan2 or --auto)"
+        );
+        assert_eq!(
+            c.details,
+            [
+                "wan: a plain device (no MAC caching)",
+                "lan1: port of bridge br-lan (caches destination MACs)",
+                "lan2: port of bridge br-lan (caches destination MACs)",
+            ]
+        );
+        let t = &r.flowtables.as_ref().unwrap()[0];
+        assert!(t.caches_macs && !t.hw_offload);
+        assert_eq!(t.devices[1].role, Role::BridgePort);
+        assert_eq!(t.devices[1].bridge.as_deref(), Some("br-lan"));
+        assert!(!r.failed, "a flowtable that caches MACs is a warning");
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["flowtables"][0]["devices"][1]["role"], "bridge_port");
+        assert_eq!(json["flowtables"][0]["devices"][0]["role"], "plain");
+    }
+
+    #[test]
+    fn the_bridge_device_or_plain_ports_cache_no_macs() {
+        for (devs, links) in [
+            (
+                json!(["wan", "br-lan"]),
+                vec![
+                    ("wan", link_plain("wan")),
+                    ("br-lan", link_bridge("br-lan")),
+                ],
+            ),
+            (
+                json!(["wan", "eth1"]),
+                vec![("wan", link_plain("wan")), ("eth1", link_plain("eth1"))],
+            ),
+        ] {
+            let f = with_ruleset(
+                json!({"nftables": [metainfo(),
+                    {"flowtable": {"family": "ip", "name": "f", "table": "filter",
+                                   "hook": "ingress", "prio": 0, "dev": devs}}]}),
+                &links,
+            );
+            let r = diagnose(&f);
+            let c = the(&r, "flowtable")[0];
+            assert_eq!(c.verdict, Verdict::Ok, "{c:?}");
+            assert!(
+                c.message.starts_with("ip filter f: no MAC caching"),
+                "{c:?}"
+            );
+            assert!(!r.flowtables.as_ref().unwrap()[0].caches_macs);
+        }
+    }
+
+    #[test]
+    fn hardware_offload_is_only_helped_by_eviction() {
+        let f = with_ruleset(
+            json!({"nftables": [metainfo(),
+                {"flowtable": {"family": "inet", "name": "ft", "table": "fw4", "hook": "ingress",
+                               "prio": 0, "dev": ["wan", "lan1"], "flags": ["offload"]}}]}),
+            &[("wan", link_plain("wan")), ("lan1", link_plain("lan1"))],
+        );
+        let r = diagnose(&f);
+        let c = the(&r, "flowtable")[0];
+        assert_eq!(c.verdict, Verdict::Warn);
+        assert!(
+            c.message.starts_with(
+                "inet fw4 ft: hardware offload (flags offload): the CPU never sees these \
+                 packets; only eviction on a neighbour change helps"
+            ),
+            "{c:?}"
+        );
+        assert!(!c.message.contains("--egress"), "{c:?}");
+        assert!(r.flowtables.as_ref().unwrap()[0].caches_macs);
+
+        // Hardware offload on a bridge port: both sentences.
+        let f = with_ruleset(
+            json!({"nftables": [metainfo(),
+                {"flowtable": {"family": "inet", "name": "ft", "table": "fw4",
+                               "dev": "lan1", "flags": "offload"}}]}),
+            &[("lan1", link_port("lan1", "br-lan"))],
+        );
+        let c = diagnose(&f)
+            .checks
+            .into_iter()
+            .find(|c| c.check == "flowtable");
+        let m = c.unwrap().message;
+        assert!(
+            m.contains("--egress lan1") && m.contains("hardware offload"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn a_device_that_cannot_be_looked_up_is_a_warning() {
+        let f = with_ruleset(
+            json!({"nftables": [
+                {"flowtable": {"family": "inet", "name": "ft", "table": "t", "dev": ["lan9"]}}]}),
+            &[],
+        );
+        let r = diagnose(&f);
+        let c = the(&r, "flowtable")[0];
+        assert_eq!(c.verdict, Verdict::Warn);
+        assert!(c.message.contains("cannot tell"), "{c:?}");
+        assert!(c.details[0].starts_with("lan9: unknown"), "{c:?}");
+    }
+
+    #[test]
+    fn several_flowtables_get_one_line_each() {
+        let f = with_ruleset(
+            json!({"nftables": [
+                {"flowtable": {"family": "inet", "name": "a", "table": "t", "dev": ["lan1"]}},
+                {"flowtable": {"family": "inet", "name": "b", "table": "t", "dev": ["br0"]}}]}),
+            &[
+                ("lan1", link_port("lan1", "br0")),
+                ("br0", link_bridge("br0")),
+            ],
+        );
+        let r = diagnose(&f);
+        let v: Vec<Verdict> = the(&r, "flowtable").iter().map(|c| c.verdict).collect();
+        assert_eq!(v, [Verdict::Warn, Verdict::Ok]);
+    }
+
+    #[test]
+    fn missing_privileges_fail_and_set_the_exit_code() {
+        let f = Facts {
+            missing_caps: vec!["CAP_BPF".into(), "CAP_NET_ADMIN".into()],
+            flowtables: Err(
+                "running `nft -j list flowtables` failed: Operation not permitted".into(),
+            ),
+            conntrack: Err("conntrack over netlink needs CAP_NET_ADMIN".into()),
+            ..facts()
+        };
+        let r = diagnose(&f);
+        let p = the(&r, "privileges")[0];
+        assert_eq!(p.verdict, Verdict::Fail);
+        assert!(
+            p.message.contains("missing CAP_BPF and CAP_NET_ADMIN"),
+            "{p:?}"
+        );
+        assert!(r.failed);
+        assert_eq!(r.exit_code(), 1);
+        assert_eq!(the(&r, "flowtable")[0].verdict, Verdict::Warn);
+        assert_eq!(r.flowtables, None);
+        assert_eq!(the(&r, "conntrack")[0].verdict, Verdict::Warn);
+        assert!(!r.conntrack.reachable);
+        assert!(render(&r).contains("fail  privileges missing CAP_BPF"));
+        // nft's two-line error stays on the check's one line.
+        let r = diagnose(&Facts {
+            flowtables: Err("Operation not permitted (you must be root)\n\
+                             netlink: Error: cache initialization failed"
+                .into()),
+            ..facts()
+        });
+        let c = the(&r, "flowtable")[0];
+        assert!(
+            c.message
+                .contains("(you must be root); netlink: Error: cache initialization failed)"),
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn bpffs_kernel_btf_and_nft() {
+        let r = diagnose(&Facts {
+            bpffs: false,
+            ..facts()
+        });
+        let b = the(&r, "bpffs")[0];
+        assert_eq!(b.verdict, Verdict::Fail);
+        assert!(b.message.contains("mount -t bpf bpf /sys/fs/bpf"), "{b:?}");
+
+        let kernel = |v: KernelVersion| {
+            let r = diagnose(&Facts {
+                kernel: Ok(v),
+                ..facts()
+            });
+            (the(&r, "kernel")[0].clone(), r.kernel)
+        };
+        let (c, k) = kernel(KernelVersion::new(5, 10, 200));
+        assert_eq!(c.verdict, Verdict::Fail);
+        assert!(c.message.contains("5.11"), "{c:?}");
+        assert!(!k.coarse_clock && !k.tcx);
+        let (c, k) = kernel(KernelVersion::new(6, 1, 0));
+        assert_eq!(c.verdict, Verdict::Ok);
+        assert!(c.message.contains("clsact"), "{c:?}");
+        assert!(k.coarse_clock && !k.tcx);
+        let (c, k) = kernel(KernelVersion::new(6, 6, 0));
+        assert!(c.message.contains("TCX (6.6+)"), "{c:?}");
+        assert!(k.tcx);
+        assert_eq!(k.version.as_deref(), Some("6.6.0"));
+        let r = diagnose(&Facts {
+            kernel: Err("failed to read kernel version".into()),
+            ..facts()
+        });
+        assert_eq!(the(&r, "kernel")[0].verdict, Verdict::Warn);
+
+        let r = diagnose(&Facts {
+            btf: false,
+            nft: Err("nft is not installed (Debian: apt install nftables)".into()),
+            flowtables: Err("nft is not installed (Debian: apt install nftables)".into()),
+            ..facts()
+        });
+        assert_eq!(the(&r, "btf")[0].verdict, Verdict::Warn);
+        assert_eq!(the(&r, "nftables")[0].verdict, Verdict::Warn);
+        assert!(!r.failed);
+    }
+
+    #[test]
+    fn conntrack_counts_offloaded_and_hardware_entries() {
+        let ip = |s: &str| s.parse().unwrap();
+        let mut flows: Vec<Flow> = (0..4)
+            .map(|i| Flow::unnatted(Tuple::udp(ip("10.0.0.2"), 1000 + i, ip("10.0.0.1"), 53)))
+            .collect();
+        flows[1].status = IPS_OFFLOAD;
+        flows[2].status = IPS_OFFLOAD | IPS_HW_OFFLOAD;
+        let c = ConntrackCounts::of(&flows);
+        assert_eq!(
+            c,
+            ConntrackCounts {
+                entries: 4,
+                offloaded: 2,
+                hw_offloaded: 1
+            }
+        );
+        let r = diagnose(&Facts {
+            conntrack: Ok(c),
+            ..facts()
+        });
+        let ct = the(&r, "conntrack")[0];
+        assert_eq!(ct.verdict, Verdict::Ok);
+        assert!(
+            ct.message.starts_with(
+                "reachable over ctnetlink: 4 entries, 2 offloaded now (OFFLOAD), 1 of them in \
+                 hardware (HW_OFFLOAD)"
+            ),
+            "{ct:?}"
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            json["conntrack"],
+            json!({"reachable": true, "entries": 4, "offloaded": 2, "hw_offloaded": 1})
+        );
+    }
+
+    #[test]
+    fn flowguard_running_or_not() {
+        let r = diagnose(&facts());
+        let c = the(&r, "flowguard")[0];
+        assert_eq!(c.verdict, Verdict::Info);
+        assert!(c.message.contains("not running at /sys/fs/bpf/flowguard"));
+        assert!(!r.flowguard.running);
+
+        let st = Status {
+            pin_dir: "/sys/fs/bpf/flowguard".into(),
+            mode: "fix",
+            counters: Default::default(),
+            endpoints: Vec::new(),
+        };
+        let r = diagnose(&Facts {
+            flowguard: Running::Yes(Box::new(st)),
+            ..facts()
+        });
+        assert_eq!(the(&r, "flowguard")[0].verdict, Verdict::Ok);
+        assert!(r.flowguard.running);
+        assert_eq!(r.flowguard.mode.as_deref(), Some("fix"));
+
+        let r = diagnose(&Facts {
+            flowguard: Running::Unknown("permission denied".into()),
+            ..facts()
+        });
+        assert_eq!(the(&r, "flowguard")[0].verdict, Verdict::Warn);
+    }
+
+    #[test]
+    fn the_text_form_has_one_line_per_check_and_a_summary() {
+        let f = with_ruleset(
+            json!({"nftables": [
+                {"flowtable": {"family": "inet", "name": "ft", "table": "t", "dev": ["lan1"]}}]}),
+            &[("lan1", link_port("lan1", "br0"))],
+        );
+        let r = diagnose(&f);
+        let text = render(&r);
+        assert!(
+            text.contains("\nwarn  flowtable  inet t ft: caches destination MACs"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\n                 lan1: port of bridge br0"),
+            "{text}"
+        );
+        assert!(text.ends_with("no check failed, 1 warning(s)\n"), "{text}");
+        assert!(text.starts_with("ok    privileges CAP_BPF"), "{text}");
+    }
+}
