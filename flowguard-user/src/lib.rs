@@ -9,6 +9,7 @@ pub mod endpoints;
 pub mod events;
 pub mod flowtable;
 pub mod loader;
+pub mod metrics;
 pub mod neigh;
 pub mod settings;
 pub mod status;
