@@ -1,5 +1,5 @@
 //! The `flowguard` command: `run` guards interfaces until stopped, `status`
-//! shows what a running instance has seen.
+//! shows what a running instance has seen, `doctor` checks this machine.
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -9,7 +9,7 @@ use flowguard_common::source;
 use flowguard_user::{
     agent::{self, AgentOptions},
     conntrack::EvictScope,
-    endpoints, flowtable,
+    doctor, endpoints, flowtable,
     loader::{Guard, GuardOptions, XdpAttach},
     metrics,
     settings::{self, endpoint_key, Mode, Prefix, StaticEndpoint},
@@ -39,6 +39,14 @@ enum Command {
         /// Where the running instance pinned its maps.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+    },
+    /// Check this machine: privileges, bpffs, kernel features, whether its
+    /// flowtables cache MACs, conntrack and offloaded flows, a running flowguard.
+    /// Exits 1 when a check fails.
+    Doctor {
+        /// Print JSON instead of one line per check.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -127,6 +135,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Status { json, pin_dir } => show_status(json, &pin_dir),
+        Command::Doctor { json } => {
+            return ExitCode::from(doctor::run(json, std::path::Path::new(DEFAULT_PIN_DIR)));
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
