@@ -28,6 +28,7 @@ const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "iputils-ping",
     "iputils-arping",
+    "shellcheck",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
