@@ -4,4 +4,5 @@ pub mod frames;
 pub mod netns;
 pub mod progs;
 pub mod router;
+pub mod stale;
 pub mod topology;

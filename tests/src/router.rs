@@ -24,6 +24,7 @@ use serde_json::Value;
 
 pub use crate::flow::UdpFlow;
 use crate::netns::{self, Netns};
+use crate::stale;
 
 pub const ROUTER_LAN_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 1);
 pub const ROUTER_WAN_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -49,7 +50,6 @@ pub const MAC_B: &str = "02:42:c0:a8:01:f5";
 /// The nftables table that tracks forwarded and local traffic in the router.
 const CT_TABLE: &str = "fgct";
 /// The netdev table of the stale-MAC emulation.
-const STALE_TABLE: &str = "fg_stale";
 /// Marks a [`UdpFlow`]'s datagrams, so that nothing else is counted.
 /// Bound on how long the router's neighbour table may take to show a change.
 pub const NEIGH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -371,21 +371,13 @@ impl RouterTopology {
     /// egress rule standing in for a flowtable's cached MAC. It runs before
     /// tc egress, where flowguard sits.
     pub fn set_stale(&self, ip: Ipv4Addr, mac: &str) {
-        self.clear_stale();
         let port = self.endpoint(ip).port;
-        let script = format!(
-            "add table netdev {STALE_TABLE}; \
-             add chain netdev {STALE_TABLE} egress \
-             {{ type filter hook egress device {port} priority 0; }}; \
-             add rule netdev {STALE_TABLE} egress ip daddr {ip} ether daddr set {mac}"
-        );
-        self.router.exec(&["nft", &script]);
+        stale::set_stale(&self.router, port, ip, mac);
     }
 
     /// Removes the stale-MAC rule, if any.
     pub fn clear_stale(&self) {
-        let script = format!("add table netdev {STALE_TABLE}; delete table netdev {STALE_TABLE}");
-        self.router.exec(&["nft", &script]);
+        stale::clear_stale(&self.router);
     }
 
     /// Sets a per-namespace sysctl of the router (`key=value`).

@@ -13,6 +13,7 @@ use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 
 use crate::flow::UdpFlow;
 use crate::netns::Netns;
+use crate::stale;
 
 pub const ROUTER_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 1);
 pub const CONTAINER_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 240);
@@ -31,7 +32,6 @@ pub const MAC_C: &str = "02:42:c0:a8:01:0c";
 const BRIDGE: &str = "br-lan";
 const BRIDGE_PORT: &str = "lan1";
 const CONTAINER_IF: &str = "mv0";
-const STALE_TABLE: &str = "flowguard_stale";
 
 pub struct HostRoleTopology {
     // Fields drop in order: the sockets first, then the namespaces.
@@ -138,21 +138,12 @@ impl HostRoleTopology {
     /// with destination MAC `mac`, whatever the neighbour table says: an
     /// nftables netdev egress rule standing in for a flowtable's cached MAC.
     pub fn set_stale(&self, mac: &str) {
-        self.clear_stale();
-        let script = format!(
-            "add table netdev {STALE_TABLE}; \
-             add chain netdev {STALE_TABLE} egress \
-             {{ type filter hook egress device {BRIDGE_PORT} priority 0; }}; \
-             add rule netdev {STALE_TABLE} egress ip daddr {CONTAINER_IP} ether daddr set {mac}"
-        );
-        self.router.exec(&["nft", &script]);
+        stale::set_stale(&self.router, BRIDGE_PORT, CONTAINER_IP, mac);
     }
 
     /// Removes the stale-MAC rule, if any.
     pub fn clear_stale(&self) {
-        // `add` first makes the delete succeed whether or not the table exists.
-        let script = format!("add table netdev {STALE_TABLE}; delete table netdev {STALE_TABLE}");
-        self.router.exec(&["nft", &script]);
+        stale::clear_stale(&self.router);
     }
 
     /// The container sends one datagram to the router: an ARP request and an
