@@ -217,6 +217,7 @@ impl Default for Config {
 /// Global counters: element 0 of the COUNTERS per-CPU array map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct Counters {
     /// Unicast frames inside the watched prefixes that were looked up.
     pub checked: u64,
@@ -265,6 +266,7 @@ impl Counters {
 /// others so that `bpftool` and `flowguard status` show them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct UserCounters {
     /// Neighbour entries that gave an endpoint a MAC for the first time.
     pub neigh_added: u64,

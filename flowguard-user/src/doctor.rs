@@ -682,9 +682,9 @@ fn flowguard_check(pin_dir: &str, running: &Running) -> Check {
                      for more)",
                     st.mode,
                     st.endpoints.len(),
-                    c.stale,
-                    c.rewritten,
-                    c.evicted
+                    c.kernel.stale,
+                    c.kernel.rewritten,
+                    c.user.evicted
                 ),
             )
         }

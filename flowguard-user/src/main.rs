@@ -276,7 +276,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let pin_dir = guard.pin_dir().to_path_buf();
     drop(guard);
     if let Some(st) = summary {
-        let c = st.counters;
+        let c = st.counters.kernel;
         println!(
             "flowguard: stopped; {} frames to stale MACs seen, {} rewritten, {} endpoints learned; \
              programs detached, {} removed",

@@ -72,54 +72,54 @@ pub fn check_address(addr: SocketAddr, allow_remote: bool) -> Result<(), Metrics
 type CounterFamily = (&'static str, &'static str, fn(&CounterTotals) -> u64);
 
 const COUNTERS: &[CounterFamily] = &[
-    ("checked", "Unicast frames inside the watched prefixes that were looked up.", |c| c.checked),
-    ("stale", "Frames to a known endpoint with a stale destination MAC.", |c| c.stale),
-    ("rewritten", "Stale frames whose destination MAC was rewritten (fix mode).", |c| c.rewritten),
+    ("checked", "Unicast frames inside the watched prefixes that were looked up.", |c| c.kernel.checked),
+    ("stale", "Frames to a known endpoint with a stale destination MAC.", |c| c.kernel.stale),
+    ("rewritten", "Stale frames whose destination MAC was rewritten (fix mode).", |c| c.kernel.rewritten),
     (
         "ambiguous",
         "Stale frames left untouched because the endpoint is ambiguous or its MAC unusable.",
-        |c| c.ambiguous,
+        |c| c.kernel.ambiguous,
     ),
     (
         "unconfirmed",
         "Frames to a neighbour-table endpoint with another MAC, left untouched because the kernel's neighbour table did not confirm them stale.",
-        |c| c.unconfirmed,
+        |c| c.kernel.unconfirmed,
     ),
-    ("events", "Events sent by the kernel side to user space.", |c| c.events),
-    ("events_lost", "Events lost because the ring buffer was full.", |c| c.events_lost),
-    ("learned_new", "Endpoints learned for the first time.", |c| c.learned_new),
-    ("learned_moved", "Learned endpoints whose MAC changed.", |c| c.learned_moved),
-    ("learn_failed", "Learning attempts that failed (endpoint map full).", |c| c.learn_failed),
+    ("events", "Events sent by the kernel side to user space.", |c| c.kernel.events),
+    ("events_lost", "Events lost because the ring buffer was full.", |c| c.kernel.events_lost),
+    ("learned_new", "Endpoints learned for the first time.", |c| c.kernel.learned_new),
+    ("learned_moved", "Learned endpoints whose MAC changed.", |c| c.kernel.learned_moved),
+    ("learn_failed", "Learning attempts that failed (endpoint map full).", |c| c.kernel.learn_failed),
     ("neigh_added", "Neighbour entries that gave an endpoint a MAC for the first time.", |c| {
-        c.neigh_added
+        c.user.neigh_added
     }),
-    ("neigh_moved", "Neighbour entries that changed an endpoint's MAC.", |c| c.neigh_moved),
+    ("neigh_moved", "Neighbour entries that changed an endpoint's MAC.", |c| c.user.neigh_moved),
     (
         "neigh_removed",
         "Endpoints dropped because the kernel no longer believes in their MAC.",
-        |c| c.neigh_removed,
+        |c| c.user.neigh_removed,
     ),
     (
         "neigh_ambiguous",
         "Endpoints marked ambiguous (one IP, different MACs on different interfaces).",
-        |c| c.neigh_ambiguous,
+        |c| c.user.neigh_ambiguous,
     ),
     (
         "neigh_overflows",
         "Neighbour event overflows answered with a fresh dump of the table.",
-        |c| c.neigh_overflows,
+        |c| c.user.neigh_overflows,
     ),
     ("reconciles", "Full reconciles of the endpoint map with the neighbour table.", |c| {
-        c.reconciles
+        c.user.reconciles
     }),
     ("eviction_runs", "Eviction runs (one per endpoint trigger that passed debounce).", |c| {
-        c.eviction_runs
+        c.user.eviction_runs
     }),
-    ("evicted", "Conntrack entries deleted.", |c| c.evicted),
+    ("evicted", "Conntrack entries deleted.", |c| c.user.evicted),
     ("dry_run_matches", "Conntrack entries that a dry run would have deleted.", |c| {
-        c.dry_run_matches
+        c.user.dry_run_matches
     }),
-    ("eviction_errors", "Eviction runs that failed.", |c| c.eviction_errors),
+    ("eviction_errors", "Eviction runs that failed.", |c| c.user.eviction_errors),
 ];
 
 /// A per-endpoint counter: full name, help, value.
@@ -460,6 +460,7 @@ mod tests {
 
     use super::*;
     use crate::status::EndpointStatus;
+    use flowguard_common::{Counters, UserCounters};
 
     fn endpoint(ip: &str, mac: &str, source: &'static str, stale: u64) -> EndpointStatus {
         EndpointStatus {
@@ -480,11 +481,16 @@ mod tests {
             pin_dir: "/sys/fs/bpf/flowguard".into(),
             mode: "fix",
             counters: CounterTotals {
-                checked: 100,
-                stale: 7,
-                rewritten: 6,
-                evicted: 3,
-                ..Default::default()
+                kernel: Counters {
+                    checked: 100,
+                    stale: 7,
+                    rewritten: 6,
+                    ..Counters::default()
+                },
+                user: UserCounters {
+                    evicted: 3,
+                    ..UserCounters::default()
+                },
             },
             endpoints: vec![
                 endpoint("192.168.1.240", "02:42:c0:a8:01:0b", "learned", 7),

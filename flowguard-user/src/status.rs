@@ -26,64 +26,23 @@ pub enum StatusError {
     },
 }
 
+/// The kernel side's counters summed over CPUs, and the ones user space
+/// keeps; serialised as one flat object.
 #[derive(Debug, Default, Serialize, PartialEq, Eq, Clone, Copy)]
 pub struct CounterTotals {
-    pub checked: u64,
-    pub stale: u64,
-    pub rewritten: u64,
-    pub ambiguous: u64,
-    pub unconfirmed: u64,
-    pub events: u64,
-    pub events_lost: u64,
-    pub learned_new: u64,
-    pub learned_moved: u64,
-    pub learn_failed: u64,
-    pub neigh_added: u64,
-    pub neigh_moved: u64,
-    pub neigh_removed: u64,
-    pub neigh_ambiguous: u64,
-    pub neigh_overflows: u64,
-    pub reconciles: u64,
-    pub eviction_runs: u64,
-    pub evicted: u64,
-    pub dry_run_matches: u64,
-    pub eviction_errors: u64,
+    #[serde(flatten)]
+    pub kernel: Counters,
+    #[serde(flatten)]
+    pub user: UserCounters,
 }
 
 impl CounterTotals {
-    /// Adds the counters user space keeps.
-    pub fn with_user(mut self, u: &UserCounters) -> Self {
-        self.neigh_added = u.neigh_added;
-        self.neigh_moved = u.neigh_moved;
-        self.neigh_removed = u.neigh_removed;
-        self.neigh_ambiguous = u.neigh_ambiguous;
-        self.neigh_overflows = u.neigh_overflows;
-        self.reconciles = u.reconciles;
-        self.eviction_runs = u.eviction_runs;
-        self.evicted = u.evicted;
-        self.dry_run_matches = u.dry_run_matches;
-        self.eviction_errors = u.eviction_errors;
-        self
-    }
-
-    pub fn sum<'a>(per_cpu: impl IntoIterator<Item = &'a Counters>) -> Self {
-        let mut c = Counters::default();
+    pub fn new<'a>(per_cpu: impl IntoIterator<Item = &'a Counters>, user: UserCounters) -> Self {
+        let mut kernel = Counters::default();
         for cpu in per_cpu {
-            c.add(cpu);
+            kernel.add(cpu);
         }
-        Self {
-            checked: c.checked,
-            stale: c.stale,
-            rewritten: c.rewritten,
-            ambiguous: c.ambiguous,
-            unconfirmed: c.unconfirmed,
-            events: c.events,
-            events_lost: c.events_lost,
-            learned_new: c.learned_new,
-            learned_moved: c.learned_moved,
-            learn_failed: c.learn_failed,
-            ..Self::default()
-        }
+        Self { kernel, user }
     }
 }
 
@@ -179,7 +138,7 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
     Ok(Status {
         pin_dir: dir.display().to_string(),
         mode: Mode::from_config(config.mode),
-        counters: CounterTotals::sum(per_cpu.iter()).with_user(&user),
+        counters: CounterTotals::new(per_cpu.iter(), user),
         endpoints: list.into_iter().map(|(_, s)| s).collect(),
     })
 }
@@ -195,7 +154,7 @@ fn fmt_secs(s: Option<f64>) -> String {
 
 /// The human-readable form.
 pub fn render(st: &Status) -> String {
-    let c = &st.counters;
+    let (c, u) = (&st.counters.kernel, &st.counters.user);
     let mut out = String::new();
     let _ = writeln!(out, "flowguard at {} ({} mode)", st.pin_dir, st.mode);
     let _ = writeln!(
@@ -212,12 +171,12 @@ pub fn render(st: &Status) -> String {
     let _ = writeln!(
         out,
         "neighbour table: {} added, {} moved, {} removed, {} ambiguous, {} overflows, {} reconciles",
-        c.neigh_added, c.neigh_moved, c.neigh_removed, c.neigh_ambiguous, c.neigh_overflows, c.reconciles
+        u.neigh_added, u.neigh_moved, u.neigh_removed, u.neigh_ambiguous, u.neigh_overflows, u.reconciles
     );
     let _ = writeln!(
         out,
         "eviction: {} runs, {} conntrack entries deleted, {} matched in dry runs, {} errors",
-        c.eviction_runs, c.evicted, c.dry_run_matches, c.eviction_errors
+        u.eviction_runs, u.evicted, u.dry_run_matches, u.eviction_errors
     );
     if st.endpoints.is_empty() {
         let _ = writeln!(out, "no endpoints known yet");
@@ -262,8 +221,20 @@ mod tests {
             learned_new: 1,
             ..Counters::default()
         };
-        let t = CounterTotals::sum([&a, &b]);
-        assert_eq!((t.stale, t.rewritten, t.learned_new), (5, 1, 1));
+        let user = UserCounters {
+            evicted: 4,
+            ..UserCounters::default()
+        };
+        let t = CounterTotals::new([&a, &b], user);
+        assert_eq!(
+            (
+                t.kernel.stale,
+                t.kernel.rewritten,
+                t.kernel.learned_new,
+                t.user.evicted
+            ),
+            (5, 1, 1, 4)
+        );
     }
 
     #[test]
@@ -296,8 +267,11 @@ mod tests {
             pin_dir: "/sys/fs/bpf/flowguard".into(),
             mode: "fix",
             counters: CounterTotals {
-                stale: 7,
-                rewritten: 7,
+                kernel: Counters {
+                    stale: 7,
+                    rewritten: 7,
+                    ..Counters::default()
+                },
                 ..Default::default()
             },
             endpoints: vec![endpoint_status(
