@@ -16,8 +16,11 @@
 #   ns other:     macvlan 192.168.1.50, UDP echo on 51820 (another endpoint, left alone)
 #
 # Scenarios: blog (flowtable on wan + bridge port lan1, DNAT), routed (same,
-# no NAT), vlan (VLAN-aware bridge, L3 on br-lan.1, DNAT), control (flowtable
-# on wan + br-lan: no stale MAC expected).
+# no NAT), vlan (VLAN-aware bridge, L3 on br-lan.1, DNAT), silent (blog, but
+# the recreated container announces nothing: no gratuitous ARP, no ping, no
+# IPv6 chatter, and no other flow goes to its IP, as with Podman's macvlan or
+# a VM with arp_notify=0), control (flowtable on wan + br-lan: no stale MAC
+# expected).
 # Roles: none | router (flowguard --egress lan1 on the router, fix mode) |
 # observe (the same in observe mode, attached with --auto: the flowtable's
 # bridge ports read from the ruleset) | host (flowguard on the host's macvlan
@@ -65,8 +68,10 @@ counter() { # JSON_FILE NAME
 # flowguard is ready, or has exited
 fg_settled() { grep -q 'flowguard: ready' "$2" || ! kill -0 "$1" 2>/dev/null; }
 
-mk_macvlan() { # NS IP MAC : like docker's macvlan driver: create on the host, move into the netns
+mk_macvlan() { # NS IP MAC [silent] : like docker's macvlan driver: create on the host, move into the netns
   ip netns add "$1"; ip -n "$1" link set lo up
+  # a silent endpoint sends nothing on its own, IPv6 DAD and router solicitations included
+  [ "${4:-}" = silent ] && ip netns exec "$1" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
   ip -n host link add mv-"$1" link eth0 type macvlan mode bridge || return 1
   ip -n host link set mv-"$1" address "$3"
   ip -n host link set mv-"$1" netns "$1"
@@ -141,9 +146,10 @@ teardown() {
 }
 
 run_case() { # SCENARIO ROLE
-  local scen=$1 role=$2 topo nat ftdev
+  local scen=$1 role=$2 topo nat ftdev silent=""
   case $scen in
     blog)    topo=bridge nat=dnat  ftdev=ports ;;
+    silent)  topo=bridge nat=dnat  ftdev=ports silent=silent ;;
     routed)  topo=bridge nat=route ftdev=ports ;;
     vlan)    topo=vlan   nat=dnat  ftdev=ports ;;
     control) topo=bridge nat=dnat  ftdev=l3 ;;
@@ -192,7 +198,8 @@ run_case() { # SCENARIO ROLE
   local echo_a=$!
   ip netns exec other udpwg echo 0.0.0.0 $PORT other > "$L/other.log" 2>&1 &
   $W udpwg peer 0.0.0.0 40000 $dst 51820 "$IV" wanpeer > "$L/wan.log" 2>&1 &
-  $W udpwg peer 0.0.0.0 40001 $dst 51821 500 nonoffload > "$L/wan-nonoff.log" 2>&1 &
+  # the silent endpoint gets no flow but the main one
+  [ -z "$silent" ] && $W udpwg peer 0.0.0.0 40001 $dst 51821 500 nonoffload > "$L/wan-nonoff.log" 2>&1 &
   $W udpwg peer 0.0.0.0 40002 $odst $oport 500 otherpeer > "$L/wan-other.log" 2>&1 &
   wait_until 30 flow_offloaded 40000 || log "WARN: main flow not offloaded after 30s"
   wait_until 15 flow_offloaded 40002 || log "WARN: flow to the other endpoint not offloaded after 15s"
@@ -210,12 +217,16 @@ run_case() { # SCENARIO ROLE
   # the change: the container is recreated with a new MAC, same IP
   kill $echo_a; wait $echo_a 2>/dev/null
   ip netns del container
-  mk_macvlan container $CIP $NEW_MAC >> "$L/setup.log" 2>&1
+  mk_macvlan container $CIP $NEW_MAC $silent >> "$L/setup.log" 2>&1
   local t_change; t_change=$(now)
   $C udpwg echo 0.0.0.0 $PORT container-B > "$L/container-B.log" 2>&1 &
-  log "container recreated with $NEW_MAC; gratuitous ARP and a ping to the router"
-  $C arping -U -c 2 -w 2 -I eth0 $CIP > /dev/null 2>&1 &
-  $C ping -c 2 -W 1 192.168.1.1 > /dev/null 2>&1 &
+  if [ -n "$silent" ]; then
+    log "container recreated with $NEW_MAC; it announces nothing"
+  else
+    log "container recreated with $NEW_MAC; gratuitous ARP and a ping to the router"
+    $C arping -U -c 2 -w 2 -I eth0 $CIP > /dev/null 2>&1 &
+    $C ping -c 2 -W 1 192.168.1.1 > /dev/null 2>&1 &
+  fi
   if [ $role = ctdel ]; then
     wait_until 5 neigh_is_new || log "WARN: the router did not learn the new MAC within 5s"
     log "conntrack -D --reply-src $CIP --status OFFLOAD"

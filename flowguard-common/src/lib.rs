@@ -288,6 +288,14 @@ pub struct UserCounters {
     pub dry_run_matches: u64,
     /// Eviction runs that failed.
     pub eviction_errors: u64,
+    /// ARP probes sent to validate endpoints that carry offloaded flows.
+    pub probes_sent: u64,
+    /// Probed endpoints that answered neither at their cached MAC nor by broadcast.
+    pub probes_unanswered: u64,
+    /// Moves found by probing: the cached MAC stopped answering, another answered.
+    pub probe_moves: u64,
+    /// Probed IPs that answered from more than one MAC.
+    pub probe_ambiguous: u64,
 }
 
 /// `Event::kind` values.

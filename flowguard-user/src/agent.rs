@@ -23,7 +23,8 @@ use crate::{
     events,
     loader::{Guard, KernelLogger},
     metrics,
-    neigh::{self, MapChange, NeighCache, NeighEvent, NeighbourSource},
+    neigh::{self, Desired, MapChange, NeighCache, NeighEvent, NeighbourSource},
+    probe::{self, ProbeOptions, ProbeReport, Target, Targets},
     settings::{key_ip, Mac, Prefix},
     sys,
 };
@@ -45,6 +46,9 @@ pub struct AgentOptions {
     pub max_evictions_per_sec: u32,
     /// Serve Prometheus metrics on this (already bound) listener.
     pub metrics: Option<metrics::Server>,
+    /// Validate endpoints that carry flows by probing them (router role,
+    /// with the neighbour table followed).
+    pub probe: Option<ProbeOptions>,
 }
 
 /// Why an endpoint's flows are evicted.
@@ -119,6 +123,26 @@ pub async fn run(
         );
         source = Some(src);
     }
+    let (probe_tx, mut probe_reports) = mpsc::unbounded_channel();
+    let targets = Targets::default();
+    match (&opts.probe, source.is_some()) {
+        (Some(p), true) => {
+            publish_targets(&targets, &cache, None);
+            let active = probe::conntrack_active_set(p.selection, p.prefixes.clone());
+            probe::start(p.clone(), targets.clone(), active, probe_tx)
+                .context("starting the prober (an ARP packet socket needs CAP_NET_RAW)")?;
+            println!(
+                "flowguard: probing endpoints that carry {} every {} ms (ARP: the cached MAC, then broadcast)",
+                match p.selection {
+                    probe::Selection::Offloaded => "offloaded flows",
+                    probe::Selection::Flows => "flows",
+                },
+                p.interval.as_millis()
+            );
+        }
+        // Without the neighbour table there is no cached MAC to validate.
+        _ => drop(probe_tx),
+    }
     let mut reconcile_timer = tokio::time::interval(opts.reconcile);
     reconcile_timer.tick().await;
 
@@ -158,11 +182,14 @@ pub async fn run(
                     log::warn!("missed neighbour events (the kernel's buffer overflowed): reading the whole table again");
                     bump(guard, |c| c.neigh_overflows += 1)?;
                     cache.replace_all(src.dump().await.context("dumping the neighbour table")?);
+                    publish_targets(&targets, &cache, None);
                     reconcile(guard, &cache)?
                 } else {
                     let mut map = guard.endpoints()?;
                     let mut changes = Vec::new();
-                    for ip in cache.apply(&ev) {
+                    let ips = cache.apply(&ev);
+                    publish_targets(&targets, &cache, Some(&ips));
+                    for ip in ips {
                         if let Some(c) = neigh::sync_ip(&mut map, &cache, ip)
                             .with_context(|| format!("updating endpoint {ip}"))?
                         {
@@ -176,12 +203,28 @@ pub async fn run(
             _ = reconcile_timer.tick(), if source.is_some() => {
                 let src = source.as_mut().expect("guarded by the condition");
                 cache.replace_all(src.dump().await.context("dumping the neighbour table")?);
+                publish_targets(&targets, &cache, None);
                 let changes = reconcile(guard, &cache)?;
                 bump(guard, |c| c.reconciles += 1)?;
                 if !changes.is_empty() {
                     log::info!("periodic reconcile repaired {} endpoints", changes.len());
                 }
                 report_changes(guard, &changes, &mut policy, &mut departed, evictor.as_ref(), true)?;
+            }
+            Some(report) = probe_reports.recv() => {
+                match &report {
+                    ProbeReport::Round { .. } => log::debug!("{report}"),
+                    _ => println!("{report}"),
+                }
+                bump(guard, |c| match &report {
+                    ProbeReport::Round { sent, unanswered, .. } => {
+                        c.probes_sent += sent;
+                        c.probes_unanswered += unanswered;
+                    }
+                    ProbeReport::Moved { .. } => c.probe_moves += 1,
+                    ProbeReport::Ambiguous { .. } => c.probe_ambiguous += 1,
+                    ProbeReport::Silent { .. } | ProbeReport::Failed(_) => {}
+                })?;
             }
             Some(outcome) = outcomes.recv() => {
                 bump(guard, |c| {
@@ -212,6 +255,35 @@ async fn next_neigh(source: &mut Option<NeighbourSource>) -> Result<NeighEvent, 
     match source {
         Some(s) => s.next_event().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Tells the prober where each endpoint's neighbour entry is and which MAC
+/// it caches: for `ips`, or for every IP when `None`. Ambiguous and absent
+/// IPs are not probed (the neighbour table's own ambiguity is reported
+/// already; an absent one has no cached MAC to validate).
+fn publish_targets(targets: &Targets, cache: &NeighCache, ips: Option<&[IpAddr]>) {
+    let target = |ip: IpAddr| match cache.desired(ip) {
+        Desired::Mac(mac) => cache
+            .entries(ip)
+            .next()
+            .map(|(ifindex, _, _)| Target { ifindex, mac }),
+        Desired::Ambiguous(_) | Desired::Absent => None,
+    };
+    let mut t = targets.lock().expect("targets lock");
+    match ips {
+        None => {
+            t.clear();
+            t.extend(cache.ips().filter_map(|ip| Some((ip, target(ip)?))));
+        }
+        Some(ips) => {
+            for ip in ips {
+                match target(*ip) {
+                    Some(x) => t.insert(*ip, x),
+                    None => t.remove(ip),
+                };
+            }
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use flowguard_user::{
     doctor, endpoints, flowtable,
     loader::{Guard, GuardOptions, XdpAttach},
     metrics,
+    probe::{self, ProbeOptions},
     settings::{self, endpoint_key, Mode, Prefix, StaticEndpoint},
     status,
 };
@@ -114,6 +115,25 @@ struct RunArgs {
     /// Let --metrics listen on an address outside loopback.
     #[arg(long)]
     metrics_allow_remote: bool,
+    /// Router role: ask endpoints whether their cached MAC still answers
+    /// (ARP to the cached MAC, then broadcast), so that a recreated endpoint
+    /// that announces nothing is found: those that carry offloaded flows
+    /// (default), those with any conntrack entry, or none.
+    #[arg(long, value_enum, default_value = "offloaded")]
+    probe: ProbeArg,
+    /// Probe each of those endpoints this often.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    probe_interval_ms: u64,
+    /// Send at most this many probes per second, overall (0: no limit).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    max_probes_per_sec: u32,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ProbeArg {
+    Offloaded,
+    Flows,
+    Off,
 }
 
 fn main() -> ExitCode {
@@ -179,6 +199,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     if args.reconcile_secs == 0 {
         bail!("--reconcile-secs must be at least 1");
+    }
+    if !(100..=3_600_000).contains(&args.probe_interval_ms) {
+        bail!("--probe-interval-ms must be between 100 and 3600000");
     }
     if args.learn && args.egress.is_empty() {
         bail!(
@@ -261,6 +284,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         debounce: Duration::from_millis(args.evict_debounce_ms),
         max_evictions_per_sec: args.max_evictions_per_sec,
         metrics,
+        probe: probe_options(&args),
     };
     match (args.evict, args.dry_run) {
         (EvictScope::Off, _) => println!("flowguard: eviction is off"),
@@ -287,6 +311,28 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     outcome
+}
+
+/// Probing is for the router role (tc egress on the flowtable's ports):
+/// the host role has no offloaded flows to validate.
+fn probe_options(args: &RunArgs) -> Option<ProbeOptions> {
+    let selection = match args.probe {
+        ProbeArg::Off => return None,
+        ProbeArg::Offloaded => probe::Selection::Offloaded,
+        ProbeArg::Flows => probe::Selection::Flows,
+    };
+    if args.egress.is_empty() || args.no_neigh {
+        return None;
+    }
+    let interval = Duration::from_millis(args.probe_interval_ms);
+    Some(ProbeOptions {
+        interval,
+        answer_wait: (interval / 4).min(Duration::from_millis(200)),
+        max_per_sec: args.max_probes_per_sec,
+        max_refresh: Duration::from_secs(30),
+        prefixes: args.prefixes.clone(),
+        selection,
+    })
 }
 
 #[cfg(test)]

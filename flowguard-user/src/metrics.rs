@@ -120,6 +120,20 @@ const COUNTERS: &[CounterFamily] = &[
         c.user.dry_run_matches
     }),
     ("eviction_errors", "Eviction runs that failed.", |c| c.user.eviction_errors),
+    ("probes_sent", "ARP probes sent to endpoints that carry offloaded flows.", |c| {
+        c.user.probes_sent
+    }),
+    (
+        "probes_unanswered",
+        "Probed endpoints that answered neither at their cached MAC nor by broadcast.",
+        |c| c.user.probes_unanswered,
+    ),
+    ("probe_moves", "Moves found by probing (the cached MAC silent, another answering).", |c| {
+        c.user.probe_moves
+    }),
+    ("probe_ambiguous", "Probed IPs that answered from more than one MAC.", |c| {
+        c.user.probe_ambiguous
+    }),
 ];
 
 /// A per-endpoint counter: full name, help, value.

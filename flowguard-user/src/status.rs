@@ -178,6 +178,11 @@ pub fn render(st: &Status) -> String {
         "eviction: {} runs, {} conntrack entries deleted, {} matched in dry runs, {} errors",
         u.eviction_runs, u.evicted, u.dry_run_matches, u.eviction_errors
     );
+    let _ = writeln!(
+        out,
+        "probing: {} probes sent, {} endpoints unanswered, {} moves found, {} ambiguous",
+        u.probes_sent, u.probes_unanswered, u.probe_moves, u.probe_ambiguous
+    );
     if st.endpoints.is_empty() {
         let _ = writeln!(out, "no endpoints known yet");
         return out;

@@ -87,6 +87,14 @@ pub struct StatusCounters {
     pub dry_run_matches: u64,
     #[serde(default)]
     pub eviction_errors: u64,
+    #[serde(default)]
+    pub probes_sent: u64,
+    #[serde(default)]
+    pub probes_unanswered: u64,
+    #[serde(default)]
+    pub probe_moves: u64,
+    #[serde(default)]
+    pub probe_ambiguous: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -186,6 +194,11 @@ impl Flowguard {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// The flowguard process (nsenter execs it in place).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Waits for [`READY_LINE`]; panics with flowguard's stderr if it exits or

@@ -141,6 +141,13 @@ fn bench(args: &[String]) -> Result<()> {
             .arg("--flowguard")
             .arg(release_binary("flowguard")?)
             .env("FLOWGUARD_EBPF_OBJ", &object),
+    )?;
+    step::run(
+        "Measuring what probing 1,000 endpoints costs (flowguard-probe-bench)",
+        Command::new(release_binary("flowguard-probe-bench")?)
+            .arg("--flowguard")
+            .arg(release_binary("flowguard")?)
+            .env("FLOWGUARD_EBPF_OBJ", &object),
     )
 }
 

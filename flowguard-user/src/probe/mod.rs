@@ -1,0 +1,648 @@
+//! Router role: asks endpoints whether their cached MAC still answers,
+//! instead of waiting for them to announce a new one.
+//!
+//! A recreated container or a moved VM often sends nothing (Podman's
+//! macvlan, Docker before 28, `arp_notify=0`), and under a flowtable its
+//! flows never pass the neighbour layer again: the neighbour table keeps the
+//! old MAC forever and nothing would ever evict the flows. So, for each
+//! endpoint that carries offloaded flows, the prober sends an ARP request
+//! to the cached MAC once per interval; when that MAC stays silent for the
+//! answer window, it asks by broadcast. The answer from the new MAC reaches
+//! the router's own ARP, which updates the neighbour table; the neighbour
+//! sync then sees the move and evicts the flows, exactly as for an endpoint
+//! that announced itself. An IP answering from two MACs is reported as
+//! ambiguous and left alone for a while, so that probing never drives an
+//! eviction loop.
+//!
+//! The probes leave from the interface of the neighbour entry (the bridge,
+//! or its VLAN device) with the router's own address on it as sender, so
+//! that the answer is the router's to process. They run on a thread of their
+//! own: blocking sockets, no work on the event loop.
+
+mod packet;
+pub mod wire;
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::{
+    settings::{Mac, Prefix},
+    sys,
+};
+use packet::ArpSocket;
+
+/// Which endpoints are worth probing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Selection {
+    /// Endpoints of offloaded conntrack entries (`OFFLOAD`/`HW_OFFLOAD`):
+    /// the only flows that keep using a cached MAC.
+    Offloaded,
+    /// Endpoints of any conntrack entry: every endpoint with recent traffic.
+    Flows,
+}
+
+/// How the prober works.
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    /// Time between two probes of one endpoint.
+    pub interval: Duration,
+    /// How long to wait for an answer before asking by broadcast, and again
+    /// before calling the endpoint silent.
+    pub answer_wait: Duration,
+    /// Most probes (unicast and broadcast) per second, overall.
+    pub max_per_sec: u32,
+    /// The longest time between two reads of which endpoints carry flows.
+    /// They are read every round while reading is cheap; a read that takes
+    /// `d` waits at least `d * REFRESH_COST_FACTOR` for the next, so that a
+    /// large conntrack table costs at most about half a percent of a core.
+    pub max_refresh: Duration,
+    pub prefixes: Vec<Prefix>,
+    pub selection: Selection,
+}
+
+/// An endpoint as the neighbour table knows it: where its entry is and the
+/// MAC it caches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub ifindex: u32,
+    pub mac: Mac,
+}
+
+/// The endpoints the prober may ask about, kept current by the agent from
+/// its neighbour cache (IPs whose MAC is not ambiguous).
+pub type Targets = Arc<Mutex<HashMap<IpAddr, Target>>>;
+
+/// The IPs that carry flows (see [`Selection`]), or why they could not be read.
+pub type ActiveSet = Box<dyn FnMut() -> Result<HashSet<IpAddr>, String> + Send>;
+
+/// What the prober tells the agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProbeReport {
+    /// One round: probes sent, endpoints that answered nobody, endpoints asked.
+    Round {
+        sent: u64,
+        unanswered: u64,
+        asked: usize,
+    },
+    /// The cached MAC did not answer; another one did.
+    Moved {
+        ip: IpAddr,
+        ifindex: u32,
+        old: Mac,
+        new: Mac,
+    },
+    /// The cached MAC stopped answering and no other answered (yet).
+    Silent { ip: IpAddr, ifindex: u32, mac: Mac },
+    /// Several MACs answered for one IP: nothing is evicted for it.
+    Ambiguous {
+        ip: IpAddr,
+        ifindex: u32,
+        macs: Vec<Mac>,
+    },
+    /// Probing cannot work (no socket, no conntrack); said once.
+    Failed(String),
+}
+
+impl fmt::Display for ProbeReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ifname = |i: &u32| sys::ifname(*i).unwrap_or_else(|| format!("ifindex {i}"));
+        match self {
+            ProbeReport::Round {
+                sent,
+                unanswered,
+                asked,
+            } => write!(
+                f,
+                "probe round: {asked} endpoints asked, {sent} probes, {unanswered} unanswered"
+            ),
+            ProbeReport::Moved {
+                ip,
+                ifindex,
+                old,
+                new,
+            } => write!(
+                f,
+                "{ip}: {old} stopped answering on {}; now at {new} (it answered a broadcast probe): \
+                 flows to {old} are stale",
+                ifname(ifindex)
+            ),
+            ProbeReport::Silent { ip, ifindex, mac } => write!(
+                f,
+                "{ip}: {mac} stopped answering on {} and no other MAC answered yet; asking every round",
+                ifname(ifindex)
+            ),
+            ProbeReport::Ambiguous { ip, ifindex, macs } => {
+                let list: Vec<String> = macs.iter().map(Mac::to_string).collect();
+                write!(
+                    f,
+                    "{ip} answered from {} MACs on {} ({}): ambiguous, nothing evicted for it; \
+                     asking again in {} s",
+                    macs.len(),
+                    ifname(ifindex),
+                    list.join(", "),
+                    AMBIGUOUS_QUIET.as_secs()
+                )
+            }
+            ProbeReport::Failed(why) => write!(f, "probing is off: {why}"),
+        }
+    }
+}
+
+/// See [`ProbeOptions::max_refresh`].
+const REFRESH_COST_FACTOR: u32 = 200;
+
+/// How long an ambiguous IP is left alone.
+const AMBIGUOUS_QUIET: Duration = Duration::from_secs(60);
+
+/// What one probe of one endpoint found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The cached MAC answered, and no other.
+    Current,
+    /// The cached MAC did not answer; exactly one other did.
+    Moved(Mac),
+    /// Nobody answered.
+    Silent,
+    /// More than one MAC answered.
+    Ambiguous(Vec<Mac>),
+}
+
+/// The verdict on an endpoint whose cached MAC is `cached`, from the MACs
+/// that answered for its IP in one round.
+pub fn verdict(cached: Mac, answers: &BTreeSet<Mac>) -> Verdict {
+    match answers.len() {
+        0 => Verdict::Silent,
+        1 if answers.contains(&cached) => Verdict::Current,
+        1 => Verdict::Moved(*answers.iter().next().expect("one answer")),
+        _ => Verdict::Ambiguous(answers.iter().copied().collect()),
+    }
+}
+
+/// One endpoint asked in a round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Candidate {
+    ip: Ipv4Addr,
+    target: Target,
+}
+
+/// Which endpoints to ask this round: those that carry flows and that the
+/// neighbour table knows, not in their quiet time, at most `budget`, taken
+/// in turn from `offset` so that an over-budget set is covered round by round.
+fn pick(
+    active: &HashSet<IpAddr>,
+    targets: &HashMap<IpAddr, Target>,
+    quiet: &HashMap<IpAddr, Instant>,
+    now: Instant,
+    budget: usize,
+    offset: &mut usize,
+) -> Vec<Candidate> {
+    let mut all: Vec<Candidate> = active
+        .iter()
+        .filter(|ip| quiet.get(ip).is_none_or(|until| now >= *until))
+        .filter_map(|ip| {
+            let target = *targets.get(ip)?;
+            match ip.to_canonical() {
+                IpAddr::V4(v4) => Some(Candidate { ip: v4, target }),
+                // IPv6 endpoints are not probed yet (neighbour solicitation).
+                IpAddr::V6(_) => None,
+            }
+        })
+        .collect();
+    all.sort_by_key(|c| c.ip);
+    if all.len() <= budget {
+        *offset = 0;
+        return all;
+    }
+    let start = *offset % all.len();
+    *offset = (start + budget) % all.len();
+    all.into_iter().cycle().skip(start).take(budget).collect()
+}
+
+/// Endpoints per round that keep within `max_per_sec` probes (each
+/// endpoint may need a unicast and a broadcast probe); 0 means no limit.
+fn budget(max_per_sec: u32, interval: Duration) -> usize {
+    if max_per_sec == 0 {
+        return usize::MAX;
+    }
+    let per_round = f64::from(max_per_sec) * interval.as_secs_f64() / 2.0;
+    (per_round as usize).max(1)
+}
+
+/// The IPv4 addresses (with prefix length) of each interface.
+fn ipv4_addresses() -> HashMap<u32, Vec<(Ipv4Addr, u8)>> {
+    let mut out: HashMap<u32, Vec<(Ipv4Addr, u8)>> = HashMap::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list that we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return out;
+    }
+    let mut p = head;
+    while !p.is_null() {
+        // SAFETY: p is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*p };
+        p = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_netmask.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_addr points to a sockaddr of at least its family's size.
+        if i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: an AF_INET address and netmask are sockaddr_in.
+        let (addr, mask) = unsafe {
+            (
+                *(ifa.ifa_addr as *const libc::sockaddr_in),
+                *(ifa.ifa_netmask as *const libc::sockaddr_in),
+            )
+        };
+        // SAFETY: ifa_name is a NUL-terminated name.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+        let Some(index) = sys::ifindex(&name.to_string_lossy()) else {
+            continue;
+        };
+        let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
+        let len = u32::from_be(mask.sin_addr.s_addr).count_ones() as u8;
+        out.entry(index).or_default().push((ip, len));
+    }
+    // SAFETY: head came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    out
+}
+
+/// The router's address to send a probe for `target` from: one on the
+/// interface whose subnet holds the target, else the interface's first.
+fn sender_ip(addrs: &[(Ipv4Addr, u8)], target: Ipv4Addr) -> Option<Ipv4Addr> {
+    let same_subnet = addrs.iter().find(|(a, len)| {
+        let mask = if *len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(*len))
+        };
+        u32::from(*a) & mask == u32::from(target) & mask
+    });
+    same_subnet.or(addrs.first()).map(|(a, _)| *a)
+}
+
+/// The prober's state between rounds.
+struct Prober {
+    opts: ProbeOptions,
+    targets: Targets,
+    active: ActiveSet,
+    reports: UnboundedSender<ProbeReport>,
+    socket: ArpSocket,
+    quiet: HashMap<IpAddr, Instant>,
+    /// Endpoints reported silent, so that it is said once per episode.
+    silent: HashSet<IpAddr>,
+    offset: usize,
+    buf: Vec<u8>,
+}
+
+/// Starts the prober on a thread of its own (in this thread's network
+/// namespace). It stops when the agent drops the report channel.
+pub fn start(
+    opts: ProbeOptions,
+    targets: Targets,
+    active: ActiveSet,
+    reports: UnboundedSender<ProbeReport>,
+) -> std::io::Result<()> {
+    let socket = ArpSocket::open()?;
+    let prober = Prober {
+        opts,
+        targets,
+        active,
+        reports,
+        socket,
+        quiet: HashMap::new(),
+        silent: HashSet::new(),
+        offset: 0,
+        buf: vec![0; 2048],
+    };
+    std::thread::Builder::new()
+        .name("flowguard-probe".into())
+        .spawn(move || prober.run())?;
+    Ok(())
+}
+
+impl Prober {
+    fn run(mut self) {
+        let mut active = HashSet::new();
+        let mut next_refresh = Instant::now();
+        let mut active_failed = false;
+        loop {
+            let started = Instant::now();
+            if self.reports.is_closed() {
+                return;
+            }
+            if started >= next_refresh {
+                let read = (self.active)();
+                let cost = started.elapsed() * REFRESH_COST_FACTOR;
+                next_refresh = started + cost.clamp(Duration::ZERO, self.opts.max_refresh);
+                match read {
+                    Ok(a) => {
+                        active = a;
+                        active_failed = false;
+                    }
+                    Err(e) if !active_failed => {
+                        active_failed = true;
+                        let _ = self.reports.send(ProbeReport::Failed(format!(
+                            "reading which endpoints carry flows failed: {e}"
+                        )));
+                    }
+                    Err(_) => {}
+                }
+            }
+            self.round(&active, started);
+            let next = started + self.opts.interval;
+            if let Some(left) = next.checked_duration_since(Instant::now()) {
+                std::thread::sleep(left);
+            }
+        }
+    }
+
+    fn round(&mut self, active: &HashSet<IpAddr>, now: Instant) {
+        let candidates = {
+            let targets = self.targets.lock().expect("targets lock");
+            let budget = budget(self.opts.max_per_sec, self.opts.interval);
+            pick(active, &targets, &self.quiet, now, budget, &mut self.offset)
+        };
+        self.quiet.retain(|_, until| *until > now);
+        self.silent.retain(|ip| active.contains(ip));
+        if candidates.is_empty() {
+            return;
+        }
+        // Answers to earlier rounds are old news.
+        while let Ok(Some(_)) = self.socket.recv(&mut self.buf, Duration::ZERO) {}
+
+        let addrs = ipv4_addresses();
+        let mut own_macs: HashMap<u32, Option<Mac>> = HashMap::new();
+        // ip -> (candidate, sender ip, sender mac)
+        let mut asked: HashMap<Ipv4Addr, (Candidate, Ipv4Addr, Mac)> = HashMap::new();
+        for c in candidates {
+            let mac = *own_macs.entry(c.target.ifindex).or_insert_with(|| {
+                sys::ifname(c.target.ifindex).and_then(|n| sys::if_mac(&n).ok())
+            });
+            let src = addrs
+                .get(&c.target.ifindex)
+                .and_then(|a| sender_ip(a, c.ip));
+            let (Some(mac), Some(src)) = (mac, src) else {
+                log::debug!(
+                    "{}: not probed: its interface (ifindex {}) has no IPv4 address or MAC",
+                    c.ip,
+                    c.target.ifindex
+                );
+                continue;
+            };
+            asked.insert(c.ip, (c, src, mac));
+        }
+        let mut sent = 0u64;
+        let mut answers: HashMap<Ipv4Addr, BTreeSet<Mac>> = HashMap::new();
+        for (c, src, mac) in asked.values() {
+            let probe = wire::request(*mac, *src, c.target.mac, c.ip);
+            if self.send(c.target.ifindex, c.target.mac, &probe) {
+                sent += 1;
+            }
+        }
+        self.collect(&asked, &mut answers);
+        for (c, src, mac) in asked.values() {
+            if answers.contains_key(&c.ip) {
+                continue;
+            }
+            let probe = wire::request(*mac, *src, Mac([0; 6]), c.ip);
+            if self.send(c.target.ifindex, wire::BROADCAST, &probe) {
+                sent += 1;
+            }
+        }
+        if sent as usize > asked.len() {
+            self.collect(&asked, &mut answers);
+        }
+
+        let mut unanswered = 0;
+        let empty = BTreeSet::new();
+        for (c, _, _) in asked.values() {
+            let ip = IpAddr::V4(c.ip);
+            let report = match verdict(c.target.mac, answers.get(&c.ip).unwrap_or(&empty)) {
+                Verdict::Current => {
+                    self.silent.remove(&ip);
+                    None
+                }
+                Verdict::Silent => {
+                    unanswered += 1;
+                    self.silent.insert(ip).then_some(ProbeReport::Silent {
+                        ip,
+                        ifindex: c.target.ifindex,
+                        mac: c.target.mac,
+                    })
+                }
+                Verdict::Moved(new) => {
+                    self.silent.remove(&ip);
+                    Some(ProbeReport::Moved {
+                        ip,
+                        ifindex: c.target.ifindex,
+                        old: c.target.mac,
+                        new,
+                    })
+                }
+                Verdict::Ambiguous(macs) => {
+                    self.quiet.insert(ip, now + AMBIGUOUS_QUIET);
+                    Some(ProbeReport::Ambiguous {
+                        ip,
+                        ifindex: c.target.ifindex,
+                        macs,
+                    })
+                }
+            };
+            if let Some(r) = report {
+                let _ = self.reports.send(r);
+            }
+        }
+        let _ = self.reports.send(ProbeReport::Round {
+            sent,
+            unanswered,
+            asked: asked.len(),
+        });
+    }
+
+    fn send(&self, ifindex: u32, to: Mac, probe: &[u8]) -> bool {
+        match self.socket.send(ifindex, to, probe) {
+            Ok(()) => true,
+            Err(e) => {
+                log::debug!("sending an ARP probe on ifindex {ifindex} failed: {e}");
+                false
+            }
+        }
+    }
+
+    /// Gathers the answers to the probes just sent, for one answer window.
+    /// An answer counts when it comes from an asked IP and is addressed to
+    /// the address that asked.
+    fn collect(
+        &mut self,
+        asked: &HashMap<Ipv4Addr, (Candidate, Ipv4Addr, Mac)>,
+        answers: &mut HashMap<Ipv4Addr, BTreeSet<Mac>>,
+    ) {
+        let deadline = Instant::now() + self.opts.answer_wait;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let got = match self.socket.recv(&mut self.buf, left) {
+                Ok(Some(got)) => got,
+                Ok(None) => continue,
+                Err(e) => {
+                    log::debug!("receiving ARP answers failed: {e}");
+                    return;
+                }
+            };
+            // A reply to us, from the host whose MAC it states.
+            let Some(reply) = wire::parse_reply(&self.buf[..got.len.min(self.buf.len())]) else {
+                continue;
+            };
+            if got.pkttype != libc::PACKET_HOST || got.from != reply.sender_mac {
+                continue;
+            }
+            let Some((_, src, _)) = asked.get(&reply.sender_ip) else {
+                continue;
+            };
+            if reply.target_ip != *src || !reply.sender_mac.is_unicast() {
+                continue;
+            }
+            answers
+                .entry(reply.sender_ip)
+                .or_default()
+                .insert(reply.sender_mac);
+        }
+    }
+}
+
+/// The active set read from conntrack: the IPs inside `prefixes` that
+/// appear in any tuple of the entries `selection` names.
+pub fn conntrack_active_set(selection: Selection, prefixes: Vec<Prefix>) -> ActiveSet {
+    let mut ct: Option<crate::conntrack::Conntrack> = None;
+    Box::new(move || {
+        if ct.is_none() {
+            ct = Some(crate::conntrack::Conntrack::open().map_err(|e| e.to_string())?);
+        }
+        let flows = ct
+            .as_mut()
+            .expect("just opened")
+            .all_flows()
+            .map_err(|e| e.to_string())?;
+        let mut ips = HashSet::new();
+        for f in flows {
+            if selection == Selection::Offloaded && !f.is_offloaded() {
+                continue;
+            }
+            for ip in [f.orig.src, f.orig.dst, f.reply.src, f.reply.dst] {
+                let ip = ip.to_canonical();
+                if prefixes.iter().any(|p| p.contains(ip)) {
+                    ips.insert(ip);
+                }
+            }
+        }
+        Ok(ips)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OLD: Mac = Mac([2, 0, 0, 0, 0, 0xa]);
+    const NEW: Mac = Mac([2, 0, 0, 0, 0, 0xb]);
+
+    #[test]
+    fn the_verdict_follows_who_answered() {
+        let set = |m: &[Mac]| m.iter().copied().collect::<BTreeSet<_>>();
+        assert_eq!(verdict(OLD, &set(&[])), Verdict::Silent);
+        assert_eq!(verdict(OLD, &set(&[OLD])), Verdict::Current);
+        assert_eq!(verdict(OLD, &set(&[NEW])), Verdict::Moved(NEW));
+        assert_eq!(
+            verdict(OLD, &set(&[OLD, NEW])),
+            Verdict::Ambiguous(vec![OLD, NEW])
+        );
+        let third = Mac([2, 0, 0, 0, 0, 0xc]);
+        assert_eq!(
+            verdict(OLD, &set(&[NEW, third])),
+            Verdict::Ambiguous(vec![NEW, third])
+        );
+    }
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(192, 168, 1, last))
+    }
+
+    #[test]
+    fn only_known_active_quiet_free_ipv4_endpoints_are_picked_within_the_budget() {
+        let now = Instant::now();
+        let t = Target {
+            ifindex: 3,
+            mac: OLD,
+        };
+        let targets: HashMap<IpAddr, Target> = [
+            (ip(1), t),
+            (ip(2), t),
+            (ip(3), t),
+            (ip(4), t),
+            ("fd00::5".parse().unwrap(), t),
+        ]
+        .into_iter()
+        .collect();
+        let active: HashSet<IpAddr> = [ip(1), ip(2), ip(3), ip(9), "fd00::5".parse().unwrap()]
+            .into_iter()
+            .collect();
+        let quiet: HashMap<IpAddr, Instant> = [(ip(3), now + Duration::from_secs(1))].into();
+        let mut offset = 0;
+        let got: Vec<Ipv4Addr> = pick(&active, &targets, &quiet, now, 10, &mut offset)
+            .into_iter()
+            .map(|c| c.ip)
+            .collect();
+        // 4 is not active, 9 has no neighbour entry, 3 is quiet, IPv6 waits.
+        assert_eq!(
+            got,
+            [Ipv4Addr::new(192, 168, 1, 1), Ipv4Addr::new(192, 168, 1, 2)]
+        );
+        // Once the quiet time is over, 3 is asked again.
+        let later = now + Duration::from_secs(2);
+        assert_eq!(
+            pick(&active, &targets, &quiet, later, 10, &mut offset).len(),
+            3
+        );
+        // Over budget: rounds take turns and cover everyone.
+        let mut seen = BTreeSet::new();
+        for _ in 0..3 {
+            let round = pick(&active, &targets, &quiet, later, 1, &mut offset);
+            assert_eq!(round.len(), 1);
+            seen.insert(round[0].ip);
+        }
+        assert_eq!(seen.len(), 3);
+    }
+
+    #[test]
+    fn the_sender_address_is_the_one_in_the_targets_subnet() {
+        let addrs = [
+            (Ipv4Addr::new(10, 9, 0, 1), 16),
+            (Ipv4Addr::new(192, 168, 1, 1), 24),
+        ];
+        assert_eq!(
+            sender_ip(&addrs, Ipv4Addr::new(192, 168, 1, 240)),
+            Some(Ipv4Addr::new(192, 168, 1, 1))
+        );
+        assert_eq!(
+            sender_ip(&addrs, Ipv4Addr::new(172, 16, 0, 9)),
+            Some(Ipv4Addr::new(10, 9, 0, 1)),
+            "no subnet holds it: the interface's first address"
+        );
+        assert_eq!(sender_ip(&[], Ipv4Addr::new(192, 168, 1, 240)), None);
+    }
+
+    #[test]
+    fn the_budget_counts_two_probes_per_endpoint() {
+        assert_eq!(budget(1000, Duration::from_secs(1)), 500);
+        assert_eq!(budget(1, Duration::from_millis(100)), 1, "at least one");
+        assert_eq!(budget(0, Duration::from_secs(1)), usize::MAX, "0: no limit");
+    }
+}
