@@ -19,6 +19,7 @@ use tokio::{
 };
 
 use crate::{
+    children,
     conntrack::{Conntrack, EvictScope, EvictionPolicy},
     events,
     loader::{Guard, KernelLogger},
@@ -45,6 +46,8 @@ pub struct AgentOptions {
     pub max_evictions_per_sec: u32,
     /// Serve Prometheus metrics on this (already bound) listener.
     pub metrics: Option<metrics::Server>,
+    /// Guard the macvlan/ipvlan children of these interfaces (host role).
+    pub children: Option<Vec<String>>,
 }
 
 /// Why an endpoint's flows are evicted.
@@ -119,6 +122,10 @@ pub async fn run(
         );
         source = Some(src);
     }
+    let mut children = match &opts.children {
+        Some(parents) => children::start(guard, parents, &opts.prefixes).await?,
+        None => None,
+    };
     let mut reconcile_timer = tokio::time::interval(opts.reconcile);
     reconcile_timer.tick().await;
 
@@ -182,6 +189,17 @@ pub async fn run(
                     log::info!("periodic reconcile repaired {} endpoints", changes.len());
                 }
                 report_changes(guard, &changes, &mut policy, &mut departed, evictor.as_ref(), true)?;
+            }
+            changes = children::next(&mut children) => {
+                let src = children.as_mut().expect("only polled with a source");
+                let applied = src.apply(&mut guard.endpoints()?, &changes);
+                for s in &applied.sentences {
+                    println!("{s}");
+                }
+                bump(guard, |c| {
+                    c.children_added += applied.added;
+                    c.children_removed += applied.removed;
+                })?;
             }
             Some(outcome) = outcomes.recv() => {
                 bump(guard, |c| {

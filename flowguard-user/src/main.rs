@@ -114,6 +114,11 @@ struct RunArgs {
     /// Let --metrics listen on an address outside loopback.
     #[arg(long)]
     metrics_allow_remote: bool,
+    /// Do not read the macvlan/ipvlan children of the --ingress interfaces
+    /// (in every network namespace) as endpoints; by default their MACs and
+    /// addresses are guarded before the endpoint sends a frame.
+    #[arg(long)]
+    no_children: bool,
 }
 
 fn main() -> ExitCode {
@@ -261,6 +266,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         debounce: Duration::from_millis(args.evict_debounce_ms),
         max_evictions_per_sec: args.max_evictions_per_sec,
         metrics,
+        children: (!args.no_children && !args.ingress.is_empty()).then(|| args.ingress.clone()),
     };
     match (args.evict, args.dry_run) {
         (EvictScope::Off, _) => println!("flowguard: eviction is off"),

@@ -73,6 +73,7 @@ pub fn source_name(s: u8) -> &'static str {
         source::STATIC => "static",
         source::NEIGHBOUR => "neighbour",
         source::LEARNED => "learned",
+        source::CHILD => "child",
         _ => "unknown",
     }
 }
@@ -177,6 +178,11 @@ pub fn render(st: &Status) -> String {
         out,
         "eviction: {} runs, {} conntrack entries deleted, {} matched in dry runs, {} errors",
         u.eviction_runs, u.evicted, u.dry_run_matches, u.eviction_errors
+    );
+    let _ = writeln!(
+        out,
+        "macvlan/ipvlan children: {} endpoints written, {} removed",
+        u.children_added, u.children_removed
     );
     if st.endpoints.is_empty() {
         let _ = writeln!(out, "no endpoints known yet");
