@@ -87,6 +87,11 @@ pub struct StatusCounters {
     pub dry_run_matches: u64,
     #[serde(default)]
     pub eviction_errors: u64,
+    // Host role, macvlan/ipvlan children.
+    #[serde(default)]
+    pub children_added: u64,
+    #[serde(default)]
+    pub children_removed: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
