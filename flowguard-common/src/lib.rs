@@ -59,6 +59,9 @@ pub mod source {
     pub const STATIC: u8 = 1;
     pub const NEIGHBOUR: u8 = 2;
     pub const LEARNED: u8 = 3;
+    /// A macvlan/ipvlan child of a guarded interface, read from the host's
+    /// own configuration (in any network namespace).
+    pub const CHILD: u8 = 4;
 }
 
 /// Bits of [`Endpoint::flags`].
@@ -296,6 +299,12 @@ pub struct UserCounters {
     pub probe_moves: u64,
     /// Probed IPs that answered from more than one MAC.
     pub probe_ambiguous: u64,
+    /// Endpoints written from a macvlan/ipvlan child of a guarded interface
+    /// (new, or a new MAC).
+    pub children_added: u64,
+    /// Endpoints removed because their macvlan/ipvlan child (or its
+    /// namespace) went away.
+    pub children_removed: u64,
 }
 
 /// `Event::kind` values.

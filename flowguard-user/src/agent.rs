@@ -19,6 +19,7 @@ use tokio::{
 };
 
 use crate::{
+    children,
     conntrack::{Conntrack, EvictScope, EvictionPolicy},
     events,
     loader::{Guard, KernelLogger},
@@ -49,6 +50,8 @@ pub struct AgentOptions {
     /// Validate endpoints that carry flows by probing them (router role,
     /// with the neighbour table followed).
     pub probe: Option<ProbeOptions>,
+    /// Guard the macvlan/ipvlan children of these interfaces (host role).
+    pub children: Option<Vec<String>>,
 }
 
 /// Why an endpoint's flows are evicted.
@@ -143,6 +146,10 @@ pub async fn run(
         // Without the neighbour table there is no cached MAC to validate.
         _ => drop(probe_tx),
     }
+    let mut children = match &opts.children {
+        Some(parents) => children::start(guard, parents, &opts.prefixes).await?,
+        None => None,
+    };
     let mut reconcile_timer = tokio::time::interval(opts.reconcile);
     reconcile_timer.tick().await;
 
@@ -224,6 +231,17 @@ pub async fn run(
                     ProbeReport::Moved { .. } => c.probe_moves += 1,
                     ProbeReport::Ambiguous { .. } => c.probe_ambiguous += 1,
                     ProbeReport::Silent { .. } | ProbeReport::Failed(_) => {}
+                })?;
+            }
+            changes = children::next(&mut children) => {
+                let src = children.as_mut().expect("only polled with a source");
+                let applied = src.apply(&mut guard.endpoints()?, &changes);
+                for s in &applied.sentences {
+                    println!("{s}");
+                }
+                bump(guard, |c| {
+                    c.children_added += applied.added;
+                    c.children_removed += applied.removed;
                 })?;
             }
             Some(outcome) = outcomes.recv() => {

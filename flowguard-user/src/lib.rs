@@ -3,6 +3,7 @@
 //! is a thin command line over these modules.
 
 pub mod agent;
+pub mod children;
 pub mod conntrack;
 pub mod doctor;
 pub mod endpoints;

@@ -127,6 +127,11 @@ struct RunArgs {
     /// Send at most this many probes per second, overall (0: no limit).
     #[arg(long, value_name = "N", default_value_t = 1000)]
     max_probes_per_sec: u32,
+    /// Do not read the macvlan/ipvlan children of the --ingress interfaces
+    /// (in every network namespace) as endpoints; by default their MACs and
+    /// addresses are guarded before the endpoint sends a frame.
+    #[arg(long)]
+    no_children: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -285,6 +290,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         max_evictions_per_sec: args.max_evictions_per_sec,
         metrics,
         probe: probe_options(&args),
+        children: (!args.no_children && !args.ingress.is_empty()).then(|| args.ingress.clone()),
     };
     match (args.evict, args.dry_run) {
         (EvictScope::Off, _) => println!("flowguard: eviction is off"),

@@ -134,6 +134,16 @@ const COUNTERS: &[CounterFamily] = &[
     ("probe_ambiguous", "Probed IPs that answered from more than one MAC.", |c| {
         c.user.probe_ambiguous
     }),
+    (
+        "children_added",
+        "Endpoints written from a macvlan/ipvlan child of a guarded interface (new, or a new MAC).",
+        |c| c.user.children_added,
+    ),
+    (
+        "children_removed",
+        "Endpoints removed because their macvlan/ipvlan child or its namespace went away.",
+        |c| c.user.children_removed,
+    ),
 ];
 
 /// A per-endpoint counter: full name, help, value.
@@ -144,7 +154,7 @@ type EndpointFamily = (
 );
 
 /// The endpoint sources that always have a `flowguard_endpoints` series.
-const SOURCES: [&str; 3] = ["learned", "neighbour", "static"];
+const SOURCES: [&str; 4] = ["child", "learned", "neighbour", "static"];
 
 /// Escapes a label value: backslash, double quote and line feed.
 pub fn escape_label_value(value: &str) -> String {
@@ -537,6 +547,7 @@ mod tests {
         assert_eq!(s["flowguard_endpoints{source=\"learned\"}"], "1");
         assert_eq!(s["flowguard_endpoints{source=\"neighbour\"}"], "2");
         assert_eq!(s["flowguard_endpoints{source=\"static\"}"], "0");
+        assert_eq!(s["flowguard_endpoints{source=\"child\"}"], "0");
         assert_eq!(
             s["flowguard_endpoint_stale_packets_total{ip=\"192.168.1.240\",mac=\"02:42:c0:a8:01:0b\"}"],
             "7"
@@ -549,8 +560,8 @@ mod tests {
             "flowguard_endpoint_stale_packets_total{ip=\"fd00::1\",mac=\"02:00:00:00:00:01\"}"
         ));
         assert!(text.ends_with('\n'), "the last line ends with a line feed");
-        // One sample per counter, three sources, two per endpoint.
-        assert_eq!(s.len(), COUNTERS.len() + 3 + 2 * 3);
+        // One sample per counter, one per source, two per endpoint.
+        assert_eq!(s.len(), COUNTERS.len() + SOURCES.len() + 2 * 3);
     }
 
     #[test]

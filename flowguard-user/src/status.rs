@@ -73,6 +73,7 @@ pub fn source_name(s: u8) -> &'static str {
         source::STATIC => "static",
         source::NEIGHBOUR => "neighbour",
         source::LEARNED => "learned",
+        source::CHILD => "child",
         _ => "unknown",
     }
 }
@@ -182,6 +183,11 @@ pub fn render(st: &Status) -> String {
         out,
         "probing: {} probes sent, {} endpoints unanswered, {} moves found, {} ambiguous",
         u.probes_sent, u.probes_unanswered, u.probe_moves, u.probe_ambiguous
+    );
+    let _ = writeln!(
+        out,
+        "macvlan/ipvlan children: {} endpoints written, {} removed",
+        u.children_added, u.children_removed
     );
     if st.endpoints.is_empty() {
         let _ = writeln!(out, "no endpoints known yet");

@@ -95,6 +95,11 @@ pub struct StatusCounters {
     pub probe_moves: u64,
     #[serde(default)]
     pub probe_ambiguous: u64,
+    // Host role, macvlan/ipvlan children.
+    #[serde(default)]
+    pub children_added: u64,
+    #[serde(default)]
+    pub children_removed: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

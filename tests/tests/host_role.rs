@@ -49,6 +49,9 @@ fn start_host_role(topology: &HostRoleTopology, bpffs: &BpffsMount, mode: &str) 
             LAN_PREFIX,
             "--mode",
             mode,
+            // These tests are about learning from frames; the host's own
+            // children would name the MAC first (tests/host_children.rs).
+            "--no-children",
         ],
     )
 }

@@ -61,7 +61,7 @@
 
 mod cache;
 mod decode;
-mod source;
+pub(crate) mod source;
 mod sync;
 
 pub use cache::{Desired, NeighCache};

@@ -278,7 +278,7 @@ fn register(s: Socket) -> Result<AsyncFd<Socket>, NeighError> {
         .map_err(|e| NeighError::Socket(e.into()))
 }
 
-fn set_receive_buffer(fd: RawFd, bytes: usize) -> io::Result<()> {
+pub(crate) fn set_receive_buffer(fd: RawFd, bytes: usize) -> io::Result<()> {
     let value = libc::c_int::try_from(bytes / 2).unwrap_or(libc::c_int::MAX / 2);
     let set = |opt| {
         // SAFETY: setsockopt reads one c_int from the pointer we pass.
@@ -301,7 +301,7 @@ fn set_receive_buffer(fd: RawFd, bytes: usize) -> io::Result<()> {
     set(libc::SO_RCVBUFFORCE).or_else(|_| set(libc::SO_RCVBUF))
 }
 
-fn send(s: &Socket, request: &[u8]) -> io::Result<()> {
+pub(crate) fn send(s: &Socket, request: &[u8]) -> io::Result<()> {
     loop {
         match s.send(request, 0) {
             Ok(n) if n == request.len() => return Ok(()),
@@ -317,7 +317,7 @@ fn send(s: &Socket, request: &[u8]) -> io::Result<()> {
     }
 }
 
-enum Received {
+pub(crate) enum Received {
     /// `buf` holds the whole datagram.
     Whole,
     /// The datagram had this many bytes, more than the buffer.
@@ -325,7 +325,7 @@ enum Received {
 }
 
 /// Receives one datagram into `buf` (replacing its contents).
-fn recv(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<Received> {
+pub(crate) fn recv(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<Received> {
     buf.clear();
     buf.reserve(DATAGRAM_BYTES);
     let cap = buf.capacity();
