@@ -132,16 +132,21 @@ pub async fn run(
         (Some(p), true) => {
             publish_targets(&targets, &cache, None);
             let active = probe::conntrack_active_set(p.selection, p.prefixes.clone());
-            probe::start(p.clone(), targets.clone(), active, probe_tx)
-                .context("starting the prober (an ARP packet socket needs CAP_NET_RAW)")?;
-            println!(
-                "flowguard: probing endpoints that carry {} every {} ms (ARP: the cached MAC, then broadcast)",
-                match p.selection {
-                    probe::Selection::Offloaded => "offloaded flows",
-                    probe::Selection::Flows => "flows",
-                },
-                p.interval.as_millis()
-            );
+            match probe::start(p.clone(), targets.clone(), active, probe_tx) {
+                Ok(()) => println!(
+                    "flowguard: probing endpoints that carry {} every {} ms (ARP: the cached MAC, then broadcast)",
+                    match p.selection {
+                        probe::Selection::Offloaded => "offloaded flows",
+                        probe::Selection::Flows => "flows",
+                    },
+                    p.interval.as_millis()
+                ),
+                // Guarding goes on; only silent endpoints stay unseen.
+                Err(e) => eprintln!(
+                    "flowguard: probing is off: no ARP packet socket ({e}; it needs CAP_NET_RAW): \
+                     endpoints that announce nothing after a MAC change are not found"
+                ),
+            }
         }
         // Without the neighbour table there is no cached MAC to validate.
         _ => drop(probe_tx),

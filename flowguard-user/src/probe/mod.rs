@@ -155,6 +155,10 @@ impl fmt::Display for ProbeReport {
     }
 }
 
+/// Probes sent back to back before a pause of [`BURST_PAUSE`].
+const BURST: u64 = 32;
+const BURST_PAUSE: Duration = Duration::from_millis(2);
+
 /// See [`ProbeOptions::max_refresh`].
 const REFRESH_COST_FACTOR: u32 = 200;
 
@@ -302,6 +306,8 @@ struct Prober {
     silent: HashSet<IpAddr>,
     offset: usize,
     buf: Vec<u8>,
+    /// Probes sent so far, for pacing.
+    burst: u64,
 }
 
 /// Starts the prober on a thread of its own (in this thread's network
@@ -323,6 +329,7 @@ pub fn start(
         silent: HashSet::new(),
         offset: 0,
         buf: vec![0; 2048],
+        burst: 0,
     };
     std::thread::Builder::new()
         .name("flowguard-probe".into())
@@ -469,7 +476,13 @@ impl Prober {
         });
     }
 
-    fn send(&self, ifindex: u32, to: Mac, probe: &[u8]) -> bool {
+    fn send(&mut self, ifindex: u32, to: Mac, probe: &[u8]) -> bool {
+        // A burst of hundreds of frames overruns small queues (a veth's
+        // ring, a switch chip's): a short pause every few.
+        self.burst += 1;
+        if self.burst % BURST == 0 {
+            std::thread::sleep(BURST_PAUSE);
+        }
         match self.socket.send(ifindex, to, probe) {
             Ok(()) => true,
             Err(e) => {

@@ -10,6 +10,8 @@ use std::{
 use crate::settings::Mac;
 
 const ETH_P_ARP: u16 = 0x0806;
+/// Room for the answers of a few thousand endpoints asked at once.
+const RECEIVE_BUFFER: libc::c_int = 4 << 20;
 
 /// One received packet: its payload length and Ethernet source.
 pub struct Received {
@@ -39,9 +41,29 @@ impl ArpSocket {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fd is a fresh, valid descriptor.
-        Ok(Self {
+        let socket = Self {
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        };
+        // A round's answers arrive together (one per endpoint asked); the
+        // default buffer holds a few hundred of them. Best effort: without
+        // CAP_NET_ADMIN the kernel caps the size, which only costs answers.
+        let bytes: libc::c_int = RECEIVE_BUFFER;
+        for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+            // SAFETY: setsockopt reads one c_int.
+            let rc = unsafe {
+                libc::setsockopt(
+                    socket.fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&bytes as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc == 0 {
+                break;
+            }
+        }
+        Ok(socket)
     }
 
     /// Sends one ARP packet out of `ifindex` to the Ethernet address `to`.

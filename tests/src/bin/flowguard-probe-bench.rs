@@ -1,4 +1,6 @@
-//! What probing costs: with N endpoints that carry flows (default 1,000),
+//! What probing costs: with N endpoints that carry flows (default 100;
+//! from about 300 up, every probe of this topology went unanswered, a fault
+//! not yet understood, and the bench refuses to report such a run),
 //! the probes per second flowguard sends and the CPU time it uses, beside
 //! the same flowguard with `--probe off` on the same router in the same run.
 //!
@@ -46,7 +48,7 @@ struct Args {
     #[arg(long)]
     flowguard: Option<PathBuf>,
     /// Endpoints that carry flows.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
     endpoints: u32,
     /// Seconds measured per run.
     #[arg(long, default_value_t = 10)]
@@ -78,18 +80,23 @@ fn endpoint_ip(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(BASE + i)
 }
 
-/// CPU time of a process in clock ticks (utime + stime).
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name may hold spaces: fields count from after its ')'.
-    let rest = stat.rsplit_once(") ").context("odd /proc stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
-}
-
-fn ticks_per_sec() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+/// CPU time of a process in nanoseconds: the sum over its threads of the
+/// scheduler's run time (`/proc/PID/task/TID/schedstat`, first field),
+/// finer than the clock ticks of `/proc/PID/stat`.
+fn cpu_ns(pid: u32) -> Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let path = task?.path().join("schedstat");
+        // A thread may end between the listing and the read.
+        if let Ok(s) = std::fs::read_to_string(&path) {
+            total += s
+                .split_whitespace()
+                .next()
+                .context("empty schedstat")?
+                .parse::<u64>()?;
+        }
+    }
+    Ok(total)
 }
 
 struct Run {
@@ -115,11 +122,11 @@ fn measure(
     fg.try_wait_ready().map_err(anyhow::Error::msg)?;
     // Warm-up: the first conntrack read and a few rounds.
     thread::sleep(Duration::from_secs(3));
-    let (t0, c0, s0) = (Instant::now(), cpu_ticks(fg.pid())?, fg.status().counters);
+    let (t0, c0, s0) = (Instant::now(), cpu_ns(fg.pid())?, fg.status().counters);
     thread::sleep(Duration::from_secs(secs));
-    let (c1, s1) = (cpu_ticks(fg.pid())?, fg.status().counters);
+    let (c1, s1) = (cpu_ns(fg.pid())?, fg.status().counters);
     let elapsed = t0.elapsed().as_secs_f64();
-    let cpu = (c1 - c0) as f64 / ticks_per_sec();
+    let cpu = (c1 - c0) as f64 / 1e9;
     Ok(Run {
         cpu_percent: 100.0 * cpu / elapsed,
         probes_per_sec: (s1.probes_sent - s0.probes_sent) as f64 / elapsed,
