@@ -480,7 +480,7 @@ impl Prober {
         // A burst of hundreds of frames overruns small queues (a veth's
         // ring, a switch chip's): a short pause every few.
         self.burst += 1;
-        if self.burst % BURST == 0 {
+        if self.burst.is_multiple_of(BURST) {
             std::thread::sleep(BURST_PAUSE);
         }
         match self.socket.send(ifindex, to, probe) {
