@@ -113,7 +113,7 @@ pub async fn run(
             evictor.as_ref(),
             false,
         )?;
-        println!(
+        crate::say!(
             "flowguard: following the neighbour table ({} endpoints in the prefixes)",
             cache.ips().count()
         );
@@ -133,7 +133,7 @@ pub async fn run(
                 while let Some(item) = ring.next() {
                     match events::decode(&item) {
                         Some(ev) => {
-                            println!("{}", events::describe(&ev, sys::ifname));
+                            crate::say!("{}", events::describe(&ev, sys::ifname));
                             if ev.kind == event_kind::STALE {
                                 stale.push((key_ip(&ev.endpoint), events::describe_short(&ev)));
                             }
@@ -286,7 +286,7 @@ fn report_changes(
     for ch in changes {
         match ch {
             MapChange::Added { .. } if !say_added => log::debug!("{ch}"),
-            _ => println!("{ch}"),
+            _ => crate::say!("{ch}"),
         }
         let now = Instant::now();
         match ch {
@@ -356,7 +356,7 @@ fn start_evictor(
             let mut ct = match Conntrack::open() {
                 Ok(ct) => ct,
                 Err(e) => {
-                    eprintln!("flowguard: eviction is off: {e}");
+                    crate::say_err!("flowguard: eviction is off: {e}");
                     // Drain requests so that senders never block or fail loudly.
                     for _ in rx {
                         let _ = outcomes.send(EvictOutcome {
@@ -378,7 +378,7 @@ fn start_evictor(
                     Ok(flows) => {
                         let verb = if dry_run { "would evict" } else { "evicted" };
                         for f in &flows {
-                            println!("{}: {verb} flow {} because {why}", req.ip, f.describe());
+                            crate::say!("{}: {verb} flow {} because {why}", req.ip, f.describe());
                         }
                         if flows.is_empty() {
                             let which = match scope {
@@ -403,7 +403,7 @@ fn start_evictor(
                         }
                     }
                     Err(e) => {
-                        eprintln!("flowguard: evicting the flows of {} failed: {e}", req.ip);
+                        crate::say_err!("flowguard: evicting the flows of {} failed: {e}", req.ip);
                         EvictOutcome {
                             flows: 0,
                             dry_run,

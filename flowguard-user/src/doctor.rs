@@ -736,14 +736,14 @@ pub fn run(json: bool, pin_dir: &Path) -> u8 {
     let report = diagnose(&gather(pin_dir));
     if json {
         match serde_json::to_string_pretty(&report) {
-            Ok(text) => println!("{text}"),
+            Ok(text) => crate::say!("{text}"),
             Err(e) => {
-                eprintln!("error: cannot print the report as JSON: {e}");
+                crate::say_err!("error: cannot print the report as JSON: {e}");
                 return 1;
             }
         }
     } else {
-        print!("{}", render(&report));
+        crate::say!("{}", render(&report).trim_end_matches('\n'));
     }
     report.exit_code()
 }

@@ -11,6 +11,7 @@ pub mod flowtable;
 pub mod loader;
 pub mod metrics;
 pub mod neigh;
+pub mod out;
 pub mod settings;
 pub mod status;
 pub mod sys;

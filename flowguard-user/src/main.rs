@@ -11,7 +11,7 @@ use flowguard_user::{
     conntrack::EvictScope,
     doctor, endpoints, flowtable,
     loader::{Guard, GuardOptions, XdpAttach},
-    metrics,
+    metrics, say, say_err,
     settings::{self, endpoint_key, Mode, Prefix, StaticEndpoint},
     status,
 };
@@ -127,7 +127,7 @@ fn main() -> ExitCode {
             // One line that names the bad input; --help has the rest.
             let text = e.to_string();
             let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("{first} (see flowguard --help)");
+            say_err!("{first} (see flowguard --help)");
             return ExitCode::from(2);
         }
     };
@@ -142,7 +142,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            say_err!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -151,9 +151,9 @@ fn main() -> ExitCode {
 fn show_status(json: bool, pin_dir: &std::path::Path) -> anyhow::Result<()> {
     let st = status::read(pin_dir)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&st)?);
+        say!("{}", serde_json::to_string_pretty(&st)?);
     } else {
-        print!("{}", status::render(&st));
+        say!("{}", status::render(&st).trim_end_matches('\n'));
     }
     Ok(())
 }
@@ -162,7 +162,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut args = args;
     if args.auto {
         let found = flowtable::auto_devices()?;
-        println!(
+        say!(
             "flowguard: the flowtable caches MACs on bridge ports {}: attaching tc egress there",
             found.join(", ")
         );
@@ -227,9 +227,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Mode::Fix => "fix mode: stale frames are rewritten",
         Mode::Observe => "observe mode: stale frames are counted, not changed",
     };
-    println!("flowguard: watching {} in {mode}", prefixes.join(", "));
+    say!("flowguard: watching {} in {mode}", prefixes.join(", "));
     for a in &guard.attachments {
-        println!("flowguard: {} on {}", a.how, a.iface);
+        say!("flowguard: {} on {}", a.how, a.iface);
     }
     if !args.statics.is_empty() {
         let list: Vec<String> = args
@@ -237,16 +237,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .iter()
             .map(|s| format!("{}={}", s.ip, s.mac))
             .collect();
-        println!("flowguard: static endpoints {}", list.join(", "));
+        say!("flowguard: static endpoints {}", list.join(", "));
     }
-    println!(
+    say!(
         "flowguard: maps pinned in {} (see `flowguard status --pin-dir {0}`)",
         guard.pin_dir().display()
     );
     if let Some(m) = &metrics {
-        println!("flowguard: Prometheus metrics at {}", m.url());
+        say!("flowguard: Prometheus metrics at {}", m.url());
     }
-    println!("flowguard: ready");
+    say!("flowguard: ready");
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -263,8 +263,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics,
     };
     match (args.evict, args.dry_run) {
-        (EvictScope::Off, _) => println!("flowguard: eviction is off"),
-        (scope, dry) => println!(
+        (EvictScope::Off, _) => say!("flowguard: eviction is off"),
+        (scope, dry) => say!(
             "flowguard: evicting {} conntrack entries of an endpoint when its MAC changes or frames to it are stale{}",
             if scope == EvictScope::All { "all" } else { "the offloaded" },
             if dry { " (dry run: nothing is deleted)" } else { "" }
@@ -277,7 +277,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     drop(guard);
     if let Some(st) = summary {
         let c = st.counters.kernel;
-        println!(
+        say!(
             "flowguard: stopped; {} frames to stale MACs seen, {} rewritten, {} endpoints learned; \
              programs detached, {} removed",
             c.stale,
