@@ -65,7 +65,7 @@ struct EvictOutcome {
     failed: bool,
 }
 
-/// Runs until SIGINT or SIGTERM.
+/// Runs until SIGINT, SIGTERM or SIGQUIT.
 pub async fn run(
     guard: &mut Guard,
     ring: RingBuf<MapData>,
@@ -86,6 +86,12 @@ pub async fn run(
     };
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    // Their default action kills the process and leaves the pins behind:
+    // SIGQUIT stops cleanly, SIGHUP re-reads, SIGUSR1/2 are ignored.
+    let mut quit = signal(SignalKind::quit()).context("installing the SIGQUIT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
     // Serves until this function returns (the task is aborted on drop).
     let _metrics = match &opts.metrics {
         Some(server) => Some(server.spawn().context("serving metrics")?),
@@ -126,6 +132,26 @@ pub async fn run(
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
+            _ = quit.recv() => return Ok(()),
+            _ = usr1.recv() => log::info!("SIGUSR1 ignored (SIGINT, SIGTERM or SIGQUIT stop flowguard; SIGHUP re-reads the neighbour table and the flowtables)"),
+            _ = usr2.recv() => log::info!("SIGUSR2 ignored (SIGINT, SIGTERM or SIGQUIT stop flowguard; SIGHUP re-reads the neighbour table and the flowtables)"),
+            _ = hup.recv() => {
+                let neighbours = match source.as_mut() {
+                    Some(src) => {
+                        cache.replace_all(src.dump().await.context("dumping the neighbour table")?);
+                        let changes = reconcile(guard, &cache)?;
+                        bump(guard, |c| c.reconciles += 1)?;
+                        report_changes(guard, &changes, &mut policy, &mut departed, evictor.as_ref(), true)?;
+                        format!(
+                            "read the neighbour table again ({} endpoints in the prefixes, {} changed)",
+                            cache.ips().count(),
+                            changes.len()
+                        )
+                    }
+                    None => "not following the neighbour table (--no-neigh)".to_string(),
+                };
+                log::info!("SIGHUP: {neighbours}; {}", flowtable_summary(&guard.attachments));
+            }
             ready = ring.readable_mut() => {
                 let mut ready = ready.context("waiting for events")?;
                 let mut stale = Vec::new();
@@ -196,6 +222,29 @@ pub async fn run(
                 })?;
             }
         }
+    }
+}
+
+/// What the flowtables say now about where MACs are cached, against what is
+/// guarded: a bridge port added to a flowtable since the start is named.
+fn flowtable_summary(attachments: &[crate::loader::Attachment]) -> String {
+    let ports = match crate::flowtable::auto_devices() {
+        Ok(ports) => ports,
+        Err(e) => return format!("flowtables: {e}"),
+    };
+    let unguarded: Vec<&str> = ports
+        .iter()
+        .filter(|p| !attachments.iter().any(|a| &a.iface == *p))
+        .map(String::as_str)
+        .collect();
+    if unguarded.is_empty() {
+        format!("flowtables: bridge ports {}, all guarded", ports.join(", "))
+    } else {
+        format!(
+            "flowtables: bridge ports {}; not guarded: {} (restart with --auto or --egress to guard them)",
+            ports.join(", "),
+            unguarded.join(", ")
+        )
     }
 }
 

@@ -29,7 +29,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Load, attach and guard until SIGINT or SIGTERM, then detach and unpin.
+    /// Load, attach and guard until SIGINT, SIGTERM or SIGQUIT, then detach
+    /// and unpin. SIGHUP re-reads the neighbour table and the flowtables.
     Run(RunArgs),
     /// Show a running instance's counters and endpoints.
     Status {
@@ -212,6 +213,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .metrics
         .map(|addr| metrics::Server::bind(addr, &args.pin_dir))
         .transpose()?;
+    flowguard_user::sys::ignore_signals_until_handled();
     let mut guard = Guard::start(&opts)?;
     {
         let mut map = guard.endpoints()?;

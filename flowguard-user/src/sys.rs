@@ -136,6 +136,17 @@ pub fn try_lock(fd: &impl AsRawFd) -> io::Result<bool> {
     }
 }
 
+/// Ignores the signals whose default action would kill flowguard between
+/// attaching and the moment the event loop handles them (it replaces this),
+/// so that none of them can end it with the pins left behind.
+pub fn ignore_signals_until_handled() {
+    for sig in [libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2] {
+        // SAFETY: SIG_IGN installs no handler code; nothing else in the
+        // process relies on these signals' previous dispositions.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

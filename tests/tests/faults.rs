@@ -12,7 +12,7 @@ use std::{
 };
 
 use flowguard_tests::{
-    flowguard_proc::{require_flowguard_bin, Status, READY_TIMEOUT, STOP_TIMEOUT},
+    flowguard_proc::{require_flowguard_bin, Flowguard, Status, READY_TIMEOUT, STOP_TIMEOUT},
     netns::{BpffsMount, Netns},
     skip_unless_root,
 };
@@ -234,4 +234,89 @@ fn a_closed_stdout_does_not_end_the_daemon() {
         "a clean stop even with a closed stdout ({status}); stderr:\n{stderr}"
     );
     assert!(pins_in(&pin_dir).is_empty(), "pins removed on exit");
+}
+
+/// The line flowguard prints once its event loop handles signals.
+const LOOP_LINE: &str = "flowguard: following the neighbour table";
+
+fn start_and_wait_for_loop(ns: &Netns, pin_dir: &Path) -> Flowguard {
+    let fg = Flowguard::start(ns, pin_dir, &["--egress", "lan1", "--prefix", PREFIX]);
+    fg.wait_for_line(READY_TIMEOUT, |l| l.starts_with(LOOP_LINE))
+        .unwrap_or_else(|| panic!("no `{LOOP_LINE}`; stderr:\n{}", fg.stderr_text()));
+    fg
+}
+
+#[test]
+fn sighup_rereads_and_sigusr_is_ignored() {
+    skip_unless_root!();
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let pin_dir = bpffs.pin_dir();
+    let mut fg = start_and_wait_for_loop(&ns, &pin_dir);
+    let pinned = pins_in(&pin_dir);
+    let reconciles = fg.status().counters.reconciles;
+
+    fg.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fg
+        .stderr_text()
+        .contains("SIGHUP: read the neighbour table again")
+    {
+        assert!(
+            fg.wait_exit(Duration::from_millis(100)).is_none(),
+            "SIGHUP ended flowguard; pins left: {:?}",
+            pins_in(&pin_dir)
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no SIGHUP line; stderr:\n{}",
+            fg.stderr_text()
+        );
+    }
+    assert!(
+        fg.stderr_text().contains("flowtables"),
+        "says what the flowtables hold: {}",
+        fg.stderr_text()
+    );
+    assert_eq!(
+        fg.status().counters.reconciles,
+        reconciles + 1,
+        "SIGHUP reconciled the endpoint map with the neighbour table"
+    );
+
+    for sig in [libc::SIGUSR1, libc::SIGUSR2] {
+        fg.signal(sig);
+        assert!(
+            fg.wait_exit(Duration::from_secs(1)).is_none(),
+            "signal {sig} ended flowguard; pins left: {:?}",
+            pins_in(&pin_dir)
+        );
+    }
+    assert_eq!(pins_in(&pin_dir), pinned, "still pinned and answering");
+    assert_eq!(fg.status().mode, "fix");
+    assert!(fg.stop().success());
+    assert!(!pin_dir.exists(), "pins removed on exit");
+}
+
+#[test]
+fn sigquit_stops_cleanly() {
+    skip_unless_root!();
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let pin_dir = bpffs.pin_dir();
+    let mut fg = start_and_wait_for_loop(&ns, &pin_dir);
+    let status = fg.stop_with(libc::SIGQUIT);
+    assert!(
+        status.success(),
+        "SIGQUIT: {status}; stderr:\n{}",
+        fg.stderr_text()
+    );
+    assert!(
+        !pin_dir.exists(),
+        "SIGQUIT left pins: {:?}",
+        pins_in(&pin_dir)
+    );
+    let shown = ns.nsenter("bpftool", &["net", "show", "dev", "lan1"]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(!text.contains("flowguard"), "still attached: {text}");
 }
