@@ -288,6 +288,10 @@ pub struct UserCounters {
     pub dry_run_matches: u64,
     /// Eviction runs that failed.
     pub eviction_errors: u64,
+    /// The process id of the instance that owns the pins (not a counter):
+    /// lets `status` name an instance that died without removing them.
+    #[cfg_attr(feature = "user", serde(skip))]
+    pub owner_pid: u64,
 }
 
 /// `Event::kind` values.

@@ -32,7 +32,8 @@ enum Command {
     /// Load, attach and guard until SIGINT, SIGTERM or SIGQUIT, then detach
     /// and unpin. SIGHUP re-reads the neighbour table and the flowtables.
     Run(RunArgs),
-    /// Show a running instance's counters and endpoints.
+    /// Show a running instance's counters and endpoints. Exits 1 when no
+    /// instance runs there (also when a killed one left its pins).
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -48,6 +49,9 @@ enum Command {
         /// Print JSON instead of one line per check.
         #[arg(long)]
         json: bool,
+        /// Where a running instance would have pinned its maps.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
     },
 }
 
@@ -136,8 +140,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Status { json, pin_dir } => show_status(json, &pin_dir),
-        Command::Doctor { json } => {
-            return ExitCode::from(doctor::run(json, std::path::Path::new(DEFAULT_PIN_DIR)));
+        Command::Doctor { json, pin_dir } => {
+            return ExitCode::from(doctor::run(json, &pin_dir));
         }
     };
     match result {
@@ -153,10 +157,13 @@ fn show_status(json: bool, pin_dir: &std::path::Path) -> anyhow::Result<()> {
     let st = status::read(pin_dir)?;
     if json {
         say!("{}", serde_json::to_string_pretty(&st)?);
-    } else {
+    } else if st.running {
         say!("{}", status::render(&st).trim_end_matches('\n'));
     }
-    Ok(())
+    match st.not_running() {
+        Some(why) => bail!(why),
+        None => Ok(()),
+    }
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {

@@ -188,6 +188,11 @@ impl Flowguard {
         &self.pin_dir
     }
 
+    /// flowguard's process id (`nsenter` execs it, so it keeps the pid).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits for [`READY_LINE`]; panics with flowguard's stderr if it exits or
     /// takes longer than [`READY_TIMEOUT`].
     pub fn wait_ready(&mut self) {

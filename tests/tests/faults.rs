@@ -320,3 +320,65 @@ fn sigquit_stops_cleanly() {
     let text = String::from_utf8_lossy(&shown.stdout);
     assert!(!text.contains("flowguard"), "still attached: {text}");
 }
+
+/// `flowguard <args>` in `ns`, to completion, whatever its exit status.
+fn flowguard_in(ns: &Netns, args: &[&str]) -> Output {
+    let bin = require_flowguard_bin();
+    let mut full = vec![bin.to_str().expect("utf-8 path")];
+    full.extend_from_slice(args);
+    ns.nsenter(full[0], &full[1..])
+}
+
+#[test]
+fn status_and_doctor_call_a_killed_instance_gone() {
+    skip_unless_root!();
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let pin_dir = bpffs.pin_dir();
+    let pin = pin_dir.to_string_lossy().into_owned();
+    let mut fg = Flowguard::start(&ns, &pin_dir, &["--egress", "lan1", "--prefix", PREFIX]);
+    let pid = fg.pid();
+    assert_eq!(fg.status_json()["running"], true, "a live instance runs");
+    let doctor = flowguard_in(&ns, &["doctor", "--json", "--pin-dir", &pin]);
+    let report: serde_json::Value = serde_json::from_slice(&doctor.stdout)
+        .unwrap_or_else(|e| panic!("doctor --json --pin-dir: {e}: {doctor:?}"));
+    assert_eq!(report["flowguard"]["running"], true, "{report:#}");
+
+    fg.signal(libc::SIGKILL);
+    assert!(fg.wait_exit(STOP_TIMEOUT).is_some(), "SIGKILL");
+    assert!(!pins_in(&pin_dir).is_empty(), "SIGKILL leaves the pins");
+
+    let gone = format!("not running; pins left by PID {pid}, which is gone");
+    for extra in [&[][..], &["--json"]] {
+        let mut args = vec!["status", "--pin-dir", &pin];
+        args.extend_from_slice(extra);
+        let out = flowguard_in(&ns, &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(&gone),
+            "`flowguard {}` after SIGKILL ({}): stdout:\n{}\nstderr:\n{stderr}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let doctor = flowguard_in(&ns, &["doctor", "--json", "--pin-dir", &pin]);
+    let report: serde_json::Value = serde_json::from_slice(&doctor.stdout)
+        .unwrap_or_else(|e| panic!("doctor --json --pin-dir: {e}: {doctor:?}"));
+    assert_eq!(report["flowguard"]["running"], false, "{report:#}");
+    let check = report["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["check"] == "flowguard")
+        .expect("a flowguard check");
+    assert!(
+        check["message"].as_str().unwrap_or("").contains(&gone) && check["verdict"] != "ok",
+        "{check:#}"
+    );
+
+    // A new instance on the same pin directory takes the leftovers over.
+    let mut again = Flowguard::start(&ns, &pin_dir, &["--egress", "lan1", "--prefix", PREFIX]);
+    assert_eq!(again.status_json()["running"], true);
+    assert!(again.stop().success());
+}
