@@ -305,6 +305,10 @@ pub struct UserCounters {
     /// Endpoints removed because their macvlan/ipvlan child (or its
     /// namespace) went away.
     pub children_removed: u64,
+    /// The process id of the instance that owns the pins (not a counter):
+    /// lets `status` name an instance that died without removing them.
+    #[cfg_attr(feature = "user", serde(skip))]
+    pub owner_pid: u64,
 }
 
 /// `Event::kind` values.

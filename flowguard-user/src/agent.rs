@@ -72,7 +72,7 @@ struct EvictOutcome {
     failed: bool,
 }
 
-/// Runs until SIGINT or SIGTERM.
+/// Runs until SIGINT, SIGTERM or SIGQUIT.
 pub async fn run(
     guard: &mut Guard,
     ring: RingBuf<MapData>,
@@ -93,6 +93,12 @@ pub async fn run(
     };
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    // Their default action kills the process and leaves the pins behind:
+    // SIGQUIT stops cleanly, SIGHUP re-reads, SIGUSR1/2 are ignored.
+    let mut quit = signal(SignalKind::quit()).context("installing the SIGQUIT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
     // Serves until this function returns (the task is aborted on drop).
     let _metrics = match &opts.metrics {
         Some(server) => Some(server.spawn().context("serving metrics")?),
@@ -120,7 +126,7 @@ pub async fn run(
             evictor.as_ref(),
             false,
         )?;
-        println!(
+        crate::say!(
             "flowguard: following the neighbour table ({} endpoints in the prefixes)",
             cache.ips().count()
         );
@@ -133,7 +139,7 @@ pub async fn run(
             publish_targets(&targets, &cache, None);
             let active = probe::conntrack_active_set(p.selection, p.prefixes.clone());
             match probe::start(p.clone(), targets.clone(), active, probe_tx) {
-                Ok(()) => println!(
+                Ok(()) => crate::say!(
                     "flowguard: probing endpoints that carry {} every {} ms (ARP: the cached MAC, then broadcast)",
                     match p.selection {
                         probe::Selection::Offloaded => "offloaded flows",
@@ -142,7 +148,7 @@ pub async fn run(
                     p.interval.as_millis()
                 ),
                 // Guarding goes on; only silent endpoints stay unseen.
-                Err(e) => eprintln!(
+                Err(e) => crate::say_err!(
                     "flowguard: probing is off: no ARP packet socket ({e}; it needs CAP_NET_RAW): \
                      endpoints that announce nothing after a MAC change are not found"
                 ),
@@ -162,6 +168,26 @@ pub async fn run(
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
+            _ = quit.recv() => return Ok(()),
+            _ = usr1.recv() => log::info!("SIGUSR1 ignored (SIGINT, SIGTERM or SIGQUIT stop flowguard; SIGHUP re-reads the neighbour table and the flowtables)"),
+            _ = usr2.recv() => log::info!("SIGUSR2 ignored (SIGINT, SIGTERM or SIGQUIT stop flowguard; SIGHUP re-reads the neighbour table and the flowtables)"),
+            _ = hup.recv() => {
+                let neighbours = match source.as_mut() {
+                    Some(src) => {
+                        cache.replace_all(src.dump().await.context("dumping the neighbour table")?);
+                        let changes = reconcile(guard, &cache)?;
+                        bump(guard, |c| c.reconciles += 1)?;
+                        report_changes(guard, &changes, &mut policy, &mut departed, evictor.as_ref(), true)?;
+                        format!(
+                            "read the neighbour table again ({} endpoints in the prefixes, {} changed)",
+                            cache.ips().count(),
+                            changes.len()
+                        )
+                    }
+                    None => "not following the neighbour table (--no-neigh)".to_string(),
+                };
+                log::info!("SIGHUP: {neighbours}; {}", flowtable_summary(&guard.attachments));
+            }
             ready = ring.readable_mut() => {
                 let mut ready = ready.context("waiting for events")?;
                 let mut stale = Vec::new();
@@ -169,7 +195,7 @@ pub async fn run(
                 while let Some(item) = ring.next() {
                     match events::decode(&item) {
                         Some(ev) => {
-                            println!("{}", events::describe(&ev, sys::ifname));
+                            crate::say!("{}", events::describe(&ev, sys::ifname));
                             if ev.kind == event_kind::STALE {
                                 stale.push((key_ip(&ev.endpoint), events::describe_short(&ev)));
                             }
@@ -226,7 +252,7 @@ pub async fn run(
             Some(report) = probe_reports.recv() => {
                 match &report {
                     ProbeReport::Round { .. } => log::debug!("{report}"),
-                    _ => println!("{report}"),
+                    _ => crate::say!("{report}"),
                 }
                 bump(guard, |c| match &report {
                     ProbeReport::Round { sent, unanswered, .. } => {
@@ -242,7 +268,7 @@ pub async fn run(
                 let src = children.as_mut().expect("only polled with a source");
                 let applied = src.apply(&mut guard.endpoints()?, &changes);
                 for s in &applied.sentences {
-                    println!("{s}");
+                    crate::say!("{s}");
                 }
                 bump(guard, |c| {
                     c.children_added += applied.added;
@@ -262,6 +288,29 @@ pub async fn run(
                 })?;
             }
         }
+    }
+}
+
+/// What the flowtables say now about where MACs are cached, against what is
+/// guarded: a bridge port added to a flowtable since the start is named.
+fn flowtable_summary(attachments: &[crate::loader::Attachment]) -> String {
+    let ports = match crate::flowtable::auto_devices() {
+        Ok(ports) => ports,
+        Err(e) => return format!("flowtables: {e}"),
+    };
+    let unguarded: Vec<&str> = ports
+        .iter()
+        .filter(|p| !attachments.iter().any(|a| &a.iface == *p))
+        .map(String::as_str)
+        .collect();
+    if unguarded.is_empty() {
+        format!("flowtables: bridge ports {}, all guarded", ports.join(", "))
+    } else {
+        format!(
+            "flowtables: bridge ports {}; not guarded: {} (restart with --auto or --egress to guard them)",
+            ports.join(", "),
+            unguarded.join(", ")
+        )
     }
 }
 
@@ -381,7 +430,7 @@ fn report_changes(
     for ch in changes {
         match ch {
             MapChange::Added { .. } if !say_added => log::debug!("{ch}"),
-            _ => println!("{ch}"),
+            _ => crate::say!("{ch}"),
         }
         let now = Instant::now();
         match ch {
@@ -451,7 +500,7 @@ fn start_evictor(
             let mut ct = match Conntrack::open() {
                 Ok(ct) => ct,
                 Err(e) => {
-                    eprintln!("flowguard: eviction is off: {e}");
+                    crate::say_err!("flowguard: eviction is off: {e}");
                     // Drain requests so that senders never block or fail loudly.
                     for _ in rx {
                         let _ = outcomes.send(EvictOutcome {
@@ -473,7 +522,7 @@ fn start_evictor(
                     Ok(flows) => {
                         let verb = if dry_run { "would evict" } else { "evicted" };
                         for f in &flows {
-                            println!("{}: {verb} flow {} because {why}", req.ip, f.describe());
+                            crate::say!("{}: {verb} flow {} because {why}", req.ip, f.describe());
                         }
                         if flows.is_empty() {
                             let which = match scope {
@@ -498,7 +547,7 @@ fn start_evictor(
                         }
                     }
                     Err(e) => {
-                        eprintln!("flowguard: evicting the flows of {} failed: {e}", req.ip);
+                        crate::say_err!("flowguard: evicting the flows of {} failed: {e}", req.ip);
                         EvictOutcome {
                             flows: 0,
                             dry_run,

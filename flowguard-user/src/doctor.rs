@@ -227,6 +227,8 @@ impl Report {
 pub enum Running {
     Yes(Box<Status>),
     No,
+    /// Pins left by an instance that is gone.
+    Dead(Box<Status>),
     /// Cannot tell; the sentence says why.
     Unknown(String),
 }
@@ -316,6 +318,7 @@ fn running(pin_dir: &Path) -> Running {
         }
     }
     match status::read(pin_dir) {
+        Ok(st) if !st.running => Running::Dead(Box::new(st)),
         Ok(st) => Running::Yes(Box::new(st)),
         Err(StatusError::NotRunning(_)) => Running::No,
         Err(e) => Running::Unknown(e.to_string()),
@@ -693,6 +696,12 @@ fn flowguard_check(pin_dir: &str, running: &Running) -> Check {
             Verdict::Info,
             format!("not running at {pin_dir} (no pinned maps there)"),
         ),
+        Running::Dead(st) => Check::new(
+            "flowguard",
+            Verdict::Warn,
+            st.not_running()
+                .unwrap_or_else(|| format!("not running at {pin_dir}")),
+        ),
         Running::Unknown(e) => Check::new(
             "flowguard",
             Verdict::Warn,
@@ -736,14 +745,14 @@ pub fn run(json: bool, pin_dir: &Path) -> u8 {
     let report = diagnose(&gather(pin_dir));
     if json {
         match serde_json::to_string_pretty(&report) {
-            Ok(text) => println!("{text}"),
+            Ok(text) => crate::say!("{text}"),
             Err(e) => {
-                eprintln!("error: cannot print the report as JSON: {e}");
+                crate::say_err!("error: cannot print the report as JSON: {e}");
                 return 1;
             }
         }
     } else {
-        print!("{}", render(&report));
+        crate::say!("{}", render(&report).trim_end_matches('\n'));
     }
     report.exit_code()
 }
@@ -1094,14 +1103,33 @@ mod tests {
             mode: "fix",
             counters: Default::default(),
             endpoints: Vec::new(),
+            running: true,
+            pid: 7,
         };
         let r = diagnose(&Facts {
-            flowguard: Running::Yes(Box::new(st)),
+            flowguard: Running::Yes(Box::new(st.clone())),
             ..facts()
         });
         assert_eq!(the(&r, "flowguard")[0].verdict, Verdict::Ok);
         assert!(r.flowguard.running);
         assert_eq!(r.flowguard.mode.as_deref(), Some("fix"));
+
+        let r = diagnose(&Facts {
+            flowguard: Running::Dead(Box::new(Status {
+                running: false,
+                ..st
+            })),
+            ..facts()
+        });
+        let c = the(&r, "flowguard")[0];
+        assert_eq!(c.verdict, Verdict::Warn);
+        assert!(
+            c.message
+                .contains("not running; pins left by PID 7, which is gone"),
+            "{}",
+            c.message
+        );
+        assert!(!r.flowguard.running);
 
         let r = diagnose(&Facts {
             flowguard: Running::Unknown("permission denied".into()),

@@ -13,6 +13,7 @@ pub mod loader;
 pub mod metrics;
 pub mod neigh;
 pub mod probe;
+pub mod out;
 pub mod settings;
 pub mod status;
 pub mod sys;

@@ -236,6 +236,7 @@ impl Guard {
             guard.attach_tc(program, &opts.egress, TcAttachType::Egress)?;
         }
         guard.pin_maps()?;
+        guard.record_owner()?;
         Ok(guard)
     }
 
@@ -348,6 +349,18 @@ impl Guard {
             })?;
         }
         Ok(())
+    }
+
+    /// Writes this process's id next to the counters, so that pins left
+    /// behind by a crash name the instance that left them.
+    fn record_owner(&mut self) -> Result<(), LoadError> {
+        let mut arr = self.user_counters()?;
+        let mut c = arr
+            .get(&0, 0)
+            .map_err(|e| LoadError::Map(map_names::USER_COUNTERS, e))?;
+        c.owner_pid = u64::from(std::process::id());
+        arr.set(0, c, 0)
+            .map_err(|e| LoadError::Map(map_names::USER_COUNTERS, e))
     }
 
     /// The endpoint map, for user space to keep in sync.

@@ -13,6 +13,7 @@ use flowguard_user::{
     loader::{Guard, GuardOptions, XdpAttach},
     metrics,
     probe::{self, ProbeOptions},
+    metrics, say, say_err,
     settings::{self, endpoint_key, Mode, Prefix, StaticEndpoint},
     status,
 };
@@ -30,9 +31,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Load, attach and guard until SIGINT or SIGTERM, then detach and unpin.
+    /// Load, attach and guard until SIGINT, SIGTERM or SIGQUIT, then detach
+    /// and unpin. SIGHUP re-reads the neighbour table and the flowtables.
     Run(RunArgs),
-    /// Show a running instance's counters and endpoints.
+    /// Show a running instance's counters and endpoints. Exits 1 when no
+    /// instance runs there (also when a killed one left its pins).
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -48,6 +51,9 @@ enum Command {
         /// Print JSON instead of one line per check.
         #[arg(long)]
         json: bool,
+        /// Where a running instance would have pinned its maps.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
     },
 }
 
@@ -152,7 +158,7 @@ fn main() -> ExitCode {
             // One line that names the bad input; --help has the rest.
             let text = e.to_string();
             let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("{first} (see flowguard --help)");
+            say_err!("{first} (see flowguard --help)");
             return ExitCode::from(2);
         }
     };
@@ -160,14 +166,14 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Status { json, pin_dir } => show_status(json, &pin_dir),
-        Command::Doctor { json } => {
-            return ExitCode::from(doctor::run(json, std::path::Path::new(DEFAULT_PIN_DIR)));
+        Command::Doctor { json, pin_dir } => {
+            return ExitCode::from(doctor::run(json, &pin_dir));
         }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            say_err!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -176,18 +182,21 @@ fn main() -> ExitCode {
 fn show_status(json: bool, pin_dir: &std::path::Path) -> anyhow::Result<()> {
     let st = status::read(pin_dir)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&st)?);
-    } else {
-        print!("{}", status::render(&st));
+        say!("{}", serde_json::to_string_pretty(&st)?);
+    } else if st.running {
+        say!("{}", status::render(&st).trim_end_matches('\n'));
     }
-    Ok(())
+    match st.not_running() {
+        Some(why) => bail!(why),
+        None => Ok(()),
+    }
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut args = args;
     if args.auto {
         let found = flowtable::auto_devices()?;
-        println!(
+        say!(
             "flowguard: the flowtable caches MACs on bridge ports {}: attaching tc egress there",
             found.join(", ")
         );
@@ -240,6 +249,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .metrics
         .map(|addr| metrics::Server::bind(addr, &args.pin_dir))
         .transpose()?;
+    flowguard_user::sys::ignore_signals_until_handled();
     let mut guard = Guard::start(&opts)?;
     {
         let mut map = guard.endpoints()?;
@@ -255,9 +265,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Mode::Fix => "fix mode: stale frames are rewritten",
         Mode::Observe => "observe mode: stale frames are counted, not changed",
     };
-    println!("flowguard: watching {} in {mode}", prefixes.join(", "));
+    say!("flowguard: watching {} in {mode}", prefixes.join(", "));
     for a in &guard.attachments {
-        println!("flowguard: {} on {}", a.how, a.iface);
+        say!("flowguard: {} on {}", a.how, a.iface);
     }
     if !args.statics.is_empty() {
         let list: Vec<String> = args
@@ -265,16 +275,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .iter()
             .map(|s| format!("{}={}", s.ip, s.mac))
             .collect();
-        println!("flowguard: static endpoints {}", list.join(", "));
+        say!("flowguard: static endpoints {}", list.join(", "));
     }
-    println!(
+    say!(
         "flowguard: maps pinned in {} (see `flowguard status --pin-dir {0}`)",
         guard.pin_dir().display()
     );
     if let Some(m) = &metrics {
-        println!("flowguard: Prometheus metrics at {}", m.url());
+        say!("flowguard: Prometheus metrics at {}", m.url());
     }
-    println!("flowguard: ready");
+    say!("flowguard: ready");
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -293,8 +303,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         children: (!args.no_children && !args.ingress.is_empty()).then(|| args.ingress.clone()),
     };
     match (args.evict, args.dry_run) {
-        (EvictScope::Off, _) => println!("flowguard: eviction is off"),
-        (scope, dry) => println!(
+        (EvictScope::Off, _) => say!("flowguard: eviction is off"),
+        (scope, dry) => say!(
             "flowguard: evicting {} conntrack entries of an endpoint when its MAC changes or frames to it are stale{}",
             if scope == EvictScope::All { "all" } else { "the offloaded" },
             if dry { " (dry run: nothing is deleted)" } else { "" }
@@ -307,7 +317,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     drop(guard);
     if let Some(st) = summary {
         let c = st.counters.kernel;
-        println!(
+        say!(
             "flowguard: stopped; {} frames to stale MACs seen, {} rewritten, {} endpoints learned; \
              programs detached, {} removed",
             c.stale,

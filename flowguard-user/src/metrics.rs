@@ -521,6 +521,8 @@ mod tests {
                 endpoint("192.168.1.250", "02:42:c0:a8:01:0c", "neighbour", 0),
                 endpoint("fd00::1", "02:00:00:00:00:01", "neighbour", 0),
             ],
+            running: true,
+            pid: 1,
         }
     }
 

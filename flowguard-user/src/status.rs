@@ -66,6 +66,41 @@ pub struct Status {
     pub mode: &'static str,
     pub counters: CounterTotals,
     pub endpoints: Vec<EndpointStatus>,
+    /// Whether the instance that pinned the maps still holds the pin
+    /// directory's lock; pins outlive an instance that was killed.
+    pub running: bool,
+    /// The instance's process id (0 when unknown).
+    pub pid: u32,
+}
+
+impl Status {
+    /// Why these pins answer for no running instance, or `None` if one runs.
+    pub fn not_running(&self) -> Option<String> {
+        if self.running {
+            return None;
+        }
+        let who = match self.pid {
+            0 => "an instance".to_string(),
+            pid => format!("PID {pid}"),
+        };
+        Some(format!(
+            "flowguard at {} is not running; pins left by {who}, which is gone \
+             (the counters are its last; `flowguard run` with this pin directory removes them)",
+            self.pin_dir
+        ))
+    }
+}
+
+/// Whether an instance holds the lock of `dir`, and its process id: the lock
+/// holder's, else the one recorded with the pins.
+fn liveness(dir: &Path, recorded: u64) -> (bool, u32) {
+    let recorded = u32::try_from(recorded).unwrap_or(0);
+    match sys::flock_holder(dir) {
+        Ok(Some(pid)) => (true, pid),
+        Ok(None) => (false, recorded),
+        // Without /proc/locks, a live recorded process is the best evidence.
+        Err(_) => (recorded != 0 && sys::process_exists(recorded), recorded),
+    }
 }
 
 pub fn source_name(s: u8) -> &'static str {
@@ -136,11 +171,14 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
         list.push((key_ip(&k), endpoint_status(&k, &v, now)));
     }
     list.sort_by_key(|e| e.0);
+    let (running, pid) = liveness(dir, user.owner_pid);
     Ok(Status {
         pin_dir: dir.display().to_string(),
         mode: Mode::from_config(config.mode),
         counters: CounterTotals::new(per_cpu.iter(), user),
         endpoints: list.into_iter().map(|(_, s)| s).collect(),
+        running,
+        pid,
     })
 }
 
@@ -294,6 +332,8 @@ mod tests {
                 },
                 0,
             )],
+            running: true,
+            pid: 42,
         };
         let text = render(&st);
         assert!(
@@ -307,6 +347,18 @@ mod tests {
         let json = serde_json::to_value(&st).unwrap();
         assert_eq!(json["endpoints"][0]["mac"], "02:00:00:00:00:02");
         assert_eq!(json["counters"]["stale"], 7);
+        assert_eq!(json["running"], true);
+        assert!(json["counters"].get("owner_pid").is_none(), "not a counter");
+        assert_eq!(st.not_running(), None);
+        let dead = Status {
+            running: false,
+            ..st
+        };
+        let why = dead.not_running().unwrap();
+        assert!(
+            why.contains("not running; pins left by PID 42, which is gone"),
+            "{why}"
+        );
     }
 
     #[test]

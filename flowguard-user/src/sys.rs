@@ -136,8 +136,66 @@ pub fn try_lock(fd: &impl AsRawFd) -> io::Result<bool> {
     }
 }
 
+/// The process holding a flock on `path` (the pin directory's lock), from
+/// /proc/locks; `None` when nobody holds one. Reading it takes no lock, so
+/// asking never gets in the way of an instance that is starting.
+pub fn flock_holder(path: &Path) -> io::Result<Option<u32>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = fs::metadata(path)?;
+    let dev = meta.dev();
+    let id = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(dev),
+        libc::minor(dev),
+        meta.ino()
+    );
+    Ok(flock_holder_in(&fs::read_to_string("/proc/locks")?, &id))
+}
+
+/// The holder of a FLOCK on `id` (`MAJOR:MINOR:INODE` as /proc/locks writes
+/// it) in the text of /proc/locks; waiters (`->` lines) do not hold it.
+fn flock_holder_in(locks: &str, id: &str) -> Option<u32> {
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            [_, "FLOCK", _, _, pid, file, ..] if *file == id => pid.parse().ok(),
+            _ => None,
+        }
+    })
+}
+
+/// Whether process `pid` exists (in this PID namespace).
+pub fn process_exists(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Ignores the signals whose default action would kill flowguard between
+/// attaching and the moment the event loop handles them (it replaces this),
+/// so that none of them can end it with the pins left behind.
+pub fn ignore_signals_until_handled() {
+    for sig in [libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2] {
+        // SAFETY: SIG_IGN installs no handler code; nothing else in the
+        // process relies on these signals' previous dispositions.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_flock_holder_is_found_and_waiters_are_not_holders() {
+        let locks = "1: POSIX  ADVISORY  WRITE 700 00:1a:99 0 EOF\n\
+                     2: FLOCK  ADVISORY  WRITE 4242 00:2b:1234 0 EOF\n\
+                     2: -> FLOCK  ADVISORY  WRITE 4243 00:2b:1234 0 EOF\n";
+        assert_eq!(super::flock_holder_in(locks, "00:2b:1234"), Some(4242));
+        assert_eq!(
+            super::flock_holder_in(locks, "00:1a:99"),
+            None,
+            "not a flock"
+        );
+        assert_eq!(super::flock_holder_in(locks, "00:2b:12345"), None);
+    }
+
     use super::*;
 
     #[test]

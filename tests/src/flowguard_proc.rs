@@ -201,7 +201,7 @@ impl Flowguard {
         &self.pin_dir
     }
 
-    /// The flowguard process (nsenter execs it in place).
+    /// flowguard's process id (`nsenter` execs it, so it keeps the pid).
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -332,7 +332,8 @@ impl Flowguard {
         }
     }
 
-    fn signal(&self, signal: libc::c_int) {
+    /// Sends `signal` to flowguard without waiting for anything.
+    pub fn signal(&self, signal: libc::c_int) {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
         // SAFETY: kill has no memory-safety preconditions; the child has not
         // been reaped (try_exit returned None), so the pid is still ours.

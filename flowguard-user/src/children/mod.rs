@@ -500,20 +500,20 @@ pub async fn start(
     let (mut src, first) = match ChildrenSource::open(parents, prefixes).await {
         Ok(v) => v,
         Err(e) => {
-            eprintln!("flowguard: not watching macvlan/ipvlan children: {e}");
+            crate::say_err!("flowguard: not watching macvlan/ipvlan children: {e}");
             return Ok(None);
         }
     };
     let applied = src.apply(&mut guard.endpoints()?, &first);
     for s in &applied.sentences {
-        println!("{s}");
+        crate::say!("{s}");
     }
     let mut counters = guard.user_counters()?;
     let mut c = counters.get(&0, 0).context("reading user counters")?;
     c.children_added += applied.added;
     c.children_removed += applied.removed;
     counters.set(0, c, 0).context("writing user counters")?;
-    println!(
+    crate::say!(
         "flowguard: guarding the macvlan/ipvlan children of {} in {} network namespaces \
          ({} endpoints, read in {:.0} ms)",
         parents.join(", "),

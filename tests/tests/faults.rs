@@ -1,0 +1,384 @@
+//! flowguard keeps protecting through ordinary faults, and never calls a dead
+//! instance running: a closed stdout, signals, a killed daemon's leftovers, a
+//! second instance on the same port, a full endpoint map. Each test runs the
+//! real binary in a namespace of its own on a private bpffs.
+
+use std::{
+    io::Read as _,
+    path::Path,
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use flowguard_tests::{
+    flowguard_proc::{require_flowguard_bin, Flowguard, Status, READY_TIMEOUT, STOP_TIMEOUT},
+    netns::{BpffsMount, Netns},
+    skip_unless_root,
+};
+
+const PREFIX: &str = "192.168.1.0/24";
+
+/// A namespace with `lan1` (one end of a veth) up and addressed in [`PREFIX`],
+/// so that neighbour entries can be added on it.
+fn namespace() -> Netns {
+    let ns = Netns::new("fault");
+    ns.ip(&[
+        "link", "add", "lan1", "type", "veth", "peer", "name", "peer1",
+    ]);
+    ns.ip(&["addr", "add", "192.168.1.1/24", "dev", "lan1"]);
+    ns.ip(&["link", "set", "lan1", "up"]);
+    ns.ip(&["link", "set", "peer1", "up"]);
+    ns
+}
+
+/// Adds (or replaces) a permanent neighbour entry on `lan1`.
+fn add_neighbour(ns: &Netns, ip: &str, mac: &str) {
+    ns.ip(&[
+        "neigh",
+        "replace",
+        ip,
+        "lladdr",
+        mac,
+        "dev",
+        "lan1",
+        "nud",
+        "permanent",
+    ]);
+}
+
+/// A stdout whose reader is already gone: every write fails with EPIPE, as
+/// after `flowguard run | head` once `head` has exited.
+fn closed_pipe() -> Stdio {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    Stdio::from(writer)
+}
+
+/// `flowguard <args>` in `ns` with stdout on a closed pipe, to completion.
+fn run_with_closed_stdout(ns: &Netns, args: &[&str]) -> Output {
+    let bin = require_flowguard_bin();
+    Command::new("nsenter")
+        .arg(format!("--net={}", ns.path().display()))
+        .arg(&bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(closed_pipe())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()))
+}
+
+/// `flowguard status --json --pin-dir <pin_dir>` parsed, or `None` while no
+/// instance answers there.
+fn try_status(pin_dir: &Path) -> Option<Status> {
+    let out = Command::new(require_flowguard_bin())
+        .args(["status", "--json", "--pin-dir"])
+        .arg(pin_dir)
+        .output()
+        .expect("run flowguard status");
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// A `flowguard run` started by hand (stdout not collected), killed on drop.
+struct Daemon {
+    child: Child,
+}
+
+impl Daemon {
+    fn spawn(ns: &Netns, pin_dir: &Path, stdout: Stdio, args: &[&str]) -> Self {
+        let bin = require_flowguard_bin();
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", ns.path().display()))
+            .arg(&bin)
+            .arg("run")
+            .args(args)
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        Self { child }
+    }
+
+    fn pid(&self) -> libc::pid_t {
+        libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t")
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill has no memory-safety preconditions; the child is not
+        // reaped before `wait_exit`, so the pid is still ours.
+        unsafe { libc::kill(self.pid(), signal) };
+    }
+
+    /// Polls `status` for `pin_dir` until `wanted` holds; panics with the
+    /// daemon's stderr if it exits first or after `timeout`.
+    fn wait_status(
+        &mut self,
+        pin_dir: &Path,
+        what: &str,
+        timeout: Duration,
+        wanted: impl Fn(&Status) -> bool,
+    ) -> Status {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = try_status(pin_dir).filter(|s| wanted(s)) {
+                return s;
+            }
+            if !self.running() || Instant::now() >= deadline {
+                let (status, stderr) = self.wait_exit(Duration::ZERO);
+                panic!(
+                    "waiting for {what}: flowguard is gone or stuck ({status}); stderr:\n{stderr}"
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().expect("poll flowguard").is_none()
+    }
+
+    /// Waits for the exit; returns its status and everything on stderr.
+    fn wait_exit(&mut self, timeout: Duration) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + timeout;
+        while self.running() {
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let status = self.child.wait().expect("wait flowguard");
+        let mut stderr = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut stderr);
+        }
+        (status, stderr)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.running() {
+            self.signal(libc::SIGINT);
+            let _ = self.wait_exit(STOP_TIMEOUT);
+        }
+    }
+}
+
+fn pins_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_closed_stdout_does_not_end_the_daemon() {
+    skip_unless_root!();
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let pin_dir = bpffs.pin_dir();
+    let mut daemon = Daemon::spawn(
+        &ns,
+        &pin_dir,
+        closed_pipe(),
+        &["--egress", "lan1", "--prefix", PREFIX],
+    );
+    daemon.wait_status(&pin_dir, "start-up", READY_TIMEOUT, |_| true);
+    // Each new neighbour is a sentence on stdout: the daemon must drop it and
+    // keep following the table.
+    add_neighbour(&ns, "192.168.1.50", "02:00:00:00:00:50");
+    daemon.wait_status(
+        &pin_dir,
+        "the new neighbour",
+        Duration::from_secs(10),
+        |s| s.has_endpoint("192.168.1.50", "02:00:00:00:00:50"),
+    );
+    add_neighbour(&ns, "192.168.1.50", "02:00:00:00:00:51");
+    daemon.wait_status(&pin_dir, "the MAC change", Duration::from_secs(10), |s| {
+        s.has_endpoint("192.168.1.50", "02:00:00:00:00:51")
+    });
+    assert!(daemon.running(), "flowguard exited on a closed stdout");
+
+    // `status` on a closed pipe (`status --json | head -c 200`) must not panic.
+    let pin = pin_dir.to_string_lossy();
+    for args in [
+        &["status", "--json", "--pin-dir", &pin][..],
+        &["status", "--pin-dir", &pin],
+        &["doctor"],
+    ] {
+        let out = run_with_closed_stdout(&ns, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() != Some(101) && !stderr.contains("panicked"),
+            "`flowguard {}` panicked on a closed stdout ({}): {stderr}",
+            args.join(" "),
+            out.status
+        );
+    }
+
+    daemon.signal(libc::SIGINT);
+    let (status, stderr) = daemon.wait_exit(STOP_TIMEOUT);
+    assert!(
+        status.success() && !stderr.contains("panicked"),
+        "a clean stop even with a closed stdout ({status}); stderr:\n{stderr}"
+    );
+    assert!(pins_in(&pin_dir).is_empty(), "pins removed on exit");
+}
+
+/// The line flowguard prints once its event loop handles signals.
+const LOOP_LINE: &str = "flowguard: following the neighbour table";
+
+fn start_and_wait_for_loop(ns: &Netns, pin_dir: &Path) -> Flowguard {
+    let fg = Flowguard::start(ns, pin_dir, &["--egress", "lan1", "--prefix", PREFIX]);
+    fg.wait_for_line(READY_TIMEOUT, |l| l.starts_with(LOOP_LINE))
+        .unwrap_or_else(|| panic!("no `{LOOP_LINE}`; stderr:\n{}", fg.stderr_text()));
+    fg
+}
+
+#[test]
+fn sighup_rereads_and_sigusr_is_ignored() {
+    skip_unless_root!();
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let pin_dir = bpffs.pin_dir();
+    let mut fg = start_and_wait_for_loop(&ns, &pin_dir);
+    let pinned = pins_in(&pin_dir);
+    let reconciles = fg.status().counters.reconciles;
+
+    fg.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fg
+        .stderr_text()
+        .contains("SIGHUP: read the neighbour table again")
+    {
+        assert!(
+            fg.wait_exit(Duration::from_millis(100)).is_none(),
+            "SIGHUP ended flowguard; pins left: {:?}",
+            pins_in(&pin_dir)
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no SIGHUP line; stderr:\n{}",
+            fg.stderr_text()
+        );
+    }
+    assert!(
+        fg.stderr_text().contains("flowtables"),
+        "says what the flowtables hold: {}",
+        fg.stderr_text()
+    );
+    assert_eq!(
+        fg.status().counters.reconciles,
+        reconciles + 1,
+        "SIGHUP reconciled the endpoint map with the neighbour table"
+    );
+
+    for sig in [libc::SIGUSR1, libc::SIGUSR2] {
+        fg.signal(sig);
+        assert!(
+            fg.wait_exit(Duration::from_secs(1)).is_none(),
+            "signal {sig} ended flowguard; pins left: {:?}",
+            pins_in(&pin_dir)
+        );
+    }
+    assert_eq!(pins_in(&pin_dir), pinned, "still pinned and answering");
+    assert_eq!(fg.status().mode, "fix");
+    assert!(fg.stop().success());
+    assert!(!pin_dir.exists(), "pins removed on exit");
+}
+
+#[test]
+fn sigquit_stops_cleanly() {
+    skip_unless_root!();
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let pin_dir = bpffs.pin_dir();
+    let mut fg = start_and_wait_for_loop(&ns, &pin_dir);
+    let status = fg.stop_with(libc::SIGQUIT);
+    assert!(
+        status.success(),
+        "SIGQUIT: {status}; stderr:\n{}",
+        fg.stderr_text()
+    );
+    assert!(
+        !pin_dir.exists(),
+        "SIGQUIT left pins: {:?}",
+        pins_in(&pin_dir)
+    );
+    let shown = ns.nsenter("bpftool", &["net", "show", "dev", "lan1"]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(!text.contains("flowguard"), "still attached: {text}");
+}
+
+/// `flowguard <args>` in `ns`, to completion, whatever its exit status.
+fn flowguard_in(ns: &Netns, args: &[&str]) -> Output {
+    let bin = require_flowguard_bin();
+    let mut full = vec![bin.to_str().expect("utf-8 path")];
+    full.extend_from_slice(args);
+    ns.nsenter(full[0], &full[1..])
+}
+
+#[test]
+fn status_and_doctor_call_a_killed_instance_gone() {
+    skip_unless_root!();
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let pin_dir = bpffs.pin_dir();
+    let pin = pin_dir.to_string_lossy().into_owned();
+    let mut fg = Flowguard::start(&ns, &pin_dir, &["--egress", "lan1", "--prefix", PREFIX]);
+    let pid = fg.pid();
+    assert_eq!(fg.status_json()["running"], true, "a live instance runs");
+    let doctor = flowguard_in(&ns, &["doctor", "--json", "--pin-dir", &pin]);
+    let report: serde_json::Value = serde_json::from_slice(&doctor.stdout)
+        .unwrap_or_else(|e| panic!("doctor --json --pin-dir: {e}: {doctor:?}"));
+    assert_eq!(report["flowguard"]["running"], true, "{report:#}");
+
+    fg.signal(libc::SIGKILL);
+    assert!(fg.wait_exit(STOP_TIMEOUT).is_some(), "SIGKILL");
+    assert!(!pins_in(&pin_dir).is_empty(), "SIGKILL leaves the pins");
+
+    let gone = format!("not running; pins left by PID {pid}, which is gone");
+    for extra in [&[][..], &["--json"]] {
+        let mut args = vec!["status", "--pin-dir", &pin];
+        args.extend_from_slice(extra);
+        let out = flowguard_in(&ns, &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(&gone),
+            "`flowguard {}` after SIGKILL ({}): stdout:\n{}\nstderr:\n{stderr}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let doctor = flowguard_in(&ns, &["doctor", "--json", "--pin-dir", &pin]);
+    let report: serde_json::Value = serde_json::from_slice(&doctor.stdout)
+        .unwrap_or_else(|e| panic!("doctor --json --pin-dir: {e}: {doctor:?}"));
+    assert_eq!(report["flowguard"]["running"], false, "{report:#}");
+    let check = report["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["check"] == "flowguard")
+        .expect("a flowguard check");
+    assert!(
+        check["message"].as_str().unwrap_or("").contains(&gone) && check["verdict"] != "ok",
+        "{check:#}"
+    );
+
+    // A new instance on the same pin directory takes the leftovers over.
+    let mut again = Flowguard::start(&ns, &pin_dir, &["--egress", "lan1", "--prefix", PREFIX]);
+    assert_eq!(again.status_json()["running"], true);
+    assert!(again.stop().success());
+}
