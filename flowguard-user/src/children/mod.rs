@@ -302,13 +302,19 @@ impl ChildrenSource {
     /// Looks for namespaces (named ones, and with `processes` those of
     /// running processes), starts watching new ones and lets go of those no
     /// source names any more. Returns the facts withdrawn with them.
-    fn rescan(&mut self, named: bool, processes: bool) -> Vec<ChildChange> {
+    fn rescan(&mut self, named: bool, mut processes: bool) -> Vec<ChildChange> {
         let mut found: HashMap<u64, Found> = HashMap::new();
         if named {
             let (n, pending) = namespaces::scan_named(self.nsfs_dev);
             if pending && self.retry_named.is_none() {
                 self.retry_named = Some(Instant::now() + PENDING_RETRY);
             }
+            let was_named: Vec<u64> = self
+                .spaces
+                .iter()
+                .filter(|(_, s)| s.named)
+                .map(|(ino, _)| *ino)
+                .collect();
             for s in self.spaces.values_mut() {
                 s.named = false;
             }
@@ -320,6 +326,15 @@ impl ChildrenSource {
                     }
                 }
             }
+            // A namespace that just lost its name (`ip netns del`, a
+            // container removed) may still be in the last process scan's
+            // list, up to PROC_SCAN old: look at the processes now, so that
+            // its children are withdrawn at once rather than seconds later
+            // (a recreated container with the same IP would meanwhile look
+            // ambiguous).
+            processes |= was_named
+                .iter()
+                .any(|ino| self.spaces.get(ino).is_some_and(|s| !s.named && s.in_proc));
             found.extend(n);
         }
         if processes {
