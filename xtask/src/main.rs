@@ -143,7 +143,7 @@ fn bench(args: &[String]) -> Result<()> {
             .env("FLOWGUARD_EBPF_OBJ", &object),
     )?;
     step::run(
-        "Measuring what probing 100 endpoints costs (flowguard-probe-bench)",
+        "Measuring what probing 1,000 endpoints costs (flowguard-probe-bench)",
         Command::new(release_binary("flowguard-probe-bench")?)
             .arg("--flowguard")
             .arg(release_binary("flowguard")?)
