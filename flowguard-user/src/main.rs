@@ -13,7 +13,7 @@ use flowguard_user::{
     loader::{Guard, GuardOptions, XdpAttach},
     metrics,
     probe::{self, ProbeOptions},
-    metrics, say, say_err,
+    say, say_err,
     settings::{self, endpoint_key, Mode, Prefix, StaticEndpoint},
     status,
 };
