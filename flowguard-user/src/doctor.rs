@@ -251,6 +251,9 @@ pub struct Facts {
     pub conntrack: Result<ConntrackCounts, String>,
     pub pin_dir: String,
     pub flowguard: Running,
+    /// Whether the router role's probe sockets (ARP, ICMPv6) can be opened,
+    /// or why not.
+    pub probing: Result<(), String>,
 }
 
 /// Reads the facts of the current network namespace (and the host's mount
@@ -286,6 +289,7 @@ pub fn gather(pin_dir: &Path) -> Facts {
         flowtables,
         devices,
         conntrack,
+        probing: crate::probe::sockets_available(),
         pin_dir: pin_dir.display().to_string(),
         flowguard: running(pin_dir),
     }
@@ -375,6 +379,7 @@ pub fn diagnose(f: &Facts) -> Report {
         }
     };
     checks.push(conntrack_check(&f.conntrack));
+    checks.push(probing_check(&f.probing));
     checks.push(flowguard_check(&f.pin_dir, &f.flowguard));
     let kernel = KernelReport {
         version: f.kernel.as_ref().ok().map(ToString::to_string),
@@ -672,6 +677,27 @@ fn conntrack_check(ct: &Result<ConntrackCounts, String>) -> Check {
     }
 }
 
+fn probing_check(probing: &Result<(), String>) -> Check {
+    match probing {
+        Ok(()) => Check::new(
+            "probing",
+            Verdict::Ok,
+            "ARP and ICMPv6 probe sockets can be opened: the router role asks each endpoint \
+             that carries offloaded flows whether its cached MAC still answers (`--probe`, on \
+             by default), so a move is found even when the endpoint announces nothing and \
+             under hardware offload",
+        ),
+        Err(e) => Check::new(
+            "probing",
+            Verdict::Warn,
+            format!(
+                "cannot open the probe sockets ({e}): run flowguard with CAP_NET_RAW, or \
+                 endpoints that change MAC without announcing it go unseen in the router role"
+            ),
+        ),
+    }
+}
+
 fn flowguard_check(pin_dir: &str, running: &Running) -> Check {
     match running {
         Running::Yes(st) => {
@@ -681,13 +707,15 @@ fn flowguard_check(pin_dir: &str, running: &Running) -> Check {
                 Verdict::Ok,
                 format!(
                     "running at {pin_dir} in {} mode: {} endpoints, {} frames to stale MACs \
-                     seen, {} rewritten, {} conntrack entries evicted (`flowguard status` \
-                     for more)",
+                     seen, {} rewritten, {} conntrack entries evicted, {} probes sent, {} \
+                     moves found by probing (`flowguard status` for more)",
                     st.mode,
                     st.endpoints.len(),
                     c.kernel.stale,
                     c.kernel.rewritten,
-                    c.user.evicted
+                    c.user.evicted,
+                    c.user.probes_sent,
+                    c.user.probe_moves
                 ),
             )
         }
@@ -777,6 +805,7 @@ mod tests {
             conntrack: Ok(ConntrackCounts::default()),
             pin_dir: "/sys/fs/bpf/flowguard".into(),
             flowguard: Running::No,
+            probing: Ok(()),
         }
     }
 
@@ -950,6 +979,20 @@ mod tests {
         assert_eq!(c.verdict, Verdict::Warn);
         assert!(c.message.contains("cannot tell"), "{c:?}");
         assert!(c.details[0].starts_with("lan9: unknown"), "{c:?}");
+    }
+
+    #[test]
+    fn probing_says_whether_its_sockets_can_be_opened() {
+        let ok = diagnose(&facts());
+        assert_eq!(the(&ok, "probing")[0].verdict, Verdict::Ok);
+        let r = diagnose(&Facts {
+            probing: Err("ARP packet socket: Operation not permitted".into()),
+            ..facts()
+        });
+        let c = the(&r, "probing")[0];
+        assert_eq!(c.verdict, Verdict::Warn);
+        assert!(c.message.contains("CAP_NET_RAW"), "{c:?}");
+        assert!(c.message.contains("Operation not permitted"), "{c:?}");
     }
 
     #[test]

@@ -14,15 +14,15 @@
 //!
 //! Run: `cargo test -p flowguard-tests --release --test probe -- --test-threads=1`
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, UdpSocket};
 use std::thread;
 use std::time::Duration;
 
 use flowguard_tests::flowguard_proc::{require_flowguard_bin, Flowguard, Status};
 use flowguard_tests::netns::BpffsMount;
 use flowguard_tests::router::{
-    RouterTopology, ENDPOINT_A_IP, ENDPOINT_B_IP, ENDPOINT_IF, LAN_PREFIX, MAC_A1, MAC_A2, MAC_B,
-    PORT_A,
+    RouterTopology, BRIDGE, ENDPOINT_A_IP, ENDPOINT_B_IP, ENDPOINT_IF, LAN_PREFIX, MAC_A1, MAC_A2,
+    MAC_B, PORT_A, WAN_PORT,
 };
 use flowguard_tests::skip_unless_router_role_supported;
 
@@ -222,6 +222,90 @@ fn an_ip_answering_from_two_macs_is_ambiguous_and_left_alone() {
     assert!(
         out.iter()
             .any(|l| l.starts_with(&format!("{ENDPOINT_A_IP} answered from 2 MACs"))),
+        "stdout:\n{}",
+        out.join("\n")
+    );
+}
+
+/// IPv6: the same silent change, found by neighbour solicitations (to the
+/// address, which the kernel sends to the cached MAC, then to the
+/// solicited-node multicast address), and the flows evicted.
+#[test]
+fn a_silent_ipv6_endpoint_with_a_new_mac_is_found_by_neighbour_solicitation() {
+    skip_unless_router_role_supported!();
+    require_flowguard_bin();
+    let bpffs = BpffsMount::new();
+    let topology = RouterTopology::new();
+    topology.keep_udp_entries();
+    let a = &topology.endpoint(ENDPOINT_A_IP).ns;
+    a.exec(&["sysctl", "-qw", "net.ipv6.conf.all.ndisc_notify=0"]);
+    a.exec(&["sysctl", "-qw", "net.ipv4.conf.all.arp_notify=0"]);
+    a.ip(&["-6", "addr", "add", "fd00:1::240/64", "dev", ENDPOINT_IF, "nodad"]);
+    topology
+        .router
+        .ip(&["-6", "addr", "add", "fd00:1::1/64", "dev", BRIDGE, "nodad"]);
+    topology
+        .router
+        .ip(&["-6", "addr", "add", "fd00:2::1/64", "dev", WAN_PORT, "nodad"]);
+    topology
+        .client
+        .ip(&["-6", "addr", "add", "fd00:2::2/64", "dev", ENDPOINT_IF, "nodad"]);
+    topology
+        .client
+        .ip(&["-6", "route", "add", "fd00:1::/64", "via", "fd00:2::1"]);
+    a.ip(&["-6", "route", "add", "fd00:2::/64", "via", "fd00:1::1"]);
+
+    let args = [
+        "--egress",
+        PORT_A,
+        "--prefix",
+        "fd00:1::/64",
+        "--evict",
+        "all",
+        "--probe",
+        "flows",
+        "--probe-interval-ms",
+        "300",
+    ];
+    let mut flowguard = Flowguard::start(&topology.router, &bpffs.pin_dir(), &args);
+    flowguard.wait_ready();
+    // Two forwarded flows: conntrack entries, and the router resolves the
+    // endpoint (neighbour solicitation, real answer).
+    topology.client.enter(|| {
+        for port in PORTS {
+            let s = UdpSocket::bind("[fd00:2::2]:0").expect("bind in the client");
+            s.send_to(b"flowguard ipv6 flow", format!("[fd00:1::240]:{port}"))
+                .expect("send to fd00:1::240");
+        }
+    });
+    flowguard.wait_for_status(
+        "fd00:1::240 at its first MAC from the neighbour table",
+        SETTLE_TIMEOUT,
+        |s| s.has_endpoint("fd00:1::240", MAC_A1),
+    );
+    let status = flowguard.wait_for_status("probes to fd00:1::240", SETTLE_TIMEOUT, |s| {
+        s.counters.probes_sent >= 3
+    });
+    assert_eq!(status.counters.probes_unanswered, 0, "{:#?}", status.counters);
+    assert_eq!(status.counters.probe_moves, 0, "{:#?}", status.counters);
+
+    a.ip(&["link", "set", ENDPOINT_IF, "address", MAC_A2]);
+    let status = flowguard.wait_for_status(
+        "the move of fd00:1::240 found by probing, and its flows evicted",
+        SETTLE_TIMEOUT,
+        |s| s.counters.probe_moves >= 1 && s.counters.evicted >= PORTS.len() as u64,
+    );
+    assert_eq!(status.counters.probe_ambiguous, 0, "{:#?}", status.counters);
+    assert!(
+        status.has_endpoint("fd00:1::240", MAC_A2),
+        "the router's own neighbour discovery took the answer: {:#?}",
+        status.endpoints
+    );
+    let out = flowguard.stdout_lines();
+    assert!(
+        out.iter().any(|l| l.starts_with(&format!(
+            "fd00:1::240: {MAC_A1} stopped answering on "
+        )) && l.contains(&format!("now at {MAC_A2}"))),
         "stdout:\n{}",
         out.join("\n")
     );

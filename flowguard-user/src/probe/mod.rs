@@ -36,7 +36,7 @@ use crate::{
     settings::{Mac, Prefix},
     sys,
 };
-use packet::ArpSocket;
+use packet::{ArpSocket, Icmp6Socket};
 
 /// Which endpoints are worth probing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,7 +192,7 @@ pub fn verdict(cached: Mac, answers: &BTreeSet<Mac>) -> Verdict {
 /// One endpoint asked in a round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Candidate {
-    ip: Ipv4Addr,
+    ip: IpAddr,
     target: Target,
 }
 
@@ -212,11 +212,10 @@ fn pick(
         .filter(|ip| quiet.get(ip).is_none_or(|until| now >= *until))
         .filter_map(|ip| {
             let target = *targets.get(ip)?;
-            match ip.to_canonical() {
-                IpAddr::V4(v4) => Some(Candidate { ip: v4, target }),
-                // IPv6 endpoints are not probed yet (neighbour solicitation).
-                IpAddr::V6(_) => None,
-            }
+            Some(Candidate {
+                ip: ip.to_canonical(),
+                target,
+            })
         })
         .collect();
     all.sort_by_key(|c| c.ip);
@@ -301,6 +300,9 @@ struct Prober {
     active: ActiveSet,
     reports: UnboundedSender<ProbeReport>,
     socket: ArpSocket,
+    /// `None` where IPv6 raw sockets cannot be had: IPv6 endpoints are then
+    /// not probed (said once at start).
+    icmp6: Option<Icmp6Socket>,
     quiet: HashMap<IpAddr, Instant>,
     /// Endpoints reported silent, so that it is said once per episode.
     silent: HashSet<IpAddr>,
@@ -319,12 +321,22 @@ pub fn start(
     reports: UnboundedSender<ProbeReport>,
 ) -> std::io::Result<()> {
     let socket = ArpSocket::open()?;
+    let icmp6 = match Icmp6Socket::open() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            let _ = reports.send(ProbeReport::Failed(format!(
+                "no ICMPv6 socket ({e}): IPv6 endpoints are not probed"
+            )));
+            None
+        }
+    };
     let prober = Prober {
         opts,
         targets,
         active,
         reports,
         socket,
+        icmp6,
         quiet: HashMap::new(),
         silent: HashSet::new(),
         offset: 0,
@@ -385,55 +397,63 @@ impl Prober {
             return;
         }
         // Answers to earlier rounds are old news.
-        while let Ok(Some(_)) = self.socket.recv(&mut self.buf, Duration::ZERO) {}
+        self.drain();
 
         let addrs = ipv4_addresses();
         let mut own_macs: HashMap<u32, Option<Mac>> = HashMap::new();
-        // ip -> (candidate, sender ip, sender mac)
-        let mut asked: HashMap<Ipv4Addr, (Candidate, Ipv4Addr, Mac)> = HashMap::new();
+        let mut asked: HashMap<IpAddr, Asked> = HashMap::new();
         for c in candidates {
             let mac = *own_macs.entry(c.target.ifindex).or_insert_with(|| {
                 sys::ifname(c.target.ifindex).and_then(|n| sys::if_mac(&n).ok())
             });
-            let src = addrs
-                .get(&c.target.ifindex)
-                .and_then(|a| sender_ip(a, c.ip));
-            let (Some(mac), Some(src)) = (mac, src) else {
-                log::debug!(
-                    "{}: not probed: its interface (ifindex {}) has no IPv4 address or MAC",
-                    c.ip,
-                    c.target.ifindex
-                );
+            let Some(mac) = mac else {
+                log::debug!("{}: not probed: its interface has no MAC", c.ip);
                 continue;
             };
-            asked.insert(c.ip, (c, src, mac));
+            let src = match c.ip {
+                IpAddr::V4(v4) => {
+                    let Some(src) = addrs
+                        .get(&c.target.ifindex)
+                        .and_then(|a| sender_ip(a, v4))
+                    else {
+                        log::debug!("{}: not probed: its interface has no IPv4 address", c.ip);
+                        continue;
+                    };
+                    Some(src)
+                }
+                IpAddr::V6(_) if self.icmp6.is_none() => continue,
+                IpAddr::V6(_) => None,
+            };
+            asked.insert(
+                c.ip,
+                Asked {
+                    candidate: c,
+                    src,
+                    own_mac: mac,
+                },
+            );
         }
         let mut sent = 0u64;
-        let mut answers: HashMap<Ipv4Addr, BTreeSet<Mac>> = HashMap::new();
-        for (c, src, mac) in asked.values() {
-            let probe = wire::request(*mac, *src, c.target.mac, c.ip);
-            if self.send(c.target.ifindex, c.target.mac, &probe) {
-                sent += 1;
+        let mut answers: HashMap<IpAddr, BTreeSet<Mac>> = HashMap::new();
+        for a in asked.values() {
+            sent += u64::from(self.ask(a, false));
+        }
+        self.collect(&asked, &mut answers, true);
+        let mut broadcast = 0;
+        for a in asked.values() {
+            if !answers.contains_key(&a.candidate.ip) {
+                broadcast += u64::from(self.ask(a, true));
             }
         }
-        self.collect(&asked, &mut answers);
-        for (c, src, mac) in asked.values() {
-            if answers.contains_key(&c.ip) {
-                continue;
-            }
-            let probe = wire::request(*mac, *src, Mac([0; 6]), c.ip);
-            if self.send(c.target.ifindex, wire::BROADCAST, &probe) {
-                sent += 1;
-            }
-        }
-        if sent as usize > asked.len() {
-            self.collect(&asked, &mut answers);
+        sent += broadcast;
+        if broadcast > 0 {
+            self.collect(&asked, &mut answers, false);
         }
 
         let mut unanswered = 0;
         let empty = BTreeSet::new();
-        for (c, _, _) in asked.values() {
-            let ip = IpAddr::V4(c.ip);
+        for a in asked.values() {
+            let (c, ip) = (&a.candidate, a.candidate.ip);
             let report = match verdict(c.target.mac, answers.get(&c.ip).unwrap_or(&empty)) {
                 Verdict::Current => {
                     self.silent.remove(&ip);
@@ -476,59 +496,131 @@ impl Prober {
         });
     }
 
-    fn send(&mut self, ifindex: u32, to: Mac, probe: &[u8]) -> bool {
+    /// Sends one probe: to the cached MAC (`broadcast` false: ARP to that
+    /// MAC, or a neighbour solicitation to the address, which the kernel
+    /// sends to the MAC its neighbour entry caches), or to everyone
+    /// (broadcast ARP, or the solicited-node multicast address). True if sent.
+    fn ask(&mut self, a: &Asked, broadcast: bool) -> bool {
         // A burst of hundreds of frames overruns small queues (a veth's
         // ring, a switch chip's): a short pause every few.
         self.burst += 1;
         if self.burst.is_multiple_of(BURST) {
             std::thread::sleep(BURST_PAUSE);
         }
-        match self.socket.send(ifindex, to, probe) {
+        let c = &a.candidate;
+        let sent = match (c.ip, a.src, &self.icmp6) {
+            (IpAddr::V4(ip), Some(src), _) => {
+                let (to, tha) = if broadcast {
+                    (wire::BROADCAST, Mac([0; 6]))
+                } else {
+                    (c.target.mac, c.target.mac)
+                };
+                let probe = wire::request(a.own_mac, src, tha, ip);
+                self.socket.send(c.target.ifindex, to, &probe)
+            }
+            (IpAddr::V6(ip), _, Some(icmp6)) => {
+                let to = if broadcast { wire::solicited_node(ip) } else { ip };
+                let probe = wire::neighbour_solicitation(ip, a.own_mac);
+                icmp6.send(to, c.target.ifindex, &probe)
+            }
+            _ => return false,
+        };
+        match sent {
             Ok(()) => true,
             Err(e) => {
-                log::debug!("sending an ARP probe on ifindex {ifindex} failed: {e}");
+                log::debug!("{}: sending a probe failed: {e}", c.ip);
                 false
             }
         }
     }
 
+    /// Throws away what the sockets hold.
+    fn drain(&mut self) {
+        while let Ok(Some(_)) = self.socket.try_recv(&mut self.buf) {}
+        if let Some(icmp6) = &self.icmp6 {
+            while let Ok(Some(_)) = icmp6.try_recv(&mut self.buf) {}
+        }
+    }
+
     /// Gathers the answers to the probes just sent, for one answer window.
-    /// An answer counts when it comes from an asked IP and is addressed to
-    /// the address that asked.
+    /// An ARP answer counts when it comes from an asked IP, is addressed to
+    /// the address that asked and comes from the MAC it states. A neighbour
+    /// advertisement counts for its target; one without a MAC (the answer
+    /// to a unicast solicitation) is the cached MAC's, and only in the
+    /// `unicast` window.
     fn collect(
         &mut self,
-        asked: &HashMap<Ipv4Addr, (Candidate, Ipv4Addr, Mac)>,
-        answers: &mut HashMap<Ipv4Addr, BTreeSet<Mac>>,
+        asked: &HashMap<IpAddr, Asked>,
+        answers: &mut HashMap<IpAddr, BTreeSet<Mac>>,
+        unicast: bool,
     ) {
+        let mut fds = vec![self.socket.fd()];
+        if let Some(icmp6) = &self.icmp6 {
+            fds.push(icmp6.fd());
+        }
         let deadline = Instant::now() + self.opts.answer_wait;
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            let got = match self.socket.recv(&mut self.buf, left) {
-                Ok(Some(got)) => got,
-                Ok(None) => continue,
+            let ready = match packet::wait_readable(&fds, left) {
+                Ok(r) => r,
                 Err(e) => {
-                    log::debug!("receiving ARP answers failed: {e}");
+                    log::debug!("waiting for probe answers failed: {e}");
                     return;
                 }
             };
-            // A reply to us, from the host whose MAC it states.
-            let Some(reply) = wire::parse_reply(&self.buf[..got.len.min(self.buf.len())]) else {
-                continue;
-            };
-            if got.pkttype != libc::PACKET_HOST || got.from != reply.sender_mac {
-                continue;
+            if ready[0] {
+                while let Ok(Some(got)) = self.socket.try_recv(&mut self.buf) {
+                    let Some(reply) = wire::parse_reply(&self.buf[..got.len.min(self.buf.len())])
+                    else {
+                        continue;
+                    };
+                    // A reply to us, from the host whose MAC it states.
+                    if got.pkttype != libc::PACKET_HOST || got.from != reply.sender_mac {
+                        continue;
+                    }
+                    let ip = IpAddr::V4(reply.sender_ip);
+                    let Some(a) = asked.get(&ip) else { continue };
+                    if a.src != Some(reply.target_ip) || !reply.sender_mac.is_unicast() {
+                        continue;
+                    }
+                    answers.entry(ip).or_default().insert(reply.sender_mac);
+                }
             }
-            let Some((_, src, _)) = asked.get(&reply.sender_ip) else {
-                continue;
-            };
-            if reply.target_ip != *src || !reply.sender_mac.is_unicast() {
-                continue;
+            if ready.get(1).copied().unwrap_or(false) {
+                let Some(icmp6) = &self.icmp6 else { continue };
+                while let Ok(Some(n)) = icmp6.try_recv(&mut self.buf) {
+                    let Some(na) = wire::parse_advertisement(&self.buf[..n.min(self.buf.len())])
+                    else {
+                        continue;
+                    };
+                    let ip = IpAddr::V6(na.target).to_canonical();
+                    let Some(a) = asked.get(&ip) else { continue };
+                    let mac = match na.mac {
+                        Some(m) if m.is_unicast() => m,
+                        Some(_) => continue,
+                        None if unicast => a.candidate.target.mac,
+                        None => continue,
+                    };
+                    answers.entry(ip).or_default().insert(mac);
+                }
             }
-            answers
-                .entry(reply.sender_ip)
-                .or_default()
-                .insert(reply.sender_mac);
         }
     }
+}
+
+/// One endpoint asked this round, with what its probes are sent from.
+struct Asked {
+    candidate: Candidate,
+    /// The router's IPv4 address the ARP request comes from (`None` for IPv6:
+    /// the kernel picks the source).
+    src: Option<Ipv4Addr>,
+    own_mac: Mac,
+}
+
+/// Whether the probe sockets can be opened here (CAP_NET_RAW), or why not.
+pub fn sockets_available() -> Result<(), String> {
+    ArpSocket::open().map_err(|e| format!("ARP packet socket: {e}"))?;
+    Icmp6Socket::open().map_err(|e| format!("ICMPv6 raw socket: {e}"))?;
+    Ok(())
 }
 
 /// The active set read from conntrack: the IPs inside `prefixes` that
@@ -609,29 +701,26 @@ mod tests {
             .collect();
         let quiet: HashMap<IpAddr, Instant> = [(ip(3), now + Duration::from_secs(1))].into();
         let mut offset = 0;
-        let got: Vec<Ipv4Addr> = pick(&active, &targets, &quiet, now, 10, &mut offset)
+        let got: Vec<IpAddr> = pick(&active, &targets, &quiet, now, 10, &mut offset)
             .into_iter()
             .map(|c| c.ip)
             .collect();
-        // 4 is not active, 9 has no neighbour entry, 3 is quiet, IPv6 waits.
-        assert_eq!(
-            got,
-            [Ipv4Addr::new(192, 168, 1, 1), Ipv4Addr::new(192, 168, 1, 2)]
-        );
+        // 4 is not active, 9 has no neighbour entry, 3 is quiet.
+        assert_eq!(got, [ip(1), ip(2), "fd00::5".parse::<IpAddr>().unwrap()]);
         // Once the quiet time is over, 3 is asked again.
         let later = now + Duration::from_secs(2);
         assert_eq!(
             pick(&active, &targets, &quiet, later, 10, &mut offset).len(),
-            3
+            4
         );
         // Over budget: rounds take turns and cover everyone.
         let mut seen = BTreeSet::new();
-        for _ in 0..3 {
+        for _ in 0..4 {
             let round = pick(&active, &targets, &quiet, later, 1, &mut offset);
             assert_eq!(round.len(), 1);
             seen.insert(round[0].ip);
         }
-        assert_eq!(seen.len(), 3);
+        assert_eq!(seen.len(), 4);
     }
 
     #[test]

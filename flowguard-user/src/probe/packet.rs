@@ -1,9 +1,12 @@
-//! The prober's `AF_PACKET` socket: ARP out of a given interface to a given
-//! MAC, and the ARP replies that reach this host on any interface.
+//! The prober's sockets: an `AF_PACKET` one for ARP out of a given
+//! interface to a given MAC and the ARP replies that reach this host on any
+//! interface; a raw ICMPv6 one for neighbour solicitations and the
+//! advertisements that answer them.
 
 use std::{
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    net::Ipv6Addr,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     time::Duration,
 };
 
@@ -92,27 +95,12 @@ impl ArpSocket {
         Ok(())
     }
 
-    /// Waits up to `timeout` for one packet; `Ok(None)` when none came.
-    pub fn recv(&self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<Received>> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(None)
-            } else {
-                Err(e)
-            };
-        }
-        if rc == 0 {
-            return Ok(None);
-        }
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// One waiting packet, if any (never blocks).
+    pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<Option<Received>> {
         // SAFETY: sockaddr_ll is plain old data.
         let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         let mut sa_len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
@@ -141,5 +129,139 @@ impl ArpSocket {
             from: Mac(from),
             pkttype: sa.sll_pkttype,
         }))
+    }
+}
+
+/// Waits up to `timeout` until one of `fds` is readable; which ones are.
+pub fn wait_readable(fds: &[RawFd], timeout: Duration) -> io::Result<Vec<bool>> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: pfds is a valid array of pollfd of the length given.
+    let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+        return Ok(vec![false; fds.len()]);
+    }
+    Ok(pfds.iter().map(|p| p.revents & libc::POLLIN != 0).collect())
+}
+
+const ICMP6_FILTER: libc::c_int = 1;
+const ND_NEIGHBOR_ADVERT: u32 = 136;
+
+/// A raw ICMPv6 socket that sends neighbour solicitations (hop limit 255,
+/// as RFC 4861 requires; the kernel fills in the checksum and picks the
+/// source address) and receives only neighbour advertisements.
+pub struct Icmp6Socket {
+    fd: OwnedFd,
+}
+
+impl Icmp6Socket {
+    pub fn open() -> io::Result<Self> {
+        // SAFETY: plain socket creation; the fd is owned right away.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_INET6,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_ICMPV6,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh, valid descriptor.
+        let socket = Self {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        };
+        // struct icmp6_filter: a set bit blocks that type.
+        let mut filter = [u32::MAX; 8];
+        filter[(ND_NEIGHBOR_ADVERT >> 5) as usize] &= !(1 << (ND_NEIGHBOR_ADVERT & 31));
+        socket.set(libc::IPPROTO_ICMPV6, ICMP6_FILTER, &filter)?;
+        let hops: libc::c_int = 255;
+        socket.set(libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS, &hops)?;
+        socket.set(libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_HOPS, &hops)?;
+        let off: libc::c_int = 0;
+        socket.set(libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_LOOP, &off)?;
+        let bytes: libc::c_int = RECEIVE_BUFFER;
+        if socket.set(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &bytes).is_err() {
+            let _ = socket.set(libc::SOL_SOCKET, libc::SO_RCVBUF, &bytes);
+        }
+        Ok(socket)
+    }
+
+    fn set<T>(&self, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+        // SAFETY: value is valid for size_of::<T>() bytes.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                level,
+                name,
+                (value as *const T).cast(),
+                std::mem::size_of::<T>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Sends `payload` (an ICMPv6 message) to `to`; `ifindex` picks the
+    /// interface of a link-local or multicast destination.
+    pub fn send(&self, to: Ipv6Addr, ifindex: u32, payload: &[u8]) -> io::Result<()> {
+        // SAFETY: sockaddr_in6 is plain old data.
+        let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+        sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        sa.sin6_addr.s6_addr = to.octets();
+        sa.sin6_scope_id = ifindex;
+        // SAFETY: payload and sa are valid for the lengths given.
+        let rc = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                payload.as_ptr().cast(),
+                payload.len(),
+                0,
+                (&sa as *const libc::sockaddr_in6).cast(),
+                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// One waiting ICMPv6 message (from its header on), if any: its length.
+    pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        // SAFETY: buf is valid for its length; no source address wanted.
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
+                _ => Err(e),
+            };
+        }
+        Ok(Some(n as usize))
     }
 }

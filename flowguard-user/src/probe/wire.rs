@@ -1,7 +1,9 @@
 //! ARP requests and replies as they travel in an `AF_PACKET`/`SOCK_DGRAM`
-//! socket (the kernel adds and strips the Ethernet header).
+//! socket (the kernel adds and strips the Ethernet header), and IPv6
+//! neighbour solicitations and advertisements as they travel in a raw
+//! ICMPv6 socket (the kernel adds the IPv6 header and the checksum).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::settings::Mac;
 
@@ -66,9 +68,124 @@ pub fn parse_reply(p: &[u8]) -> Option<Reply> {
     })
 }
 
+const ND_NEIGHBOR_SOLICIT: u8 = 135;
+const ND_NEIGHBOR_ADVERT: u8 = 136;
+const ND_OPT_SOURCE_LINKADDR: u8 = 1;
+const ND_OPT_TARGET_LINKADDR: u8 = 2;
+/// A neighbour solicitation with a source link-layer address option.
+pub const NS_LEN: usize = 32;
+
+/// A neighbour solicitation (RFC 4861 4.3) for `target`, from a host whose
+/// MAC is `own_mac` (so that the answer needs no resolution of its own).
+pub fn neighbour_solicitation(target: Ipv6Addr, own_mac: Mac) -> [u8; NS_LEN] {
+    let mut p = [0u8; NS_LEN];
+    p[0] = ND_NEIGHBOR_SOLICIT;
+    p[8..24].copy_from_slice(&target.octets());
+    p[24] = ND_OPT_SOURCE_LINKADDR;
+    p[25] = 1; // in units of 8 bytes
+    p[26..32].copy_from_slice(&own_mac.0);
+    p
+}
+
+/// The solicited-node multicast address of `ip` (RFC 4291 2.7.1): where a
+/// neighbour solicitation goes when the answering MAC is not known.
+pub fn solicited_node(ip: Ipv6Addr) -> Ipv6Addr {
+    let o = ip.octets();
+    Ipv6Addr::new(
+        0xff02,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0xff00 | u16::from(o[13]),
+        u16::from_be_bytes([o[14], o[15]]),
+    )
+}
+
+/// A neighbour advertisement: for which address, and the MAC it gives (an
+/// answer to a unicast solicitation may carry none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Advertisement {
+    pub target: Ipv6Addr,
+    pub mac: Option<Mac>,
+}
+
+/// Decodes a neighbour advertisement (ICMPv6 type 136, from the ICMPv6
+/// header on); anything else, or malformed options, is `None`.
+pub fn parse_advertisement(p: &[u8]) -> Option<Advertisement> {
+    if p.len() < 24 || p[0] != ND_NEIGHBOR_ADVERT || p[1] != 0 {
+        return None;
+    }
+    let mut target = [0u8; 16];
+    target.copy_from_slice(&p[8..24]);
+    let mut mac = None;
+    let mut opts = &p[24..];
+    while opts.len() >= 2 {
+        let len = usize::from(opts[1]) * 8;
+        if len == 0 || len > opts.len() {
+            return None;
+        }
+        if opts[0] == ND_OPT_TARGET_LINKADDR && len == 8 {
+            let mut m = [0u8; 6];
+            m.copy_from_slice(&opts[2..8]);
+            mac = Some(Mac(m));
+        }
+        opts = &opts[len..];
+    }
+    Some(Advertisement {
+        target: Ipv6Addr::from(target),
+        mac,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_solicitation_and_its_multicast_address_follow_rfc_4861() {
+        let target: Ipv6Addr = "fd00:1::12:3456".parse().unwrap();
+        let p = neighbour_solicitation(target, Mac([2, 0, 0, 0, 0, 1]));
+        assert_eq!(p[0], 135);
+        assert_eq!(&p[1..8], &[0; 7], "code, checksum (the kernel's), reserved");
+        assert_eq!(&p[8..24], &target.octets());
+        assert_eq!(&p[24..32], &[1, 1, 2, 0, 0, 0, 0, 1]);
+        assert_eq!(
+            solicited_node(target),
+            "ff02::1:ff12:3456".parse::<Ipv6Addr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn an_advertisement_is_decoded_with_or_without_its_mac() {
+        let target: Ipv6Addr = "fd00:1::240".parse().unwrap();
+        let mut p = vec![136, 0, 0, 0, 0x60, 0, 0, 0];
+        p.extend(target.octets());
+        let bare = p.clone();
+        assert_eq!(
+            parse_advertisement(&bare),
+            Some(Advertisement { target, mac: None })
+        );
+        p.extend([2, 1, 2, 0x42, 0, 0, 0, 0xb]);
+        assert_eq!(
+            parse_advertisement(&p),
+            Some(Advertisement {
+                target,
+                mac: Some(Mac([2, 0x42, 0, 0, 0, 0xb]))
+            })
+        );
+        let mut zero_len = bare.clone();
+        zero_len.extend([2, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(parse_advertisement(&zero_len), None, "an option of length 0");
+        let mut long = bare.clone();
+        long.extend([2, 2, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(parse_advertisement(&long), None, "an option past the end");
+        let mut ns = bare;
+        ns[0] = 135;
+        assert_eq!(parse_advertisement(&ns), None, "a solicitation");
+        assert_eq!(parse_advertisement(&p[..23]), None, "short");
+    }
 
     #[test]
     fn a_request_has_the_layout_of_rfc_826() {
