@@ -240,16 +240,36 @@ fn a_silent_ipv6_endpoint_with_a_new_mac_is_found_by_neighbour_solicitation() {
     let a = &topology.endpoint(ENDPOINT_A_IP).ns;
     a.exec(&["sysctl", "-qw", "net.ipv6.conf.all.ndisc_notify=0"]);
     a.exec(&["sysctl", "-qw", "net.ipv4.conf.all.arp_notify=0"]);
-    a.ip(&["-6", "addr", "add", "fd00:1::240/64", "dev", ENDPOINT_IF, "nodad"]);
+    a.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:1::240/64",
+        "dev",
+        ENDPOINT_IF,
+        "nodad",
+    ]);
     topology
         .router
         .ip(&["-6", "addr", "add", "fd00:1::1/64", "dev", BRIDGE, "nodad"]);
-    topology
-        .router
-        .ip(&["-6", "addr", "add", "fd00:2::1/64", "dev", WAN_PORT, "nodad"]);
-    topology
-        .client
-        .ip(&["-6", "addr", "add", "fd00:2::2/64", "dev", ENDPOINT_IF, "nodad"]);
+    topology.router.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:2::1/64",
+        "dev",
+        WAN_PORT,
+        "nodad",
+    ]);
+    topology.client.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:2::2/64",
+        "dev",
+        ENDPOINT_IF,
+        "nodad",
+    ]);
     topology
         .client
         .ip(&["-6", "route", "add", "fd00:1::/64", "via", "fd00:2::1"]);
@@ -286,7 +306,11 @@ fn a_silent_ipv6_endpoint_with_a_new_mac_is_found_by_neighbour_solicitation() {
     let status = flowguard.wait_for_status("probes to fd00:1::240", SETTLE_TIMEOUT, |s| {
         s.counters.probes_sent >= 3
     });
-    assert_eq!(status.counters.probes_unanswered, 0, "{:#?}", status.counters);
+    assert_eq!(
+        status.counters.probes_unanswered, 0,
+        "{:#?}",
+        status.counters
+    );
     assert_eq!(status.counters.probe_moves, 0, "{:#?}", status.counters);
 
     a.ip(&["link", "set", ENDPOINT_IF, "address", MAC_A2]);
@@ -303,9 +327,10 @@ fn a_silent_ipv6_endpoint_with_a_new_mac_is_found_by_neighbour_solicitation() {
     );
     let out = flowguard.stdout_lines();
     assert!(
-        out.iter().any(|l| l.starts_with(&format!(
-            "fd00:1::240: {MAC_A1} stopped answering on "
-        )) && l.contains(&format!("now at {MAC_A2}"))),
+        out.iter().any(
+            |l| l.starts_with(&format!("fd00:1::240: {MAC_A1} stopped answering on "))
+                && l.contains(&format!("now at {MAC_A2}"))
+        ),
         "stdout:\n{}",
         out.join("\n")
     );

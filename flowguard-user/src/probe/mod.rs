@@ -412,9 +412,7 @@ impl Prober {
             };
             let src = match c.ip {
                 IpAddr::V4(v4) => {
-                    let Some(src) = addrs
-                        .get(&c.target.ifindex)
-                        .and_then(|a| sender_ip(a, v4))
+                    let Some(src) = addrs.get(&c.target.ifindex).and_then(|a| sender_ip(a, v4))
                     else {
                         log::debug!("{}: not probed: its interface has no IPv4 address", c.ip);
                         continue;
@@ -519,7 +517,11 @@ impl Prober {
                 self.socket.send(c.target.ifindex, to, &probe)
             }
             (IpAddr::V6(ip), _, Some(icmp6)) => {
-                let to = if broadcast { wire::solicited_node(ip) } else { ip };
+                let to = if broadcast {
+                    wire::solicited_node(ip)
+                } else {
+                    ip
+                };
                 let probe = wire::neighbour_solicitation(ip, a.own_mac);
                 icmp6.send(to, c.target.ifindex, &probe)
             }

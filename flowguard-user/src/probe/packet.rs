@@ -192,7 +192,10 @@ impl Icmp6Socket {
         let off: libc::c_int = 0;
         socket.set(libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_LOOP, &off)?;
         let bytes: libc::c_int = RECEIVE_BUFFER;
-        if socket.set(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &bytes).is_err() {
+        if socket
+            .set(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &bytes)
+            .is_err()
+        {
             let _ = socket.set(libc::SOL_SOCKET, libc::SO_RCVBUF, &bytes);
         }
         Ok(socket)

@@ -177,7 +177,11 @@ mod tests {
         );
         let mut zero_len = bare.clone();
         zero_len.extend([2, 0, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(parse_advertisement(&zero_len), None, "an option of length 0");
+        assert_eq!(
+            parse_advertisement(&zero_len),
+            None,
+            "an option of length 0"
+        );
         let mut long = bare.clone();
         long.extend([2, 2, 0, 0, 0, 0, 0, 0]);
         assert_eq!(parse_advertisement(&long), None, "an option past the end");
