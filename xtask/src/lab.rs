@@ -546,7 +546,19 @@ fn check(r: &CaseResult) -> Vec<String> {
                 recovered_within(FIX_RECOVERY_MS),
                 "no delivery to the recreated container",
             );
-            expect(stale == Some(0), "stale frames counted in the control");
+            if role == "host" {
+                // The host knows the new MAC at once (its macvlan child); a
+                // frame or two the router sends before its own neighbour
+                // entry catches up is ordinary neighbour lag, and rewriting
+                // it is right. What must not happen in the control is a
+                // stale stream: none in the last 3 s.
+                expect(
+                    num("stale_late") == Some(0),
+                    "stale frames still counted at the end of the control",
+                );
+            } else {
+                expect(stale == Some(0), "stale frames counted in the control");
+            }
         }
         (false, "host") => {
             expect(
