@@ -8,6 +8,7 @@ pub mod doctor;
 pub mod endpoints;
 pub mod events;
 pub mod flowtable;
+pub mod instances;
 pub mod loader;
 pub mod metrics;
 pub mod neigh;

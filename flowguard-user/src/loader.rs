@@ -18,6 +18,7 @@ use flowguard_common::{
 };
 
 use crate::{
+    instances,
     settings::{self, Mac},
     sys,
 };
@@ -61,6 +62,18 @@ pub enum LoadError {
         iface: String,
         #[source]
         source: aya::programs::ProgramError,
+    },
+    #[error("{iface} is already guarded ({hook}) by another flowguard, {by}: stop that one first, or leave {iface} out of this one")]
+    AlreadyGuarded {
+        iface: String,
+        hook: &'static str,
+        by: String,
+    },
+    #[error("{iface} already has XDP program {name} (id {id}) attached: detach it first (`ip link set dev {iface} xdp off`), or leave {iface} out of --ingress")]
+    XdpTaken {
+        iface: String,
+        name: String,
+        id: u32,
     },
     #[error("cannot measure the kernel's HZ with BPF_PROG_TEST_RUN: {0}")]
     Hz(String),
@@ -172,7 +185,8 @@ impl Guard {
         }
         let object = object().ok_or(LoadError::NoObject)?;
         let (lock, created) = lock_pin_dir(&opts.pin_dir)?;
-        let result = Self::load_and_attach(opts, object, &own_macs, lock);
+        let result =
+            ports_free(opts).and_then(|()| Self::load_and_attach(opts, object, &own_macs, lock));
         if result.is_err() && created {
             let _ = fs::remove_dir(&opts.pin_dir);
         }
@@ -413,6 +427,42 @@ impl Drop for Guard {
         }
         let _ = fs::remove_dir(&self.pin_dir);
     }
+}
+
+/// Refuses ports that another flowguard guards already (checked after the
+/// pin directory's lock, so that the same pin directory says "already
+/// running"), and an XDP port taken by any other program.
+fn ports_free(opts: &GuardOptions) -> Result<(), LoadError> {
+    for iface in &opts.egress {
+        let mine = instances::tcx_programs(iface, TcAttachType::Egress);
+        if let Some(p) = mine.iter().find(|p| p.is_flowguard()) {
+            return Err(LoadError::AlreadyGuarded {
+                iface: iface.clone(),
+                hook: "tc egress",
+                by: instances::describe_holder(p),
+            });
+        }
+    }
+    for iface in &opts.ingress {
+        match instances::xdp_program(iface) {
+            Some(p) if p.is_flowguard() => {
+                return Err(LoadError::AlreadyGuarded {
+                    iface: iface.clone(),
+                    hook: "XDP",
+                    by: instances::describe_holder(&p),
+                })
+            }
+            Some(p) => {
+                return Err(LoadError::XdpTaken {
+                    iface: iface.clone(),
+                    name: p.name,
+                    id: p.id,
+                })
+            }
+            None => {}
+        }
+    }
+    Ok(())
 }
 
 /// The kernel's HZ: jiffies read twice by the kernel side, 100 ms apart,

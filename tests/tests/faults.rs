@@ -382,3 +382,85 @@ fn status_and_doctor_call_a_killed_instance_gone() {
     assert_eq!(again.status_json()["running"], true);
     assert!(again.stop().success());
 }
+
+/// The flowguard programs attached to `lan1` in `ns`: TCX egress (which this
+/// Debian's bpftool does not list) and XDP.
+fn flowguard_programs_on_lan1(ns: &Netns) -> usize {
+    use aya::programs::{tc::SchedClassifier, TcAttachType};
+    let tcx = ns.enter(|| {
+        let (_, programs) =
+            SchedClassifier::query_tcx("lan1", TcAttachType::Egress).expect("query TCX of lan1");
+        programs
+            .iter()
+            .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("flowguard_")))
+            .count()
+    });
+    let link: serde_json::Value =
+        serde_json::from_str(&ns.ip(&["-j", "-d", "link", "show", "dev", "lan1"])).expect("ip -j");
+    let xdp = link[0]["xdp"]["attached"].as_array().map_or(0, |a| {
+        a.iter()
+            .filter(|p| {
+                p["prog"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("flowguard_"))
+            })
+            .count()
+    });
+    tcx + xdp
+}
+
+fn second_instance_on_the_same_port_is_refused(hook: &str) {
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let first_dir = bpffs.pin_dir();
+    let second_dir = bpffs.path().join("second");
+    let args = [hook, "lan1", "--prefix", PREFIX];
+    let mut first = Flowguard::start(&ns, &first_dir, &args);
+    let attached = flowguard_programs_on_lan1(&ns);
+    assert_eq!(attached, 1, "one guard on lan1");
+
+    let mut second = Flowguard::spawn(&require_flowguard_bin(), &ns, &second_dir, &args, false);
+    let exit = second.wait_exit(READY_TIMEOUT);
+    let stderr = second.stderr_text();
+    assert!(
+        exit.is_some_and(|e| !e.success()),
+        "the second instance on lan1 must be refused; it {}: {stderr}",
+        match exit {
+            Some(e) => format!("exited {e}"),
+            None => format!(
+                "runs, with {} flowguard programs on lan1",
+                flowguard_programs_on_lan1(&ns)
+            ),
+        }
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "refused in one line: {stderr}");
+    let pid = first.pid().to_string();
+    let line = lines[0];
+    println!("refused: {line}");
+    assert!(
+        line.contains("lan1")
+            && (line.contains(&pid) || line.contains(&first_dir.to_string_lossy().into_owned())),
+        "names the port and the other instance: {line}"
+    );
+    assert!(!second_dir.exists(), "the refused instance pinned nothing");
+    assert_eq!(
+        flowguard_programs_on_lan1(&ns),
+        attached,
+        "the refused instance attached nothing"
+    );
+    assert_eq!(first.status().mode, "fix", "the first keeps running");
+    assert!(first.stop().success());
+}
+
+#[test]
+fn a_second_instance_on_the_same_tc_port_is_refused() {
+    skip_unless_root!();
+    second_instance_on_the_same_port_is_refused("--egress");
+}
+
+#[test]
+fn a_second_instance_on_the_same_xdp_port_is_refused() {
+    skip_unless_root!();
+    second_instance_on_the_same_port_is_refused("--ingress");
+}
