@@ -390,6 +390,56 @@ fn request_eviction(
     let _ = tx.send(EvictRequest { ip, trigger });
 }
 
+/// Endpoints whose stale frames keep triggering evictions that find
+/// nothing to delete: said once when it starts, and with a count when the
+/// requests stop (or an eviction finds entries), not at every debounce.
+#[derive(Default)]
+struct QuietEpisodes {
+    /// First and last attempt, and how many.
+    episodes: std::collections::HashMap<IpAddr, (Instant, Instant, u64)>,
+}
+
+impl QuietEpisodes {
+    /// An episode ends when no request came for this long: several
+    /// debounce intervals, as stale frames ask once per interval.
+    fn idle_after(debounce: Duration) -> Duration {
+        (debounce * 3).max(Duration::from_secs(5))
+    }
+
+    /// Records an attempt that found nothing; true when it starts an episode.
+    fn attempt(&mut self, ip: IpAddr, now: Instant) -> bool {
+        let e = self.episodes.entry(ip).or_insert((now, now, 0));
+        e.1 = now;
+        e.2 += 1;
+        e.2 == 1
+    }
+
+    /// Ends `ip`'s episode, saying how long it lasted.
+    fn end(&mut self, ip: IpAddr) -> Option<u64> {
+        let (first, last, n) = self.episodes.remove(&ip)?;
+        if n > 1 {
+            log::info!(
+                "{ip}: {n} evictions over {:.0} s found nothing to evict (stale frames asked for them)",
+                last.saturating_duration_since(first).as_secs_f64()
+            );
+        }
+        Some(n)
+    }
+
+    /// Ends the episodes without an attempt for `idle`.
+    fn end_idle(&mut self, now: Instant, idle: Duration) {
+        let done: Vec<IpAddr> = self
+            .episodes
+            .iter()
+            .filter(|(_, (_, last, _))| now.saturating_duration_since(*last) >= idle)
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in done {
+            self.end(ip);
+        }
+    }
+}
+
 /// Conntrack work is synchronous netlink and may dump large tables: it runs
 /// on a thread of its own (in this thread's network namespace).
 fn start_evictor(
@@ -399,6 +449,7 @@ fn start_evictor(
     let (tx, rx) = std_mpsc::channel::<EvictRequest>();
     let scope = opts.evict;
     let dry_run = opts.dry_run;
+    let quiet_after = QuietEpisodes::idle_after(opts.debounce);
     std::thread::Builder::new()
         .name("flowguard-evict".into())
         .spawn(move || {
@@ -417,7 +468,17 @@ fn start_evictor(
                     return;
                 }
             };
-            for req in rx {
+            let mut quiet = QuietEpisodes::default();
+            loop {
+                let req = match rx.recv_timeout(quiet_after / 2) {
+                    Ok(req) => req,
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                        quiet.end_idle(Instant::now(), quiet_after);
+                        continue;
+                    }
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                };
+                quiet.end_idle(Instant::now(), quiet_after);
                 let why = match &req.trigger {
                     Trigger::NeighbourMoved(w) => w.clone(),
                     Trigger::StaleFrames(w) => format!("frames to it carried a stale MAC ({w})"),
@@ -434,8 +495,19 @@ fn start_evictor(
                                 EvictScope::All => "conntrack entry",
                                 _ => "offloaded conntrack entry",
                             };
-                            log::info!("{}: no {which} to evict ({why})", req.ip);
+                            // Stale frames keep asking while the episode lasts:
+                            // one line when it starts, the count when it ends.
+                            let first = match req.trigger {
+                                Trigger::StaleFrames(_) => quiet.attempt(req.ip, started),
+                                Trigger::NeighbourMoved(_) => true,
+                            };
+                            if first {
+                                log::info!("{}: no {which} to evict ({why})", req.ip);
+                            } else {
+                                log::debug!("{}: no {which} to evict ({why})", req.ip);
+                            }
                         } else {
+                            quiet.end(req.ip);
                             log::info!(
                                 "{}: {} {} flow{} in {:.1} ms",
                                 req.ip,
@@ -472,6 +544,25 @@ fn start_evictor(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_episode_without_entries_is_said_once_and_counted_at_its_end() {
+        let t0 = Instant::now();
+        let ip: IpAddr = "192.168.1.240".parse().unwrap();
+        let idle = QuietEpisodes::idle_after(Duration::from_secs(2));
+        assert_eq!(idle, Duration::from_secs(6));
+        let mut q = QuietEpisodes::default();
+        assert!(q.attempt(ip, t0), "the first attempt starts the episode");
+        for i in 1..5 {
+            assert!(!q.attempt(ip, t0 + Duration::from_secs(2 * i)));
+        }
+        q.end_idle(t0 + Duration::from_secs(10), idle);
+        assert!(q.episodes.contains_key(&ip), "still asking");
+        q.end_idle(t0 + Duration::from_secs(14), idle);
+        assert!(q.episodes.is_empty(), "ended when the requests stopped");
+        assert!(q.attempt(ip, t0 + Duration::from_secs(20)), "a new episode");
+        assert_eq!(q.end(ip), Some(1));
+    }
 
     #[test]
     fn a_return_at_another_mac_is_a_move_and_at_the_same_mac_is_not() {

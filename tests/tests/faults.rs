@@ -464,3 +464,72 @@ fn a_second_instance_on_the_same_xdp_port_is_refused() {
     skip_unless_root!();
     second_instance_on_the_same_port_is_refused("--ingress");
 }
+
+/// While frames to an endpoint stay stale and it has no offloaded conntrack
+/// entry (none exists on this kernel), the log says so once, not at every
+/// debounce, and gives the count when the requests stop.
+#[test]
+fn a_stale_endpoint_without_offloaded_entries_is_one_line_per_episode() {
+    use flowguard_tests::router::{
+        RouterTopology, ENDPOINT_A_IP, LAN_PREFIX, MAC_A1, MAC_A2, PORT_A,
+    };
+    if let Some(reason) = flowguard_tests::router::missing_prerequisite()
+        .or_else(flowguard_tests::netns::missing_nft_egress)
+    {
+        println!("skipped: {reason}");
+        return;
+    }
+    let bpffs = BpffsMount::new();
+    let mut topology = RouterTopology::new();
+    topology.resolve(ENDPOINT_A_IP);
+    let mut flow = topology.udp_flow(ENDPOINT_A_IP, 51820);
+    topology.move_endpoint(ENDPOINT_A_IP, MAC_A2);
+    topology.set_stale(ENDPOINT_A_IP, MAC_A1);
+    let fg = Flowguard::start(
+        &topology.router,
+        &bpffs.pin_dir(),
+        &[
+            "--egress",
+            PORT_A,
+            "--prefix",
+            LAN_PREFIX,
+            "--evict-debounce-ms",
+            "500",
+        ],
+    );
+    let a = ENDPOINT_A_IP.to_string();
+    fg.wait_for_status("endpoint A at its new MAC", Duration::from_secs(10), |s| {
+        s.has_endpoint(&a, MAC_A2)
+    });
+    // Stale frames for 6 s: a stale event per second, each asking for an
+    // eviction that finds no offloaded entry.
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        flow.send_burst(5);
+        thread::sleep(Duration::from_millis(200));
+    }
+    let runs = fg.status().counters.eviction_runs;
+    assert!(runs >= 3, "the stale frames asked for evictions: {runs}");
+    let said = |text: &str| {
+        text.lines()
+            .filter(|l| l.contains("no offloaded conntrack entry to evict"))
+            .count()
+    };
+    assert_eq!(
+        said(&fg.stderr_text()),
+        1,
+        "one line for {runs} evictions that found nothing:\n{}",
+        fg.stderr_text()
+    );
+    // The episode ends once the requests stop.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !fg.stderr_text().contains("evictions over") {
+        assert!(
+            Instant::now() < deadline,
+            "no line ending the episode:\n{}",
+            fg.stderr_text()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    println!("{}", fg.stderr_text());
+}
