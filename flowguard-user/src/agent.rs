@@ -19,7 +19,7 @@ use tokio::{
 };
 
 use crate::{
-    conntrack::{Conntrack, EvictScope, EvictionPolicy},
+    conntrack::{Admission, Conntrack, DeferredEvictions, EvictScope, EvictionPolicy},
     events,
     loader::{Guard, KernelLogger},
     metrics,
@@ -100,7 +100,9 @@ pub async fn run(
 
     let (outcome_tx, mut outcomes) = mpsc::unbounded_channel();
     let evictor = (opts.evict != EvictScope::Off).then(|| start_evictor(&opts, outcome_tx));
-    let mut policy = EvictionPolicy::new(opts.debounce, opts.max_evictions_per_sec);
+    let mut policy = EvictionGate::new(opts.debounce, opts.max_evictions_per_sec);
+    let mut eviction_tick = tokio::time::interval(Duration::from_millis(100));
+    eviction_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut departed = Departed::default();
 
     let mut cache = NeighCache::new(opts.prefixes.clone());
@@ -209,6 +211,10 @@ pub async fn run(
                 }
                 report_changes(guard, &changes, &mut policy, &mut departed, evictor.as_ref(), true)?;
             }
+            _ = eviction_tick.tick(), if policy.needs_tick() => {
+                policy.drain(evictor.as_ref());
+                policy.show(guard)?;
+            }
             Some(outcome) = outcomes.recv() => {
                 bump(guard, |c| {
                     c.eviction_runs += 1;
@@ -314,7 +320,7 @@ impl Departed {
 fn report_changes(
     guard: &mut Guard,
     changes: &[MapChange],
-    policy: &mut EvictionPolicy,
+    policy: &mut EvictionGate,
     departed: &mut Departed,
     evictor: Option<&std_mpsc::Sender<EvictRequest>>,
     say_added: bool,
@@ -370,24 +376,112 @@ fn report_changes(
     Ok(())
 }
 
+/// The eviction policy and the requests its rate limit held back.
+struct EvictionGate {
+    policy: EvictionPolicy,
+    max_per_sec: u32,
+    deferred: DeferredEvictions<Trigger>,
+    /// Deferred since the counters were last written.
+    newly_deferred: u64,
+    /// The queue depth the counters show.
+    shown: u64,
+}
+
+impl EvictionGate {
+    fn new(debounce: Duration, max_per_sec: u32) -> Self {
+        Self {
+            policy: EvictionPolicy::new(debounce, max_per_sec),
+            max_per_sec,
+            deferred: DeferredEvictions::default(),
+            newly_deferred: 0,
+            shown: 0,
+        }
+    }
+
+    fn needs_tick(&self) -> bool {
+        !self.deferred.is_empty() || self.newly_deferred > 0 || self.shown != 0
+    }
+
+    fn defer(&mut self, ip: IpAddr, trigger: Trigger) {
+        if self.deferred.is_empty() {
+            log::info!(
+                "eviction rate limit reached ({} endpoints per second): further evictions wait their turn",
+                self.max_per_sec
+            );
+        }
+        self.deferred.push(ip, trigger);
+        self.newly_deferred += 1;
+    }
+
+    /// Sends the deferred evictions the rate limit admits now, oldest first.
+    fn drain(&mut self, evictor: Option<&std_mpsc::Sender<EvictRequest>>) {
+        let Some(tx) = evictor else { return };
+        if self.deferred.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let policy = &mut self.policy;
+        let admitted = self
+            .deferred
+            .drain_while(|ip| policy.admit_change(ip, now) == Admission::Now);
+        for (ip, trigger) in admitted {
+            let _ = tx.send(EvictRequest { ip, trigger });
+        }
+        if self.deferred.is_empty() {
+            log::info!("every deferred eviction has been sent");
+        }
+    }
+
+    /// Writes the deferred count and the queue depth to the user counters.
+    fn show(&mut self, guard: &mut Guard) -> anyhow::Result<()> {
+        let depth = self.deferred.len() as u64;
+        if self.newly_deferred == 0 && depth == self.shown {
+            return Ok(());
+        }
+        let deferred = std::mem::take(&mut self.newly_deferred);
+        bump(guard, |c| {
+            c.evictions_deferred += deferred;
+            c.eviction_queue = depth;
+        })?;
+        self.shown = depth;
+        Ok(())
+    }
+}
+
 fn request_eviction(
-    policy: &mut EvictionPolicy,
+    gate: &mut EvictionGate,
     evictor: Option<&std_mpsc::Sender<EvictRequest>>,
     ip: IpAddr,
     trigger: Trigger,
 ) {
     let Some(tx) = evictor else { return };
+    let now = Instant::now();
     // A MAC change is news even right after another eviction; stale frames
-    // keep coming until the flow is gone, so those are debounced.
-    let admitted = match trigger {
-        Trigger::NeighbourMoved(_) => policy.should_evict_now(ip, Instant::now()),
-        Trigger::StaleFrames(_) => policy.should_evict(ip, Instant::now()),
+    // keep coming until the flow is gone, so those are debounced. While
+    // evictions wait, a new one queues behind them (deferred, never dropped).
+    let stale = matches!(trigger, Trigger::StaleFrames(_));
+    let admitted = if !gate.deferred.is_empty() {
+        if stale && gate.policy.debounced(ip, now) {
+            Admission::Debounced
+        } else {
+            Admission::RateLimited
+        }
+    } else if stale {
+        gate.policy.admit_stale(ip, now)
+    } else {
+        gate.policy.admit_change(ip, now)
     };
-    if !admitted {
-        log::debug!("{ip}: eviction debounced or rate-limited ({trigger:?})");
-        return;
+    match admitted {
+        Admission::Now => {
+            let _ = tx.send(EvictRequest { ip, trigger });
+        }
+        Admission::Debounced => log::debug!("{ip}: eviction debounced ({trigger:?})"),
+        Admission::RateLimited => {
+            log::debug!("{ip}: eviction deferred by the rate limit ({trigger:?})");
+            gate.defer(ip, trigger);
+            gate.drain(evictor);
+        }
     }
-    let _ = tx.send(EvictRequest { ip, trigger });
 }
 
 /// Endpoints whose stale frames keep triggering evictions that find

@@ -1105,6 +1105,7 @@ mod tests {
             endpoints: Vec::new(),
             running: true,
             pid: 7,
+            eviction_queue: 0,
         };
         let r = diagnose(&Facts {
             flowguard: Running::Yes(Box::new(st.clone())),

@@ -109,7 +109,8 @@ struct RunArgs {
     /// Evict the flows of one endpoint at most once per this many milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 2000)]
     evict_debounce_ms: u64,
-    /// Evict the flows of at most this many endpoints per second (0: no limit).
+    /// Evict the flows of at most this many endpoints per second (0: no
+    /// limit); the others wait their turn, none is dropped.
     #[arg(long, value_name = "N", default_value_t = 50)]
     max_evictions_per_sec: u32,
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9737

@@ -120,6 +120,11 @@ const COUNTERS: &[CounterFamily] = &[
         c.user.dry_run_matches
     }),
     ("eviction_errors", "Eviction runs that failed.", |c| c.user.eviction_errors),
+    (
+        "evictions_deferred",
+        "Evictions the rate limit deferred (each runs later; none is dropped).",
+        |c| c.user.evictions_deferred,
+    ),
 ];
 
 /// A per-endpoint counter: full name, help, value.
@@ -499,6 +504,7 @@ mod tests {
             ],
             running: true,
             pid: 1,
+            eviction_queue: 0,
         }
     }
 

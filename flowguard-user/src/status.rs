@@ -71,6 +71,8 @@ pub struct Status {
     pub running: bool,
     /// The instance's process id (0 when unknown).
     pub pid: u32,
+    /// Evictions waiting for the rate limit now.
+    pub eviction_queue: u64,
 }
 
 impl Status {
@@ -178,6 +180,7 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
         endpoints: list.into_iter().map(|(_, s)| s).collect(),
         running,
         pid,
+        eviction_queue: user.eviction_queue,
     })
 }
 
@@ -216,6 +219,13 @@ pub fn render(st: &Status) -> String {
         "eviction: {} runs, {} conntrack entries deleted, {} matched in dry runs, {} errors",
         u.eviction_runs, u.evicted, u.dry_run_matches, u.eviction_errors
     );
+    if u.evictions_deferred > 0 || u.eviction_queue > 0 {
+        let _ = writeln!(
+            out,
+            "eviction queue: {} waiting for the rate limit, {} deferred so far (none dropped)",
+            u.eviction_queue, u.evictions_deferred
+        );
+    }
     if st.endpoints.is_empty() {
         let _ = writeln!(out, "no endpoints known yet");
         return out;
@@ -323,6 +333,7 @@ mod tests {
             )],
             running: true,
             pid: 42,
+            eviction_queue: 0,
         };
         let text = render(&st);
         assert!(

@@ -5,7 +5,7 @@
 
 use std::{
     io::Read as _,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     thread,
     time::{Duration, Instant},
@@ -532,4 +532,80 @@ fn a_stale_endpoint_without_offloaded_entries_is_one_line_per_episode() {
         thread::sleep(Duration::from_millis(200));
     }
     println!("{}", fg.stderr_text());
+}
+
+/// Writes `ip -batch` lines that set 200 neighbours on `lan1`, each at a MAC
+/// ending in `last`.
+fn neighbour_batch(dir: &Path, last: u8) -> PathBuf {
+    let path = dir.join(format!("neigh-{last}.batch"));
+    let text: String = (0..200u32)
+        .map(|i| {
+            let ip = 2 + i;
+            format!(
+                "neigh replace 192.168.1.{ip} lladdr 02:00:00:00:{ip:02x}:{last:02x} dev lan1 nud permanent\n"
+            )
+        })
+        .collect();
+    std::fs::write(&path, text).expect("write the batch");
+    path
+}
+
+/// 200 endpoints move at once with the default limit of 50 evictions per
+/// second: the 150 over the limit wait their turn (the queue shows in
+/// status) and every one of them runs.
+#[test]
+fn rate_limited_evictions_are_deferred_not_dropped() {
+    skip_unless_root!();
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let scratch = bpffs
+        .path()
+        .parent()
+        .expect("the bpffs has a parent")
+        .to_path_buf();
+    let fg = Flowguard::start(
+        &ns,
+        &bpffs.pin_dir(),
+        &["--egress", "lan1", "--prefix", PREFIX],
+    );
+    let first = neighbour_batch(&scratch, 1);
+    ns.ip(&["-batch", &first.to_string_lossy()]);
+    fg.wait_for_status("200 endpoints", Duration::from_secs(20), |s| {
+        s.endpoints.len() == 200
+    });
+    let runs = fg.status().counters.eviction_runs;
+    let moved = neighbour_batch(&scratch, 2);
+    ns.ip(&["-batch", &moved.to_string_lossy()]);
+    let mut deepest = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let json = fg.status_json();
+        let user = &json["counters"];
+        let queue = json["eviction_queue"]
+            .as_u64()
+            .expect("eviction_queue in status");
+        deepest = deepest.max(queue);
+        let done = fg.status().counters.eviction_runs - runs;
+        if done >= 200 {
+            assert_eq!(queue, 0, "the queue drained: {user:#}");
+            assert!(
+                user["evictions_deferred"].as_u64().unwrap_or(0) >= 100,
+                "most of them were deferred: {user:#}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {done} of 200 evictions ran; counters: {user:#}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(deepest > 0, "the queue showed in status while it waited");
+    assert!(
+        fg.stderr_text()
+            .contains("further evictions wait their turn"),
+        "{}",
+        fg.stderr_text()
+    );
+    println!("deepest queue seen: {deepest}");
 }
