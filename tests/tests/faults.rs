@@ -609,3 +609,115 @@ fn rate_limited_evictions_are_deferred_not_dropped() {
     );
     println!("deepest queue seen: {deepest}");
 }
+
+/// One `GET /metrics` from inside `ns`; `Err` says what went wrong.
+fn try_scrape(ns: &Netns, addr: std::net::SocketAddr) -> Result<(), String> {
+    use std::io::Write as _;
+    let timeout = Duration::from_secs(3);
+    let mut stream = ns
+        .enter(|| std::net::TcpStream::connect_timeout(&addr, timeout))
+        .map_err(|e| format!("connect: {e}"))?;
+    stream.set_read_timeout(Some(timeout)).ok();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .map_err(|e| format!("send: {e}"))?;
+    let mut raw = String::new();
+    stream
+        .read_to_string(&mut raw)
+        .map_err(|e| format!("read: {e}"))?;
+    if raw.starts_with("HTTP/1.1 200") && raw.contains("flowguard_checked_total") {
+        Ok(())
+    } else {
+        Err(format!("answer: {:?}", raw.lines().next()))
+    }
+}
+
+/// Raises this process's soft limit of open files to the hard one: the test
+/// itself holds a thousand sockets.
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit fill and read the struct we pass.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A thousand idle connections held open (and more opened all along) never
+/// keep a scrape out, and the daemon's memory stays flat.
+#[test]
+fn metrics_are_served_while_a_thousand_idle_connections_are_held() {
+    skip_unless_root!();
+    raise_nofile();
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let addr: std::net::SocketAddr = "127.0.0.1:9737".parse().unwrap();
+    let fg = Flowguard::start(
+        &ns,
+        &bpffs.pin_dir(),
+        &[
+            "--egress",
+            "lan1",
+            "--prefix",
+            PREFIX,
+            "--metrics",
+            "127.0.0.1:9737",
+        ],
+    );
+    try_scrape(&ns, addr).expect("a scrape without idle connections");
+    let rss_before = rss_kib(fg.pid());
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        if let Ok(s) =
+            ns.enter(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)))
+        {
+            idle.push(s);
+        }
+    }
+    assert!(
+        idle.len() >= 900,
+        "only {} idle connections opened",
+        idle.len()
+    );
+    let mut served = 0;
+    let mut failures = Vec::new();
+    for _ in 0..20 {
+        for _ in 0..50 {
+            if let Ok(s) =
+                ns.enter(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)))
+            {
+                idle.push(s);
+            }
+        }
+        match try_scrape(&ns, addr) {
+            Ok(()) => served += 1,
+            Err(e) => failures.push(e),
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let rss_after = rss_kib(fg.pid());
+    println!(
+        "{served} of 20 scrapes served with {} idle connections opened; RSS {rss_before} -> {rss_after} KiB",
+        idle.len()
+    );
+    assert_eq!(served, 20, "scrapes failed: {failures:?}");
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "RSS grew from {rss_before} to {rss_after} KiB"
+    );
+}
