@@ -298,6 +298,9 @@ pub struct UserCounters {
     /// apart from the counters).
     #[cfg_attr(feature = "user", serde(skip))]
     pub eviction_queue: u64,
+    /// Endpoints left out of the map because it was full (each IP once per
+    /// episode of a full map).
+    pub endpoints_dropped: u64,
 }
 
 /// `Event::kind` values.

@@ -104,6 +104,7 @@ pub async fn run(
     let mut eviction_tick = tokio::time::interval(Duration::from_millis(100));
     eviction_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut departed = Departed::default();
+    let mut full = FullMap::new(guard.endpoint_capacity);
 
     let mut cache = NeighCache::new(opts.prefixes.clone());
     let mut source = None;
@@ -112,7 +113,7 @@ pub async fn run(
             .await
             .context("reading the neighbour table")?;
         cache.replace_all(entries);
-        let changes = reconcile(guard, &cache)?;
+        let changes = reconcile(guard, &cache, &mut full)?;
         report_changes(
             guard,
             &changes,
@@ -122,8 +123,9 @@ pub async fn run(
             false,
         )?;
         crate::say!(
-            "flowguard: following the neighbour table ({} endpoints in the prefixes)",
-            cache.ips().count()
+            "flowguard: following the neighbour table ({} endpoints in the prefixes{})",
+            cache.ips().count(),
+            full.describe()
         );
         source = Some(src);
     }
@@ -141,7 +143,7 @@ pub async fn run(
                 let neighbours = match source.as_mut() {
                     Some(src) => {
                         cache.replace_all(src.dump().await.context("dumping the neighbour table")?);
-                        let changes = reconcile(guard, &cache)?;
+                        let changes = reconcile(guard, &cache, &mut full)?;
                         bump(guard, |c| c.reconciles += 1)?;
                         report_changes(guard, &changes, &mut policy, &mut departed, evictor.as_ref(), true)?;
                         format!(
@@ -186,16 +188,22 @@ pub async fn run(
                     log::warn!("missed neighbour events (the kernel's buffer overflowed): reading the whole table again");
                     bump(guard, |c| c.neigh_overflows += 1)?;
                     cache.replace_all(src.dump().await.context("dumping the neighbour table")?);
-                    reconcile(guard, &cache)?
+                    reconcile(guard, &cache, &mut full)?
                 } else {
                     let mut map = guard.endpoints()?;
                     let mut changes = Vec::new();
+                    let mut dropped = 0;
                     for ip in cache.apply(&ev) {
-                        if let Some(c) = neigh::sync_ip(&mut map, &cache, ip)
-                            .with_context(|| format!("updating endpoint {ip}"))?
-                        {
-                            changes.push(c);
+                        match neigh::sync_ip(&mut map, &cache, ip) {
+                            Ok(Some(c)) => changes.push(c),
+                            Ok(None) => {}
+                            // A full map ends nothing: the endpoints in it stay guarded.
+                            Err(e) if neigh::is_full(&e) => dropped += u64::from(full.left_out(ip)),
+                            Err(e) => return Err(e).with_context(|| format!("updating endpoint {ip}")),
                         }
+                    }
+                    if dropped > 0 {
+                        bump(guard, |c| c.endpoints_dropped += dropped)?;
                     }
                     changes
                 };
@@ -204,7 +212,7 @@ pub async fn run(
             _ = reconcile_timer.tick(), if source.is_some() => {
                 let src = source.as_mut().expect("guarded by the condition");
                 cache.replace_all(src.dump().await.context("dumping the neighbour table")?);
-                let changes = reconcile(guard, &cache)?;
+                let changes = reconcile(guard, &cache, &mut full)?;
                 bump(guard, |c| c.reconciles += 1)?;
                 if !changes.is_empty() {
                     log::info!("periodic reconcile repaired {} endpoints", changes.len());
@@ -270,10 +278,87 @@ async fn next_neigh(source: &mut Option<NeighbourSource>) -> Result<NeighEvent, 
     }
 }
 
-fn reconcile(guard: &mut Guard, cache: &NeighCache) -> anyhow::Result<Vec<MapChange>> {
+fn reconcile(
+    guard: &mut Guard,
+    cache: &NeighCache,
+    full: &mut FullMap,
+) -> anyhow::Result<Vec<MapChange>> {
     let mut map = guard.endpoints()?;
-    neigh::reconcile(&mut map, cache)
-        .context("reconciling the endpoint map with the neighbour table")
+    let changes = neigh::reconcile(&mut map, cache)
+        .context("reconciling the endpoint map with the neighbour table")?;
+    let in_map: std::collections::HashSet<IpAddr> = map
+        .keys()
+        .filter_map(Result::ok)
+        .map(|k| key_ip(&k))
+        .collect();
+    let mut dropped = 0;
+    if in_map.len() >= full.capacity {
+        for ip in cache.ips() {
+            if !in_map.contains(&ip) && !matches!(cache.desired(ip), neigh::Desired::Absent) {
+                dropped += u64::from(full.left_out(ip));
+            }
+        }
+    } else {
+        full.room(in_map.len());
+    }
+    if dropped > 0 {
+        bump(guard, |c| c.endpoints_dropped += dropped)?;
+    }
+    Ok(changes)
+}
+
+/// An episode of a full endpoint map: said once when it starts and once
+/// when there is room again, with the endpoints it left out counted once
+/// each (not at every reconcile).
+struct FullMap {
+    capacity: usize,
+    left_out: std::collections::HashSet<IpAddr>,
+}
+
+impl FullMap {
+    fn new(capacity: u32) -> Self {
+        Self {
+            capacity: capacity as usize,
+            left_out: Default::default(),
+        }
+    }
+
+    /// Records that `ip` did not fit; true the first time in this episode.
+    fn left_out(&mut self, ip: IpAddr) -> bool {
+        if self.left_out.is_empty() {
+            log::warn!(
+                "the endpoint map is full ({} entries): {ip} and further endpoints are not guarded \
+                 until entries leave (the endpoints in it stay guarded; raise --max-endpoints)",
+                self.capacity
+            );
+        }
+        self.left_out.insert(ip)
+    }
+
+    /// The map holds `len` entries, below its capacity: the episode is over.
+    fn room(&mut self, len: usize) {
+        if !self.left_out.is_empty() {
+            log::info!(
+                "the endpoint map has room again ({len} of {} entries): {} endpoints were left out while it was full",
+                self.capacity,
+                self.left_out.len()
+            );
+            self.left_out.clear();
+        }
+    }
+
+    /// ", the endpoint map is full: N left out" while it is.
+    fn describe(&self) -> String {
+        if self.left_out.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; the endpoint map is full at {} entries: {} left out",
+                self.capacity,
+                self.left_out.len()
+            )
+        }
+    }
 }
 
 /// Read-modify-write of the user-space counters (this loop is their only writer).

@@ -1106,6 +1106,8 @@ mod tests {
             running: true,
             pid: 7,
             eviction_queue: 0,
+            endpoint_capacity: 16_384,
+            endpoint_map_full: false,
         };
         let r = diagnose(&Facts {
             flowguard: Running::Yes(Box::new(st.clone())),

@@ -115,6 +115,8 @@ pub struct GuardOptions {
     pub config: Config,
     /// Minimum time between two events about one endpoint.
     pub event_interval: std::time::Duration,
+    /// Entries of the endpoint map (its size is fixed at load time).
+    pub max_endpoints: u32,
 }
 
 /// One attachment, described for the operator.
@@ -137,6 +139,8 @@ pub struct Guard {
     logger: Option<KernelLogger>,
     pub attachments: Vec<Attachment>,
     pub own_macs: Vec<Mac>,
+    /// Entries the endpoint map can hold.
+    pub endpoint_capacity: u32,
 }
 
 #[cfg(not(flowguard_ebpf_missing))]
@@ -199,7 +203,9 @@ impl Guard {
         own_macs: &[Mac],
         lock: fs::File,
     ) -> Result<Self, LoadError> {
-        let mut ebpf = Ebpf::load(object)?;
+        let mut ebpf = aya::EbpfLoader::new()
+            .map_max_entries(map_names::ENDPOINTS, opts.max_endpoints)
+            .load(object)?;
         // The kernel side logs only on rare paths; forward those lines to `log`.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -237,6 +243,7 @@ impl Guard {
             logger,
             attachments: Vec::new(),
             own_macs: own_macs.to_vec(),
+            endpoint_capacity: opts.max_endpoints,
         };
         if !opts.ingress.is_empty() {
             guard.attach_xdp(&opts.ingress, opts.xdp)?;

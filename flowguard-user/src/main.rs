@@ -120,7 +120,17 @@ struct RunArgs {
     /// Let --metrics listen on an address outside loopback.
     #[arg(long)]
     metrics_allow_remote: bool,
+    /// Size of the endpoint map: the most endpoints guarded at once. When it
+    /// is full, the endpoints that fit stay guarded and the rest are counted
+    /// as dropped.
+    #[arg(long, value_name = "N", default_value_t = flowguard_common::MAX_ENDPOINTS,
+          value_parser = clap::value_parser!(u32).range(1..=MAX_ENDPOINTS_LIMIT))]
+    max_endpoints: u32,
 }
+
+/// The largest endpoint map `--max-endpoints` asks for (16,777,216 entries,
+/// gigabytes of kernel memory: far past any LAN).
+const MAX_ENDPOINTS_LIMIT: i64 = 1 << 24;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -215,6 +225,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         pin_dir: args.pin_dir.clone(),
         config,
         event_interval: Duration::from_millis(args.event_interval_ms),
+        max_endpoints: args.max_endpoints,
     };
     // Bound before anything is attached: a port in use fails here.
     let metrics = args

@@ -129,6 +129,11 @@ const COUNTERS: &[CounterFamily] = &[
         "Evictions the rate limit deferred (each runs later; none is dropped).",
         |c| c.user.evictions_deferred,
     ),
+    (
+        "endpoints_dropped",
+        "Endpoints left out because the endpoint map was full (see --max-endpoints).",
+        |c| c.user.endpoints_dropped,
+    ),
 ];
 
 /// A per-endpoint counter: full name, help, value.
@@ -580,6 +585,8 @@ mod tests {
             running: true,
             pid: 1,
             eviction_queue: 0,
+            endpoint_capacity: 16_384,
+            endpoint_map_full: false,
         }
     }
 

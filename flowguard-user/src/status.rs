@@ -73,6 +73,11 @@ pub struct Status {
     pub pid: u32,
     /// Evictions waiting for the rate limit now.
     pub eviction_queue: u64,
+    /// Entries the endpoint map can hold (`--max-endpoints`).
+    pub endpoint_capacity: u32,
+    /// The endpoint map holds as many entries as it can: new endpoints are
+    /// left out (counted in `endpoints_dropped`).
+    pub endpoint_map_full: bool,
 }
 
 impl Status {
@@ -163,8 +168,13 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
     let user: Array<MapData, UserCounters> = Array::try_from(open(dir, pin_names::USER_COUNTERS)?)
         .map_err(err(pin_names::USER_COUNTERS))?;
     let user = user.get(&0, 0).map_err(err(pin_names::USER_COUNTERS))?;
+    let endpoints = open(dir, pin_names::ENDPOINTS)?;
+    let capacity = match &endpoints {
+        Map::HashMap(data) => data.info().map(|i| i.max_entries()).unwrap_or(0),
+        _ => 0,
+    };
     let endpoints: HashMap<MapData, EndpointKey, Endpoint> =
-        HashMap::try_from(open(dir, pin_names::ENDPOINTS)?).map_err(err(pin_names::ENDPOINTS))?;
+        HashMap::try_from(endpoints).map_err(err(pin_names::ENDPOINTS))?;
     let now = sys::monotonic_ns();
     let mut list = Vec::new();
     // An entry deleted while we iterate is simply skipped.
@@ -172,6 +182,7 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
         list.push((key_ip(&k), endpoint_status(&k, &v, now)));
     }
     list.sort_by_key(|e| e.0);
+    let list_len = list.len();
     let (running, pid) = liveness(dir, user.owner_pid);
     Ok(Status {
         pin_dir: dir.display().to_string(),
@@ -181,6 +192,8 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
         running,
         pid,
         eviction_queue: user.eviction_queue,
+        endpoint_capacity: capacity,
+        endpoint_map_full: capacity != 0 && list_len >= capacity as usize,
     })
 }
 
@@ -224,6 +237,16 @@ pub fn render(st: &Status) -> String {
             out,
             "eviction queue: {} waiting for the rate limit, {} deferred so far (none dropped)",
             u.eviction_queue, u.evictions_deferred
+        );
+    }
+    if st.endpoint_map_full {
+        let _ = writeln!(
+            out,
+            "endpoint map FULL: {} of {} entries; {} endpoints left out so far \
+             (the rest stay guarded; raise --max-endpoints)",
+            st.endpoints.len(),
+            st.endpoint_capacity,
+            u.endpoints_dropped
         );
     }
     if st.endpoints.is_empty() {
@@ -334,6 +357,8 @@ mod tests {
             running: true,
             pid: 42,
             eviction_queue: 0,
+            endpoint_capacity: 16_384,
+            endpoint_map_full: false,
         };
         let text = render(&st);
         assert!(

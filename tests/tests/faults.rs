@@ -534,11 +534,11 @@ fn a_stale_endpoint_without_offloaded_entries_is_one_line_per_episode() {
     println!("{}", fg.stderr_text());
 }
 
-/// Writes `ip -batch` lines that set 200 neighbours on `lan1`, each at a MAC
-/// ending in `last`.
-fn neighbour_batch(dir: &Path, last: u8) -> PathBuf {
-    let path = dir.join(format!("neigh-{last}.batch"));
-    let text: String = (0..200u32)
+/// Writes `ip -batch` lines that set `n` neighbours on `lan1` (from
+/// 192.168.1.2 up), each at a MAC ending in `last`.
+fn neighbour_batch_of(dir: &Path, n: u32, last: u8) -> PathBuf {
+    let path = dir.join(format!("neigh-{n}-{last}.batch"));
+    let text: String = (0..n)
         .map(|i| {
             let ip = 2 + i;
             format!(
@@ -548,6 +548,10 @@ fn neighbour_batch(dir: &Path, last: u8) -> PathBuf {
         .collect();
     std::fs::write(&path, text).expect("write the batch");
     path
+}
+
+fn neighbour_batch(dir: &Path, last: u8) -> PathBuf {
+    neighbour_batch_of(dir, 200, last)
 }
 
 /// 200 endpoints move at once with the default limit of 50 evictions per
@@ -720,4 +724,105 @@ fn metrics_are_served_while_a_thousand_idle_connections_are_held() {
         rss_after < rss_before + 16 * 1024,
         "RSS grew from {rss_before} to {rss_after} KiB"
     );
+}
+
+/// More neighbours than the endpoint map holds: the daemon keeps running
+/// and guarding the endpoints that fit, warns once (not at every
+/// reconcile), counts the ones left out once each, and says the map is full;
+/// when room frees up, the left-out ones get in.
+#[test]
+fn a_full_endpoint_map_never_stops_the_daemon() {
+    skip_unless_root!();
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let scratch = bpffs
+        .path()
+        .parent()
+        .expect("the bpffs has a parent")
+        .to_path_buf();
+    let mut fg = Flowguard::start(
+        &ns,
+        &bpffs.pin_dir(),
+        &[
+            "--egress",
+            "lan1",
+            "--prefix",
+            PREFIX,
+            "--max-endpoints",
+            "100",
+            "--reconcile-secs",
+            "1",
+        ],
+    );
+    let batch = neighbour_batch_of(&scratch, 150, 1);
+    ns.ip(&["-batch", &batch.to_string_lossy()]);
+    let json = |fg: &Flowguard| fg.status_json();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = json(&fg);
+        if st["endpoints"].as_array().map_or(0, Vec::len) == 100
+            && st["counters"]["endpoints_dropped"] == 50
+        {
+            break;
+        }
+        assert!(
+            fg.wait_exit(Duration::from_millis(200)).is_none(),
+            "a full endpoint map ended flowguard:\n{}",
+            fg.stderr_text()
+        );
+        assert!(Instant::now() < deadline, "status: {st:#}");
+    }
+    // Several reconciles later: still running, still 50, one warning.
+    thread::sleep(Duration::from_secs(3));
+    assert!(
+        fg.wait_exit(Duration::ZERO).is_none(),
+        "{}",
+        fg.stderr_text()
+    );
+    let st = json(&fg);
+    assert_eq!(st["counters"]["endpoints_dropped"], 50, "{st:#}");
+    assert_eq!(st["endpoint_map_full"], true, "{st:#}");
+    assert_eq!(st["endpoint_capacity"], 100, "{st:#}");
+    let warnings = fg
+        .stderr_text()
+        .lines()
+        .filter(|l| l.contains("the endpoint map is full"))
+        .count();
+    assert_eq!(
+        warnings,
+        1,
+        "one warning per episode:\n{}",
+        fg.stderr_text()
+    );
+    let table = fg.status_table();
+    assert!(table.contains("endpoint map FULL: 100 of 100"), "{table}");
+    let metrics_line = "endpoints_dropped";
+    assert!(st["counters"].get(metrics_line).is_some());
+
+    // Room again: 60 leave, and the 50 left out get in.
+    for i in 0..60u32 {
+        ns.ip(&[
+            "neigh",
+            "del",
+            &format!("192.168.1.{}", 2 + i),
+            "dev",
+            "lan1",
+        ]);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = json(&fg);
+        if st["endpoints"].as_array().map_or(0, Vec::len) == 90 && st["endpoint_map_full"] == false
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "status: {st:#}");
+        thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fg.stderr_text().contains("the endpoint map has room again") {
+        assert!(Instant::now() < deadline, "{}", fg.stderr_text());
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(fg.stop().success());
 }
