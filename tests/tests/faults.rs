@@ -476,7 +476,7 @@ fn a_stale_endpoint_without_offloaded_entries_is_one_line_per_episode() {
     if let Some(reason) = flowguard_tests::router::missing_prerequisite()
         .or_else(flowguard_tests::netns::missing_nft_egress)
     {
-        println!("skipped: {reason}");
+        flowguard_tests::netns::skip(&reason);
         return;
     }
     let bpffs = BpffsMount::new();
@@ -825,4 +825,48 @@ fn a_full_endpoint_map_never_stops_the_daemon() {
         thread::sleep(Duration::from_millis(200));
     }
     assert!(fg.stop().success());
+}
+
+/// Under `CI=true`, a privileged test that cannot run (here: as an
+/// unprivileged user) fails and names what was missing; elsewhere it says
+/// `skipped` and passes.
+#[test]
+fn under_ci_a_privileged_test_that_cannot_run_fails() {
+    skip_unless_root!();
+    let me = std::env::current_exe().expect("this test binary");
+    for ci in [Some("true"), None] {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(&me)
+        .args(["--exact", "sigquit_stops_cleanly", "--nocapture"]);
+        match ci {
+            Some(v) => cmd.env("CI", v),
+            None => cmd.env_remove("CI"),
+        };
+        let out = cmd.output().expect("run this test binary as nobody");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if ci.is_some() {
+            assert!(
+                !out.status.success() && text.contains("CI=true") && text.contains("needs root"),
+                "under CI=true the test must fail naming what is missing ({}):\n{text}",
+                out.status
+            );
+        } else {
+            assert!(
+                out.status.success() && text.contains("skipped: needs root"),
+                "outside CI it is skipped ({}):\n{text}",
+                out.status
+            );
+        }
+    }
 }
