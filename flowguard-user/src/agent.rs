@@ -129,6 +129,10 @@ pub async fn run(
         );
         source = Some(src);
     }
+    // Guarded interfaces are looked up by name once a second: a deleted and
+    // recreated port gets its programs again.
+    let mut link_timer = tokio::time::interval(Duration::from_secs(1));
+    link_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reconcile_timer = tokio::time::interval(opts.reconcile);
     reconcile_timer.tick().await;
 
@@ -218,6 +222,11 @@ pub async fn run(
                     log::info!("periodic reconcile repaired {} endpoints", changes.len());
                 }
                 report_changes(guard, &changes, &mut policy, &mut departed, evictor.as_ref(), true)?;
+            }
+            _ = link_timer.tick() => {
+                for line in guard.follow_interfaces() {
+                    crate::say!("{line}");
+                }
             }
             _ = eviction_tick.tick(), if policy.needs_tick() => {
                 policy.drain(evictor.as_ref());

@@ -124,6 +124,15 @@ pub struct GuardOptions {
 pub struct Attachment {
     pub iface: String,
     pub how: String,
+    /// The interface index attached to: a new index under the same name is
+    /// a recreated interface, which has none of our programs.
+    pub ifindex: u32,
+    /// The interface is gone; it is attached again when one of that name
+    /// comes back.
+    pub missing: bool,
+    /// The program and, for XDP, the mode that worked.
+    program: &'static str,
+    xdp_mode: Option<XdpMode>,
 }
 
 /// Forwards the kernel side's aya-log records to the `log` crate.
@@ -286,6 +295,10 @@ impl Guard {
                         self.attachments.push(Attachment {
                             iface: iface.clone(),
                             how: format!("XDP ingress ({label} mode)"),
+                            ifindex: sys::ifindex(iface).unwrap_or(0),
+                            missing: false,
+                            program: name,
+                            xdp_mode: Some(*m),
                         });
                         last = None;
                         break;
@@ -352,6 +365,10 @@ impl Guard {
                     "tc {dir} ({}{learning})",
                     if tcx { "tcx" } else { "clsact" }
                 ),
+                ifindex: sys::ifindex(iface).unwrap_or(0),
+                missing: false,
+                program: name,
+                xdp_mode: None,
             });
         }
         Ok(())
@@ -370,6 +387,78 @@ impl Guard {
             })?;
         }
         Ok(())
+    }
+
+    /// Follows the guarded interfaces by name: says when one goes away, and
+    /// attaches again to an interface of that name that comes back (veth and
+    /// tap ports are recreated, USB NICs replugged). Returns one sentence per
+    /// change.
+    pub fn follow_interfaces(&mut self) -> Vec<String> {
+        let mut said = Vec::new();
+        for i in 0..self.attachments.len() {
+            let a = &self.attachments[i];
+            let now = sys::ifindex(&a.iface);
+            match now {
+                None if !a.missing => {
+                    said.push(format!(
+                        "flowguard: {} went away: it is not guarded until an interface of that name comes back",
+                        a.iface
+                    ));
+                    self.attachments[i].missing = true;
+                }
+                Some(index) if a.missing || index != a.ifindex => {
+                    let (iface, program, mode) = (a.iface.clone(), a.program, a.xdp_mode);
+                    match self.reattach(&iface, program, mode) {
+                        Ok(()) => {
+                            let a = &mut self.attachments[i];
+                            a.ifindex = index;
+                            a.missing = false;
+                            said.push(format!(
+                                "flowguard: {iface} is back (index {index}): {} attached again",
+                                a.how
+                            ));
+                        }
+                        Err(e) => {
+                            // Tried again at the next look while the index stays new.
+                            if !self.attachments[i].missing {
+                                said.push(format!(
+                                    "flowguard: {iface} was recreated and cannot be guarded again yet: {e}"
+                                ));
+                            }
+                            self.attachments[i].missing = true;
+                            self.attachments[i].ifindex = index;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        said
+    }
+
+    fn reattach(
+        &mut self,
+        iface: &str,
+        program: &'static str,
+        mode: Option<XdpMode>,
+    ) -> Result<(), aya::programs::ProgramError> {
+        let prog = self
+            .ebpf
+            .program_mut(program)
+            .expect("the object defines the attached program");
+        match mode {
+            Some(mode) => {
+                let xdp: &mut Xdp = prog.try_into()?;
+                xdp.attach(iface, mode).map(drop)
+            }
+            None => {
+                let tc: &mut SchedClassifier = prog.try_into()?;
+                if !KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
+                    let _ = tc::qdisc_add_clsact(iface);
+                }
+                tc.attach(iface, TcAttachType::Egress).map(drop)
+            }
+        }
     }
 
     /// Writes this process's id next to the counters, so that pins left

@@ -870,3 +870,52 @@ fn under_ci_a_privileged_test_that_cannot_run_fails() {
         }
     }
 }
+
+/// A guarded port deleted and created again (veth and tap ports are
+/// recreated routinely, USB NICs replugged): flowguard says it went away and
+/// attaches again, tc and XDP, to the interface of that name.
+#[test]
+fn a_recreated_port_is_guarded_again() {
+    skip_unless_root!();
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let fg = Flowguard::start(
+        &ns,
+        &bpffs.pin_dir(),
+        &["--egress", "lan1", "--ingress", "lan1", "--prefix", PREFIX],
+    );
+    assert_eq!(flowguard_programs_on_lan1(&ns), 2, "tc and XDP on lan1");
+    ns.ip(&["link", "del", "lan1"]);
+    fg.wait_for_line(Duration::from_secs(10), |l| l.contains("lan1 went away"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no word about lan1 going away:\n{}",
+                fg.stdout_lines().join("\n")
+            )
+        });
+    ns.ip(&[
+        "link", "add", "lan1", "type", "veth", "peer", "name", "peer1",
+    ]);
+    ns.ip(&["link", "set", "lan1", "up"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fg
+        .stdout_lines()
+        .iter()
+        .filter(|l| l.contains("lan1 is back"))
+        .count()
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "lan1 was not guarded again:\n{}\nstderr:\n{}",
+            fg.stdout_lines().join("\n"),
+            fg.stderr_text()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        flowguard_programs_on_lan1(&ns),
+        2,
+        "tc and XDP on the recreated lan1"
+    );
+}
