@@ -92,7 +92,8 @@ impl Status {
         };
         Some(format!(
             "flowguard at {} is not running; pins left by {who}, which is gone \
-             (the counters are its last; `flowguard run` with this pin directory removes them)",
+             (the counters are its last; its programs keep guarding through pinned links \
+             until `flowguard run` with this pin directory adopts them)",
             self.pin_dir
         ))
     }

@@ -919,3 +919,59 @@ fn a_recreated_port_is_guarded_again() {
         "tc and XDP on the recreated lan1"
     );
 }
+
+/// After SIGKILL the kernel side keeps guarding (pinned links) with the map
+/// it had; a restart on the same pin directory adopts the links (one guard
+/// per hook, no second attachment) and keeps the endpoints the killed
+/// instance had learned; a clean stop then detaches everything.
+#[test]
+fn a_killed_instance_keeps_guarding_and_a_restart_adopts_it() {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use flowguard_common::{source, Endpoint, EndpointKey};
+    skip_unless_root!();
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let pin_dir = bpffs.pin_dir();
+    let args = ["--egress", "lan1", "--ingress", "lan1", "--prefix", PREFIX];
+    let mut fg = Flowguard::start(&ns, &pin_dir, &args);
+    // An endpoint only the map knows (as learning leaves it).
+    {
+        let data = MapData::from_pin(pin_dir.join("endpoints")).expect("pinned endpoints");
+        let mut map: BpfHashMap<MapData, EndpointKey, Endpoint> =
+            BpfHashMap::try_from(Map::HashMap(data)).expect("endpoint map");
+        let ep = Endpoint {
+            mac: [2, 0, 0, 0, 0, 0x77],
+            source: source::LEARNED,
+            ..Endpoint::default()
+        };
+        map.insert(EndpointKey::from_v4_bytes([192, 168, 1, 77]), ep, 0)
+            .expect("insert a learned endpoint");
+    }
+    fg.signal(libc::SIGKILL);
+    assert!(fg.wait_exit(STOP_TIMEOUT).is_some());
+    assert_eq!(
+        flowguard_programs_on_lan1(&ns),
+        2,
+        "the kernel side keeps guarding after SIGKILL"
+    );
+
+    let mut again = Flowguard::start(&ns, &pin_dir, &args);
+    assert_eq!(
+        flowguard_programs_on_lan1(&ns),
+        2,
+        "the restart adopted the links: no second attachment"
+    );
+    let st = again.status();
+    assert!(
+        st.has_endpoint("192.168.1.77", "02:00:00:00:00:77"),
+        "the learned endpoint was kept: {st:#?}\n{}",
+        again.stderr_text()
+    );
+    assert!(again.stop().success());
+    assert_eq!(flowguard_programs_on_lan1(&ns), 0, "a clean stop detaches");
+    assert!(
+        !pin_dir.exists(),
+        "and leaves no pins: {:?}",
+        pins_in(&pin_dir)
+    );
+}
