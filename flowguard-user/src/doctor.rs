@@ -75,6 +75,11 @@ impl Check {
             details: Vec::new(),
         }
     }
+
+    fn with_details(mut self, details: impl IntoIterator<Item = String>) -> Self {
+        self.details.extend(details);
+        self
+    }
 }
 
 /// Tools' error messages may span lines (`nft` prints two): one line per
@@ -690,6 +695,14 @@ fn flowguard_check(pin_dir: &str, running: &Running) -> Check {
                     c.user.evicted
                 ),
             )
+            .with_details(st.interfaces.iter().map(|i| {
+                let state = if i.attached {
+                    "attached"
+                } else {
+                    "MISSING: deleted; attached again when it comes back"
+                };
+                format!("{} ({}): {state}", i.name, i.hook)
+            }))
         }
         Running::No => Check::new(
             "flowguard",
@@ -1108,6 +1121,7 @@ mod tests {
             eviction_queue: 0,
             endpoint_capacity: 16_384,
             endpoint_map_full: false,
+            interfaces: Vec::new(),
         };
         let r = diagnose(&Facts {
             flowguard: Running::Yes(Box::new(st.clone())),

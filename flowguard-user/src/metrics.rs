@@ -587,6 +587,7 @@ mod tests {
             eviction_queue: 0,
             endpoint_capacity: 16_384,
             endpoint_map_full: false,
+            interfaces: Vec::new(),
         }
     }
 

@@ -78,6 +78,39 @@ pub struct Status {
     /// The endpoint map holds as many entries as it can: new endpoints are
     /// left out (counted in `endpoints_dropped`).
     pub endpoint_map_full: bool,
+    /// The guarded interfaces, from the links pinned in the pin directory.
+    pub interfaces: Vec<InterfaceStatus>,
+}
+
+/// One guarded interface: attached, or missing (deleted; it is attached
+/// again when an interface of that name comes back).
+#[derive(Debug, Serialize, PartialEq, Eq, Clone)]
+pub struct InterfaceStatus {
+    pub name: String,
+    /// `tc` or `xdp`.
+    pub hook: String,
+    pub attached: bool,
+}
+
+/// The guarded interfaces that pinned links name under `dir`.
+fn interfaces(dir: &Path) -> Vec<InterfaceStatus> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut list: Vec<InterfaceStatus> = entries
+        .flatten()
+        .filter_map(|e| {
+            let file = e.file_name().to_string_lossy().into_owned();
+            let (hook, name) = file.strip_prefix("link_")?.split_once('_')?;
+            Some(InterfaceStatus {
+                name: name.to_string(),
+                hook: hook.to_string(),
+                attached: sys::pinned_link_ifindex(&e.path()).is_ok_and(|i| i != 0),
+            })
+        })
+        .collect();
+    list.sort_by(|a, b| (&a.name, &a.hook).cmp(&(&b.name, &b.hook)));
+    list
 }
 
 impl Status {
@@ -195,6 +228,7 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
         eviction_queue: user.eviction_queue,
         endpoint_capacity: capacity,
         endpoint_map_full: capacity != 0 && list_len >= capacity as usize,
+        interfaces: interfaces(dir),
     })
 }
 
@@ -239,6 +273,17 @@ pub fn render(st: &Status) -> String {
             "eviction queue: {} waiting for the rate limit, {} deferred so far (none dropped)",
             u.eviction_queue, u.evictions_deferred
         );
+    }
+    if !st.interfaces.is_empty() {
+        let each: Vec<String> = st
+            .interfaces
+            .iter()
+            .map(|i| {
+                let state = if i.attached { "attached" } else { "MISSING" };
+                format!("{} ({}) {state}", i.name, i.hook)
+            })
+            .collect();
+        let _ = writeln!(out, "interfaces: {}", each.join(", "));
     }
     if st.endpoint_map_full {
         let _ = writeln!(
@@ -360,12 +405,18 @@ mod tests {
             eviction_queue: 0,
             endpoint_capacity: 16_384,
             endpoint_map_full: false,
+            interfaces: vec![InterfaceStatus {
+                name: "lan1".into(),
+                hook: "tc".into(),
+                attached: false,
+            }],
         };
         let text = render(&st);
         assert!(
             text.contains("frames to stale MACs: 7, rewritten: 7"),
             "{text}"
         );
+        assert!(text.contains("interfaces: lan1 (tc) MISSING"), "{text}");
         assert!(
             text.contains("192.168.1.240") && text.contains("static"),
             "{text}"

@@ -893,6 +893,34 @@ fn a_recreated_port_is_guarded_again() {
                 fg.stdout_lines().join("\n")
             )
         });
+    let states = |fg: &Flowguard| -> Vec<(String, String, bool)> {
+        fg.status_json()["interfaces"]
+            .as_array()
+            .expect("interfaces in status")
+            .iter()
+            .map(|i| {
+                (
+                    i["name"].as_str().unwrap_or("").to_string(),
+                    i["hook"].as_str().unwrap_or("").to_string(),
+                    i["attached"] == true,
+                )
+            })
+            .collect()
+    };
+    let missing = vec![
+        ("lan1".to_string(), "tc".to_string(), false),
+        ("lan1".to_string(), "xdp".to_string(), false),
+    ];
+    assert_eq!(states(&fg), missing, "status shows lan1 missing");
+    let table = fg.status_table();
+    assert!(table.contains("lan1 (tc) MISSING"), "{table}");
+    let doctor = flowguard_in(
+        &ns,
+        &["doctor", "--pin-dir", &bpffs.pin_dir().to_string_lossy()],
+    );
+    let text = String::from_utf8_lossy(&doctor.stdout);
+    assert!(text.contains("lan1 (xdp): MISSING"), "doctor:\n{text}");
+
     ns.ip(&[
         "link", "add", "lan1", "type", "veth", "peer", "name", "peer1",
     ]);
@@ -918,6 +946,8 @@ fn a_recreated_port_is_guarded_again() {
         2,
         "tc and XDP on the recreated lan1"
     );
+    let attached: Vec<_> = missing.into_iter().map(|(n, h, _)| (n, h, true)).collect();
+    assert_eq!(states(&fg), attached, "status shows lan1 attached again");
 }
 
 /// After SIGKILL the kernel side keeps guarding (pinned links) with the map
