@@ -124,7 +124,11 @@ pub fn describe_holder(p: &Attached) -> String {
         Some(Holder { pid, pin_dir: None }) => {
             format!("PID {pid} with the default pin directory")
         }
-        None => format!("program {} (id {}), held by no process", p.name, p.id),
+        None => format!(
+            "program {} (id {}) held by no process (the pinned link of a killed instance: \
+             start flowguard with that instance's --pin-dir to take it over)",
+            p.name, p.id
+        ),
     }
 }
 
