@@ -309,6 +309,15 @@ pub struct UserCounters {
     /// lets `status` name an instance that died without removing them.
     #[cfg_attr(feature = "user", serde(skip))]
     pub owner_pid: u64,
+    /// Evictions the rate limit deferred (each runs later, none is dropped).
+    pub evictions_deferred: u64,
+    /// Evictions waiting for the rate limit now (a gauge: `status` shows it
+    /// apart from the counters).
+    #[cfg_attr(feature = "user", serde(skip))]
+    pub eviction_queue: u64,
+    /// Endpoints left out of the map because it was full (each IP once per
+    /// episode of a full map).
+    pub endpoints_dropped: u64,
 }
 
 /// `Event::kind` values.

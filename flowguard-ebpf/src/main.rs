@@ -440,10 +440,10 @@ fn learn(f: &impl Frame) -> Option<()> {
                 if let Some(c) = counters() {
                     c.learn_failed += 1;
                 }
+                // The map's size is set at load time (--max-endpoints).
                 aya_log_ebpf::warn!(
                     f,
-                    "could not learn an endpoint: the endpoint map is full ({} entries) or busy",
-                    MAX_ENDPOINTS
+                    "could not learn an endpoint: the endpoint map is full or busy"
                 );
                 return None;
             }

@@ -20,7 +20,7 @@ use tokio::{
 
 use crate::{
     children,
-    conntrack::{Conntrack, EvictScope, EvictionPolicy},
+    conntrack::{Admission, Conntrack, DeferredEvictions, EvictScope, EvictionPolicy},
     events,
     loader::{Guard, KernelLogger},
     metrics,
@@ -107,8 +107,11 @@ pub async fn run(
 
     let (outcome_tx, mut outcomes) = mpsc::unbounded_channel();
     let evictor = (opts.evict != EvictScope::Off).then(|| start_evictor(&opts, outcome_tx));
-    let mut policy = EvictionPolicy::new(opts.debounce, opts.max_evictions_per_sec);
+    let mut policy = EvictionGate::new(opts.debounce, opts.max_evictions_per_sec);
+    let mut eviction_tick = tokio::time::interval(Duration::from_millis(100));
+    eviction_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut departed = Departed::default();
+    let mut full = FullMap::new(guard.endpoint_capacity);
 
     let mut cache = NeighCache::new(opts.prefixes.clone());
     let mut source = None;
@@ -117,7 +120,7 @@ pub async fn run(
             .await
             .context("reading the neighbour table")?;
         cache.replace_all(entries);
-        let changes = reconcile(guard, &cache)?;
+        let changes = reconcile(guard, &cache, &mut full)?;
         report_changes(
             guard,
             &changes,
@@ -127,8 +130,9 @@ pub async fn run(
             false,
         )?;
         crate::say!(
-            "flowguard: following the neighbour table ({} endpoints in the prefixes)",
-            cache.ips().count()
+            "flowguard: following the neighbour table ({} endpoints in the prefixes{})",
+            cache.ips().count(),
+            full.describe()
         );
         source = Some(src);
     }
@@ -161,6 +165,10 @@ pub async fn run(
         Some(parents) => children::start(guard, parents, &opts.prefixes).await?,
         None => None,
     };
+    // Guarded interfaces are looked up by name once a second: a deleted and
+    // recreated port gets its programs again.
+    let mut link_timer = tokio::time::interval(Duration::from_secs(1));
+    link_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reconcile_timer = tokio::time::interval(opts.reconcile);
     reconcile_timer.tick().await;
 
@@ -175,7 +183,8 @@ pub async fn run(
                 let neighbours = match source.as_mut() {
                     Some(src) => {
                         cache.replace_all(src.dump().await.context("dumping the neighbour table")?);
-                        let changes = reconcile(guard, &cache)?;
+                        publish_targets(&targets, &cache, None);
+                        let changes = reconcile(guard, &cache, &mut full)?;
                         bump(guard, |c| c.reconciles += 1)?;
                         report_changes(guard, &changes, &mut policy, &mut departed, evictor.as_ref(), true)?;
                         format!(
@@ -221,18 +230,24 @@ pub async fn run(
                     bump(guard, |c| c.neigh_overflows += 1)?;
                     cache.replace_all(src.dump().await.context("dumping the neighbour table")?);
                     publish_targets(&targets, &cache, None);
-                    reconcile(guard, &cache)?
+                    reconcile(guard, &cache, &mut full)?
                 } else {
                     let mut map = guard.endpoints()?;
                     let mut changes = Vec::new();
+                    let mut dropped = 0;
                     let ips = cache.apply(&ev);
                     publish_targets(&targets, &cache, Some(&ips));
                     for ip in ips {
-                        if let Some(c) = neigh::sync_ip(&mut map, &cache, ip)
-                            .with_context(|| format!("updating endpoint {ip}"))?
-                        {
-                            changes.push(c);
+                        match neigh::sync_ip(&mut map, &cache, ip) {
+                            Ok(Some(c)) => changes.push(c),
+                            Ok(None) => {}
+                            // A full map ends nothing: the endpoints in it stay guarded.
+                            Err(e) if neigh::is_full(&e) => dropped += u64::from(full.left_out(ip)),
+                            Err(e) => return Err(e).with_context(|| format!("updating endpoint {ip}")),
                         }
+                    }
+                    if dropped > 0 {
+                        bump(guard, |c| c.endpoints_dropped += dropped)?;
                     }
                     changes
                 };
@@ -242,7 +257,7 @@ pub async fn run(
                 let src = source.as_mut().expect("guarded by the condition");
                 cache.replace_all(src.dump().await.context("dumping the neighbour table")?);
                 publish_targets(&targets, &cache, None);
-                let changes = reconcile(guard, &cache)?;
+                let changes = reconcile(guard, &cache, &mut full)?;
                 bump(guard, |c| c.reconciles += 1)?;
                 if !changes.is_empty() {
                     log::info!("periodic reconcile repaired {} endpoints", changes.len());
@@ -274,6 +289,15 @@ pub async fn run(
                     c.children_added += applied.added;
                     c.children_removed += applied.removed;
                 })?;
+            }
+            _ = link_timer.tick() => {
+                for line in guard.follow_interfaces() {
+                    crate::say!("{line}");
+                }
+            }
+            _ = eviction_tick.tick(), if policy.needs_tick() => {
+                policy.drain(evictor.as_ref());
+                policy.show(guard)?;
             }
             Some(outcome) = outcomes.recv() => {
                 bump(guard, |c| {
@@ -359,10 +383,87 @@ fn publish_targets(targets: &Targets, cache: &NeighCache, ips: Option<&[IpAddr]>
     }
 }
 
-fn reconcile(guard: &mut Guard, cache: &NeighCache) -> anyhow::Result<Vec<MapChange>> {
+fn reconcile(
+    guard: &mut Guard,
+    cache: &NeighCache,
+    full: &mut FullMap,
+) -> anyhow::Result<Vec<MapChange>> {
     let mut map = guard.endpoints()?;
-    neigh::reconcile(&mut map, cache)
-        .context("reconciling the endpoint map with the neighbour table")
+    let changes = neigh::reconcile(&mut map, cache)
+        .context("reconciling the endpoint map with the neighbour table")?;
+    let in_map: std::collections::HashSet<IpAddr> = map
+        .keys()
+        .filter_map(Result::ok)
+        .map(|k| key_ip(&k))
+        .collect();
+    let mut dropped = 0;
+    if in_map.len() >= full.capacity {
+        for ip in cache.ips() {
+            if !in_map.contains(&ip) && !matches!(cache.desired(ip), neigh::Desired::Absent) {
+                dropped += u64::from(full.left_out(ip));
+            }
+        }
+    } else {
+        full.room(in_map.len());
+    }
+    if dropped > 0 {
+        bump(guard, |c| c.endpoints_dropped += dropped)?;
+    }
+    Ok(changes)
+}
+
+/// An episode of a full endpoint map: said once when it starts and once
+/// when there is room again, with the endpoints it left out counted once
+/// each (not at every reconcile).
+struct FullMap {
+    capacity: usize,
+    left_out: std::collections::HashSet<IpAddr>,
+}
+
+impl FullMap {
+    fn new(capacity: u32) -> Self {
+        Self {
+            capacity: capacity as usize,
+            left_out: Default::default(),
+        }
+    }
+
+    /// Records that `ip` did not fit; true the first time in this episode.
+    fn left_out(&mut self, ip: IpAddr) -> bool {
+        if self.left_out.is_empty() {
+            log::warn!(
+                "the endpoint map is full ({} entries): {ip} and further endpoints are not guarded \
+                 until entries leave (the endpoints in it stay guarded; raise --max-endpoints)",
+                self.capacity
+            );
+        }
+        self.left_out.insert(ip)
+    }
+
+    /// The map holds `len` entries, below its capacity: the episode is over.
+    fn room(&mut self, len: usize) {
+        if !self.left_out.is_empty() {
+            log::info!(
+                "the endpoint map has room again ({len} of {} entries): {} endpoints were left out while it was full",
+                self.capacity,
+                self.left_out.len()
+            );
+            self.left_out.clear();
+        }
+    }
+
+    /// ", the endpoint map is full: N left out" while it is.
+    fn describe(&self) -> String {
+        if self.left_out.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; the endpoint map is full at {} entries: {} left out",
+                self.capacity,
+                self.left_out.len()
+            )
+        }
+    }
 }
 
 /// Read-modify-write of the user-space counters (this loop is their only writer).
@@ -409,7 +510,7 @@ impl Departed {
 fn report_changes(
     guard: &mut Guard,
     changes: &[MapChange],
-    policy: &mut EvictionPolicy,
+    policy: &mut EvictionGate,
     departed: &mut Departed,
     evictor: Option<&std_mpsc::Sender<EvictRequest>>,
     say_added: bool,
@@ -465,24 +566,162 @@ fn report_changes(
     Ok(())
 }
 
+/// The eviction policy and the requests its rate limit held back.
+struct EvictionGate {
+    policy: EvictionPolicy,
+    max_per_sec: u32,
+    deferred: DeferredEvictions<Trigger>,
+    /// Deferred since the counters were last written.
+    newly_deferred: u64,
+    /// The queue depth the counters show.
+    shown: u64,
+}
+
+impl EvictionGate {
+    fn new(debounce: Duration, max_per_sec: u32) -> Self {
+        Self {
+            policy: EvictionPolicy::new(debounce, max_per_sec),
+            max_per_sec,
+            deferred: DeferredEvictions::default(),
+            newly_deferred: 0,
+            shown: 0,
+        }
+    }
+
+    fn needs_tick(&self) -> bool {
+        !self.deferred.is_empty() || self.newly_deferred > 0 || self.shown != 0
+    }
+
+    fn defer(&mut self, ip: IpAddr, trigger: Trigger) {
+        if self.deferred.is_empty() {
+            log::info!(
+                "eviction rate limit reached ({} endpoints per second): further evictions wait their turn",
+                self.max_per_sec
+            );
+        }
+        self.deferred.push(ip, trigger);
+        self.newly_deferred += 1;
+    }
+
+    /// Sends the deferred evictions the rate limit admits now, oldest first.
+    fn drain(&mut self, evictor: Option<&std_mpsc::Sender<EvictRequest>>) {
+        let Some(tx) = evictor else { return };
+        if self.deferred.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let policy = &mut self.policy;
+        let admitted = self
+            .deferred
+            .drain_while(|ip| policy.admit_change(ip, now) == Admission::Now);
+        for (ip, trigger) in admitted {
+            let _ = tx.send(EvictRequest { ip, trigger });
+        }
+        if self.deferred.is_empty() {
+            log::info!("every deferred eviction has been sent");
+        }
+    }
+
+    /// Writes the deferred count and the queue depth to the user counters.
+    fn show(&mut self, guard: &mut Guard) -> anyhow::Result<()> {
+        let depth = self.deferred.len() as u64;
+        if self.newly_deferred == 0 && depth == self.shown {
+            return Ok(());
+        }
+        let deferred = std::mem::take(&mut self.newly_deferred);
+        bump(guard, |c| {
+            c.evictions_deferred += deferred;
+            c.eviction_queue = depth;
+        })?;
+        self.shown = depth;
+        Ok(())
+    }
+}
+
 fn request_eviction(
-    policy: &mut EvictionPolicy,
+    gate: &mut EvictionGate,
     evictor: Option<&std_mpsc::Sender<EvictRequest>>,
     ip: IpAddr,
     trigger: Trigger,
 ) {
     let Some(tx) = evictor else { return };
+    let now = Instant::now();
     // A MAC change is news even right after another eviction; stale frames
-    // keep coming until the flow is gone, so those are debounced.
-    let admitted = match trigger {
-        Trigger::NeighbourMoved(_) => policy.should_evict_now(ip, Instant::now()),
-        Trigger::StaleFrames(_) => policy.should_evict(ip, Instant::now()),
+    // keep coming until the flow is gone, so those are debounced. While
+    // evictions wait, a new one queues behind them (deferred, never dropped).
+    let stale = matches!(trigger, Trigger::StaleFrames(_));
+    let admitted = if !gate.deferred.is_empty() {
+        if stale && gate.policy.debounced(ip, now) {
+            Admission::Debounced
+        } else {
+            Admission::RateLimited
+        }
+    } else if stale {
+        gate.policy.admit_stale(ip, now)
+    } else {
+        gate.policy.admit_change(ip, now)
     };
-    if !admitted {
-        log::debug!("{ip}: eviction debounced or rate-limited ({trigger:?})");
-        return;
+    match admitted {
+        Admission::Now => {
+            let _ = tx.send(EvictRequest { ip, trigger });
+        }
+        Admission::Debounced => log::debug!("{ip}: eviction debounced ({trigger:?})"),
+        Admission::RateLimited => {
+            log::debug!("{ip}: eviction deferred by the rate limit ({trigger:?})");
+            gate.defer(ip, trigger);
+            gate.drain(evictor);
+        }
     }
-    let _ = tx.send(EvictRequest { ip, trigger });
+}
+
+/// Endpoints whose stale frames keep triggering evictions that find
+/// nothing to delete: said once when it starts, and with a count when the
+/// requests stop (or an eviction finds entries), not at every debounce.
+#[derive(Default)]
+struct QuietEpisodes {
+    /// First and last attempt, and how many.
+    episodes: std::collections::HashMap<IpAddr, (Instant, Instant, u64)>,
+}
+
+impl QuietEpisodes {
+    /// An episode ends when no request came for this long: several
+    /// debounce intervals, as stale frames ask once per interval.
+    fn idle_after(debounce: Duration) -> Duration {
+        (debounce * 3).max(Duration::from_secs(5))
+    }
+
+    /// Records an attempt that found nothing; true when it starts an episode.
+    fn attempt(&mut self, ip: IpAddr, now: Instant) -> bool {
+        let e = self.episodes.entry(ip).or_insert((now, now, 0));
+        e.1 = now;
+        e.2 += 1;
+        e.2 == 1
+    }
+
+    /// Ends `ip`'s episode, saying how long it lasted.
+    fn end(&mut self, ip: IpAddr) -> Option<u64> {
+        let (first, last, n) = self.episodes.remove(&ip)?;
+        if n > 1 {
+            log::info!(
+                "{ip}: {n} evictions over {:.0} s found nothing to evict (stale frames asked for them)",
+                last.saturating_duration_since(first).as_secs_f64()
+            );
+        }
+        Some(n)
+    }
+
+    /// Ends the episodes without an attempt for `idle`.
+    fn end_idle(&mut self, now: Instant, idle: Duration) {
+        let done: Vec<IpAddr> = self
+            .episodes
+            .iter()
+            .filter(|(_, (_, last, _))| now.saturating_duration_since(*last) >= idle)
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in done {
+            self.end(ip);
+        }
+    }
 }
 
 /// Conntrack work is synchronous netlink and may dump large tables: it runs
@@ -494,6 +733,7 @@ fn start_evictor(
     let (tx, rx) = std_mpsc::channel::<EvictRequest>();
     let scope = opts.evict;
     let dry_run = opts.dry_run;
+    let quiet_after = QuietEpisodes::idle_after(opts.debounce);
     std::thread::Builder::new()
         .name("flowguard-evict".into())
         .spawn(move || {
@@ -512,7 +752,17 @@ fn start_evictor(
                     return;
                 }
             };
-            for req in rx {
+            let mut quiet = QuietEpisodes::default();
+            loop {
+                let req = match rx.recv_timeout(quiet_after / 2) {
+                    Ok(req) => req,
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                        quiet.end_idle(Instant::now(), quiet_after);
+                        continue;
+                    }
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                };
+                quiet.end_idle(Instant::now(), quiet_after);
                 let why = match &req.trigger {
                     Trigger::NeighbourMoved(w) => w.clone(),
                     Trigger::StaleFrames(w) => format!("frames to it carried a stale MAC ({w})"),
@@ -529,8 +779,19 @@ fn start_evictor(
                                 EvictScope::All => "conntrack entry",
                                 _ => "offloaded conntrack entry",
                             };
-                            log::info!("{}: no {which} to evict ({why})", req.ip);
+                            // Stale frames keep asking while the episode lasts:
+                            // one line when it starts, the count when it ends.
+                            let first = match req.trigger {
+                                Trigger::StaleFrames(_) => quiet.attempt(req.ip, started),
+                                Trigger::NeighbourMoved(_) => true,
+                            };
+                            if first {
+                                log::info!("{}: no {which} to evict ({why})", req.ip);
+                            } else {
+                                log::debug!("{}: no {which} to evict ({why})", req.ip);
+                            }
                         } else {
+                            quiet.end(req.ip);
                             log::info!(
                                 "{}: {} {} flow{} in {:.1} ms",
                                 req.ip,
@@ -567,6 +828,25 @@ fn start_evictor(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_episode_without_entries_is_said_once_and_counted_at_its_end() {
+        let t0 = Instant::now();
+        let ip: IpAddr = "192.168.1.240".parse().unwrap();
+        let idle = QuietEpisodes::idle_after(Duration::from_secs(2));
+        assert_eq!(idle, Duration::from_secs(6));
+        let mut q = QuietEpisodes::default();
+        assert!(q.attempt(ip, t0), "the first attempt starts the episode");
+        for i in 1..5 {
+            assert!(!q.attempt(ip, t0 + Duration::from_secs(2 * i)));
+        }
+        q.end_idle(t0 + Duration::from_secs(10), idle);
+        assert!(q.episodes.contains_key(&ip), "still asking");
+        q.end_idle(t0 + Duration::from_secs(14), idle);
+        assert!(q.episodes.is_empty(), "ended when the requests stopped");
+        assert!(q.attempt(ip, t0 + Duration::from_secs(20)), "a new episode");
+        assert_eq!(q.end(ip), Some(1));
+    }
 
     #[test]
     fn a_return_at_another_mac_is_a_move_and_at_the_same_mac_is_not() {

@@ -75,6 +75,11 @@ impl Check {
             details: Vec::new(),
         }
     }
+
+    fn with_details(mut self, details: impl IntoIterator<Item = String>) -> Self {
+        self.details.extend(details);
+        self
+    }
 }
 
 /// Tools' error messages may span lines (`nft` prints two): one line per
@@ -718,6 +723,14 @@ fn flowguard_check(pin_dir: &str, running: &Running) -> Check {
                     c.user.probe_moves
                 ),
             )
+            .with_details(st.interfaces.iter().map(|i| {
+                let state = if i.attached {
+                    "attached"
+                } else {
+                    "MISSING: deleted; attached again when it comes back"
+                };
+                format!("{} ({}): {state}", i.name, i.hook)
+            }))
         }
         Running::No => Check::new(
             "flowguard",
@@ -1148,6 +1161,10 @@ mod tests {
             endpoints: Vec::new(),
             running: true,
             pid: 7,
+            eviction_queue: 0,
+            endpoint_capacity: 16_384,
+            endpoint_map_full: false,
+            interfaces: Vec::new(),
         };
         let r = diagnose(&Facts {
             flowguard: Running::Yes(Box::new(st.clone())),

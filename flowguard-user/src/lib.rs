@@ -9,6 +9,7 @@ pub mod doctor;
 pub mod endpoints;
 pub mod events;
 pub mod flowtable;
+pub mod instances;
 pub mod loader;
 pub mod metrics;
 pub mod neigh;

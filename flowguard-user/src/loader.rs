@@ -1,6 +1,10 @@
-//! Loads the kernel side, attaches it to interfaces and pins its maps.
-//! `Guard::start` either succeeds whole or leaves nothing attached or
-//! pinned; dropping a `Guard` detaches every program and removes the pins.
+//! Loads the kernel side, attaches it to interfaces and pins its maps and
+//! links. `Guard::start` either succeeds whole or leaves nothing new
+//! attached or pinned; dropping a `Guard` detaches every program and removes
+//! the pins. Pinned links keep the kernel side guarding when the daemon is
+//! killed; the next start on the same pin directory adopts them (replacing
+//! each program in its link, atomically) and keeps the endpoints the dead
+//! instance had.
 
 use std::{
     fs,
@@ -9,7 +13,12 @@ use std::{
 
 use aya::{
     maps::{Array, HashMap, Map, MapData, RingBuf},
-    programs::{tc, SchedClassifier, TcAttachType, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::{self, SchedClassifierLink},
+        xdp::XdpLink,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
     util::KernelVersion,
     Ebpf,
 };
@@ -18,6 +27,7 @@ use flowguard_common::{
 };
 
 use crate::{
+    instances,
     settings::{self, Mac},
     sys,
 };
@@ -62,6 +72,18 @@ pub enum LoadError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("{iface} is already guarded ({hook}) by another flowguard, {by}: stop that one first, or leave {iface} out of this one")]
+    AlreadyGuarded {
+        iface: String,
+        hook: &'static str,
+        by: String,
+    },
+    #[error("{iface} already has XDP program {name} (id {id}) attached: detach it first (`ip link set dev {iface} xdp off`), or leave {iface} out of --ingress")]
+    XdpTaken {
+        iface: String,
+        name: String,
+        id: u32,
+    },
     #[error("cannot measure the kernel's HZ with BPF_PROG_TEST_RUN: {0}")]
     Hz(String),
     #[error("map {0}: {1}")]
@@ -102,6 +124,8 @@ pub struct GuardOptions {
     pub config: Config,
     /// Minimum time between two events about one endpoint.
     pub event_interval: std::time::Duration,
+    /// Entries of the endpoint map (its size is fixed at load time).
+    pub max_endpoints: u32,
 }
 
 /// One attachment, described for the operator.
@@ -109,6 +133,15 @@ pub struct GuardOptions {
 pub struct Attachment {
     pub iface: String,
     pub how: String,
+    /// The interface index attached to: a new index under the same name is
+    /// a recreated interface, which has none of our programs.
+    pub ifindex: u32,
+    /// The interface is gone; it is attached again when one of that name
+    /// comes back.
+    pub missing: bool,
+    /// The program and, for XDP, the mode that worked.
+    program: &'static str,
+    xdp_mode: Option<XdpMode>,
 }
 
 /// Forwards the kernel side's aya-log records to the `log` crate.
@@ -119,11 +152,15 @@ pub struct Guard {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     pinned: bool,
+    /// The attachments' links, pinned as `link_<hook>_<iface>`.
+    links: Vec<(PathBuf, PinnedLink)>,
     /// Held for the lifetime of the guard: the pin directory's flock.
     _lock: fs::File,
     logger: Option<KernelLogger>,
     pub attachments: Vec<Attachment>,
     pub own_macs: Vec<Mac>,
+    /// Entries the endpoint map can hold.
+    pub endpoint_capacity: u32,
 }
 
 #[cfg(not(flowguard_ebpf_missing))]
@@ -171,8 +208,13 @@ impl Guard {
             }
         }
         let object = object().ok_or(LoadError::NoObject)?;
-        let (lock, created) = lock_pin_dir(&opts.pin_dir)?;
-        let result = Self::load_and_attach(opts, object, &own_macs, lock);
+        let (lock, created, kept) = lock_pin_dir(&opts.pin_dir)?;
+        let result = ports_free(opts)
+            .and_then(|()| Self::load_and_attach(opts, object, &own_macs, lock))
+            .map(|mut guard| {
+                guard.restore_endpoints(kept);
+                guard
+            });
         if result.is_err() && created {
             let _ = fs::remove_dir(&opts.pin_dir);
         }
@@ -185,7 +227,9 @@ impl Guard {
         own_macs: &[Mac],
         lock: fs::File,
     ) -> Result<Self, LoadError> {
-        let mut ebpf = Ebpf::load(object)?;
+        let mut ebpf = aya::EbpfLoader::new()
+            .map_max_entries(map_names::ENDPOINTS, opts.max_endpoints)
+            .load(object)?;
         // The kernel side logs only on rare paths; forward those lines to `log`.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -219,10 +263,12 @@ impl Guard {
             ebpf,
             pin_dir: opts.pin_dir.clone(),
             pinned: false,
+            links: Vec::new(),
             _lock: lock,
             logger,
             attachments: Vec::new(),
             own_macs: own_macs.to_vec(),
+            endpoint_capacity: opts.max_endpoints,
         };
         if !opts.ingress.is_empty() {
             guard.attach_xdp(&opts.ingress, opts.xdp)?;
@@ -260,11 +306,31 @@ impl Guard {
             };
             let mut last = None;
             for (m, label) in tries {
-                match prog.attach(iface, *m) {
-                    Ok(_) => {
+                let pin = link_pin(&self.pin_dir, "xdp", iface);
+                let attached = match adopt_link::<XdpLink>(&pin) {
+                    Some(old) => prog.attach_to_link(old).or_else(|e| {
+                        log::debug!("replacing the program of {}: {e}", pin.display());
+                        let _ = fs::remove_file(&pin);
+                        prog.attach(iface, *m)
+                    }),
+                    None => prog.attach(iface, *m),
+                };
+                match attached {
+                    Ok(id) => {
+                        let link = prog
+                            .take_link(id)
+                            .ok()
+                            .and_then(|l| FdLink::try_from(l).ok());
+                        if let Some(link) = link {
+                            keep_pinned(&mut self.links, &mut self.pinned, link, &pin)?;
+                        }
                         self.attachments.push(Attachment {
                             iface: iface.clone(),
                             how: format!("XDP ingress ({label} mode)"),
+                            ifindex: sys::ifindex(iface).unwrap_or(0),
+                            missing: false,
+                            program: name,
+                            xdp_mode: Some(*m),
                         });
                         last = None;
                         break;
@@ -314,12 +380,28 @@ impl Guard {
                     log::debug!("clsact on {iface}: {e} (may already exist)");
                 }
             }
-            prog.attach(iface, direction)
-                .map_err(|source| LoadError::Attach {
-                    what: "tc",
-                    iface: iface.clone(),
-                    source,
-                })?;
+            let pin = link_pin(&self.pin_dir, "tc", iface);
+            let attached = match adopt_link::<SchedClassifierLink>(&pin) {
+                Some(old) => prog.attach_to_link(old).or_else(|e| {
+                    log::debug!("replacing the program of {}: {e}", pin.display());
+                    let _ = fs::remove_file(&pin);
+                    prog.attach(iface, direction)
+                }),
+                None => prog.attach(iface, direction),
+            };
+            let id = attached.map_err(|source| LoadError::Attach {
+                what: "tc",
+                iface: iface.clone(),
+                source,
+            })?;
+            // clsact filters (before TCX) are not links: they stay unpinned.
+            if let Some(link) = prog
+                .take_link(id)
+                .ok()
+                .and_then(|l| FdLink::try_from(l).ok())
+            {
+                keep_pinned(&mut self.links, &mut self.pinned, link, &pin)?;
+            }
             let learning = if name == program_names::TC_LEARN {
                 ", learning"
             } else {
@@ -331,6 +413,10 @@ impl Guard {
                     "tc {dir} ({}{learning})",
                     if tcx { "tcx" } else { "clsact" }
                 ),
+                ifindex: sys::ifindex(iface).unwrap_or(0),
+                missing: false,
+                program: name,
+                xdp_mode: None,
             });
         }
         Ok(())
@@ -349,6 +435,113 @@ impl Guard {
             })?;
         }
         Ok(())
+    }
+
+    /// Follows the guarded interfaces by name: says when one goes away, and
+    /// attaches again to an interface of that name that comes back (veth and
+    /// tap ports are recreated, USB NICs replugged). Returns one sentence per
+    /// change.
+    pub fn follow_interfaces(&mut self) -> Vec<String> {
+        let mut said = Vec::new();
+        for i in 0..self.attachments.len() {
+            let a = &self.attachments[i];
+            let now = sys::ifindex(&a.iface);
+            match now {
+                None if !a.missing => {
+                    said.push(format!(
+                        "flowguard: {} went away: it is not guarded until an interface of that name comes back",
+                        a.iface
+                    ));
+                    self.attachments[i].missing = true;
+                }
+                Some(index) if a.missing || index != a.ifindex => {
+                    let (iface, program, mode) = (a.iface.clone(), a.program, a.xdp_mode);
+                    match self.reattach(&iface, program, mode) {
+                        Ok(()) => {
+                            let a = &mut self.attachments[i];
+                            a.ifindex = index;
+                            a.missing = false;
+                            said.push(format!(
+                                "flowguard: {iface} is back (index {index}): {} attached again",
+                                a.how
+                            ));
+                        }
+                        Err(e) => {
+                            // Tried again at the next look while the index stays new.
+                            if !self.attachments[i].missing {
+                                said.push(format!(
+                                    "flowguard: {iface} was recreated and cannot be guarded again yet: {e}"
+                                ));
+                            }
+                            self.attachments[i].missing = true;
+                            self.attachments[i].ifindex = index;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        said
+    }
+
+    fn reattach(
+        &mut self,
+        iface: &str,
+        program: &'static str,
+        mode: Option<XdpMode>,
+    ) -> Result<(), aya::programs::ProgramError> {
+        let prog = self
+            .ebpf
+            .program_mut(program)
+            .expect("the object defines the attached program");
+        let (link, pin) = match mode {
+            Some(mode) => {
+                let xdp: &mut Xdp = prog.try_into()?;
+                let id = xdp.attach(iface, mode)?;
+                let link = xdp
+                    .take_link(id)
+                    .ok()
+                    .and_then(|l| FdLink::try_from(l).ok());
+                (link, link_pin(&self.pin_dir, "xdp", iface))
+            }
+            None => {
+                let tc: &mut SchedClassifier = prog.try_into()?;
+                if !KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
+                    let _ = tc::qdisc_add_clsact(iface);
+                }
+                let id = tc.attach(iface, TcAttachType::Egress)?;
+                let link = tc.take_link(id).ok().and_then(|l| FdLink::try_from(l).ok());
+                (link, link_pin(&self.pin_dir, "tc", iface))
+            }
+        };
+        if let Some(link) = link {
+            // The old pin held the dead interface's link.
+            if let Err(e) = keep_pinned(&mut self.links, &mut self.pinned, link, &pin) {
+                log::warn!("{iface}: pinning its new link failed, so it is not guarded: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts back the endpoints a killed instance left in its pinned map, so
+    /// that a restart loses none of what it learned (the neighbour table's
+    /// entries are checked again by the next reconcile).
+    fn restore_endpoints(&mut self, kept: KeptEndpoints) {
+        if kept.is_empty() {
+            return;
+        }
+        let Ok(mut map) = self.endpoints() else {
+            return;
+        };
+        let mut restored = 0;
+        for (k, v) in kept {
+            if map.insert(k, v, 0).is_ok() {
+                restored += 1;
+            }
+        }
+        log::info!(
+            "kept {restored} endpoints from the instance that was stopped without cleaning up"
+        );
     }
 
     /// Writes this process's id next to the counters, so that pins left
@@ -410,9 +603,56 @@ impl Drop for Guard {
             for (_, file) in pin_names::ALL {
                 let _ = fs::remove_file(self.pin_dir.join(file));
             }
+            // Unpinned and closed, each link detaches its program.
+            for (_, link) in self.links.drain(..) {
+                let _ = link.unpin();
+            }
         }
         let _ = fs::remove_dir(&self.pin_dir);
     }
+}
+
+/// Refuses ports that another flowguard guards already (checked after the
+/// pin directory's lock, so that the same pin directory says "already
+/// running"), and an XDP port taken by any other program.
+fn ports_free(opts: &GuardOptions) -> Result<(), LoadError> {
+    for iface in &opts.egress {
+        // A link this pin directory pinned is ours to adopt.
+        if link_pin(&opts.pin_dir, "tc", iface).exists() {
+            continue;
+        }
+        let mine = instances::tcx_programs(iface, TcAttachType::Egress);
+        if let Some(p) = mine.iter().find(|p| p.is_flowguard()) {
+            return Err(LoadError::AlreadyGuarded {
+                iface: iface.clone(),
+                hook: "tc egress",
+                by: instances::describe_holder(p),
+            });
+        }
+    }
+    for iface in &opts.ingress {
+        if link_pin(&opts.pin_dir, "xdp", iface).exists() {
+            continue;
+        }
+        match instances::xdp_program(iface) {
+            Some(p) if p.is_flowguard() => {
+                return Err(LoadError::AlreadyGuarded {
+                    iface: iface.clone(),
+                    hook: "XDP",
+                    by: instances::describe_holder(&p),
+                })
+            }
+            Some(p) => {
+                return Err(LoadError::XdpTaken {
+                    iface: iface.clone(),
+                    name: p.name,
+                    id: p.id,
+                })
+            }
+            None => {}
+        }
+    }
+    Ok(())
 }
 
 /// The kernel's HZ: jiffies read twice by the kernel side, 100 ms apart,
@@ -458,9 +698,70 @@ pub fn nearest_hz(measured: f64) -> u32 {
         .expect("a non-empty list")
 }
 
-/// Creates (if needed) and locks the pin directory. Leftover pins of an
-/// instance that died are removed: the lock proves nobody uses them.
-fn lock_pin_dir(dir: &Path) -> Result<(fs::File, bool), LoadError> {
+/// Where the link of `hook` (`tc` or `xdp`) on `iface` is pinned.
+pub fn link_pin(dir: &Path, hook: &str, iface: &str) -> PathBuf {
+    dir.join(format!("link_{hook}_{iface}"))
+}
+
+/// Pins `link` at `pin` (replacing a pin of the same name, whose link is
+/// this one adopted, or a dead one), so that it outlives this process.
+fn keep_pinned(
+    links: &mut Vec<(PathBuf, PinnedLink)>,
+    pinned: &mut bool,
+    link: FdLink,
+    pin: &Path,
+) -> Result<(), LoadError> {
+    links.retain(|(p, _)| p != pin);
+    let _ = fs::remove_file(pin);
+    // Marked pinned first so that a failure below is cleaned up on drop.
+    *pinned = true;
+    let link = link.pin(pin).map_err(|source| LoadError::Pin {
+        name: "link",
+        path: pin.to_path_buf(),
+        source,
+    })?;
+    links.push((pin.to_path_buf(), link));
+    Ok(())
+}
+
+/// The link a killed instance pinned at `pin`, to put a new program in.
+fn adopt_link<T: TryFrom<FdLink>>(pin: &Path) -> Option<T> {
+    if !pin.exists() {
+        return None;
+    }
+    let link = PinnedLink::from_pin(pin)
+        .map_err(|e| log::debug!("{}: {e}", pin.display()))
+        .ok()?;
+    let link = T::try_from(FdLink::from(link)).ok();
+    if link.is_none() {
+        let _ = fs::remove_file(pin);
+    }
+    link
+}
+
+/// Endpoints read from a killed instance's pinned map.
+type KeptEndpoints = Vec<(EndpointKey, Endpoint)>;
+
+/// The endpoints in the pinned endpoint map under `dir`, if its layout is
+/// this build's.
+fn pinned_endpoints(dir: &Path) -> KeptEndpoints {
+    let path = dir.join(pin_names::ENDPOINTS);
+    let Ok(data) = MapData::from_pin(&path) else {
+        return Vec::new();
+    };
+    match HashMap::<MapData, EndpointKey, Endpoint>::try_from(Map::HashMap(data)) {
+        Ok(map) => map.iter().flatten().collect(),
+        Err(e) => {
+            log::info!("not keeping the endpoints in {}: {e}", path.display());
+            Vec::new()
+        }
+    }
+}
+
+/// Creates (if needed) and locks the pin directory. Leftover map pins of an
+/// instance that died are removed (the lock proves nobody uses them), after
+/// reading the endpoints they held; its pinned links stay, to be adopted.
+fn lock_pin_dir(dir: &Path) -> Result<(fs::File, bool, KeptEndpoints), LoadError> {
     let pin_err = |source| LoadError::PinDir {
         path: dir.to_path_buf(),
         source,
@@ -481,7 +782,9 @@ fn lock_pin_dir(dir: &Path) -> Result<(fs::File, bool), LoadError> {
             return Err(pin_err(e));
         }
     }
+    let mut kept = Vec::new();
     if !created {
+        kept = pinned_endpoints(dir);
         for (_, file) in pin_names::ALL {
             let path = dir.join(file);
             if path.exists() {
@@ -493,7 +796,7 @@ fn lock_pin_dir(dir: &Path) -> Result<(fs::File, bool), LoadError> {
             }
         }
     }
-    Ok((lock, created))
+    Ok((lock, created, kept))
 }
 
 #[cfg(test)]

@@ -111,7 +111,8 @@ struct RunArgs {
     /// Evict the flows of one endpoint at most once per this many milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 2000)]
     evict_debounce_ms: u64,
-    /// Evict the flows of at most this many endpoints per second (0: no limit).
+    /// Evict the flows of at most this many endpoints per second (0: no
+    /// limit); the others wait their turn, none is dropped.
     #[arg(long, value_name = "N", default_value_t = 50)]
     max_evictions_per_sec: u32,
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9737
@@ -138,6 +139,12 @@ struct RunArgs {
     /// addresses are guarded before the endpoint sends a frame.
     #[arg(long)]
     no_children: bool,
+    /// Size of the endpoint map: the most endpoints guarded at once. When it
+    /// is full, the endpoints that fit stay guarded and the rest are counted
+    /// as dropped.
+    #[arg(long, value_name = "N", default_value_t = flowguard_common::MAX_ENDPOINTS,
+          value_parser = clap::value_parser!(u32).range(1..=MAX_ENDPOINTS_LIMIT))]
+    max_endpoints: u32,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,6 +153,10 @@ enum ProbeArg {
     Flows,
     Off,
 }
+
+/// The largest endpoint map `--max-endpoints` asks for (16,777,216 entries,
+/// gigabytes of kernel memory: far past any LAN).
+const MAX_ENDPOINTS_LIMIT: i64 = 1 << 24;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -243,6 +254,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         pin_dir: args.pin_dir.clone(),
         config,
         event_interval: Duration::from_millis(args.event_interval_ms),
+        max_endpoints: args.max_endpoints,
     };
     // Bound before anything is attached: a port in use fails here.
     let metrics = args

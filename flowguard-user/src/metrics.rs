@@ -4,8 +4,10 @@
 //!
 //! Only `GET /metrics` (and `HEAD`) is answered; anything else gets 404 or
 //! 405. Each connection is served by a task of its own, bounded in time and
-//! request size, and at most [`MAX_CONNECTIONS`] are served at once, so a
-//! slow or malformed client never holds up the agent or other scrapes.
+//! request size, and at most [`MAX_CONNECTIONS`] are served at once: when
+//! all are taken, the oldest one still waiting for its request is closed to
+//! make room, so idle connections (however many are held open) never keep
+//! a scrape out, and a slow or malformed client never holds up the agent.
 
 use std::{
     fmt::Write as _,
@@ -32,8 +34,10 @@ pub const PATH: &str = "/metrics";
 pub const MAX_REQUEST: usize = 8 * 1024;
 /// How long one connection may take, from accept to the last byte written.
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections served at once; more are closed at once.
+/// Connections served at once; past this, the oldest idle one is closed.
 pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send its request head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -143,6 +147,16 @@ const COUNTERS: &[CounterFamily] = &[
         "children_removed",
         "Endpoints removed because their macvlan/ipvlan child or its namespace went away.",
         |c| c.user.children_removed,
+    ),
+    (
+        "evictions_deferred",
+        "Evictions the rate limit deferred (each runs later; none is dropped).",
+        |c| c.user.evictions_deferred,
+    ),
+    (
+        "endpoints_dropped",
+        "Endpoints left out because the endpoint map was full (see --max-endpoints).",
+        |c| c.user.endpoints_dropped,
     ),
 ];
 
@@ -357,8 +371,17 @@ async fn read_head(stream: &TcpStream) -> io::Result<Option<Result<Vec<u8>, ()>>
     }
 }
 
-async fn serve_connection(stream: TcpStream, pin_dir: Arc<Path>) -> io::Result<()> {
-    let reply = match read_head(&stream).await? {
+async fn serve_connection(
+    stream: TcpStream,
+    pin_dir: Arc<Path>,
+    idle: Arc<IdleConnections>,
+    id: u64,
+) -> io::Result<()> {
+    let head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&stream)).await;
+    // From here on the connection is busy, not evictable.
+    idle.forget(id);
+    let head = head.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request head"))?;
+    let reply = match head? {
         None => return Ok(()),
         Some(Err(())) => plain("400 Bad Request", "bad or oversized request\n"),
         Some(Ok(head)) => match route(&head) {
@@ -398,8 +421,60 @@ async fn serve_connection(stream: TcpStream, pin_dir: Arc<Path>) -> io::Result<(
     Ok(())
 }
 
+/// The connections still waiting for their request head, oldest first:
+/// those that can be closed to make room for a new one.
+#[derive(Default)]
+struct IdleConnections {
+    waiting: std::sync::Mutex<std::collections::BTreeMap<u64, tokio::task::AbortHandle>>,
+}
+
+impl IdleConnections {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, tokio::task::AbortHandle>> {
+        // A panic while holding it leaves the map usable: ignore the poison.
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn forget(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    /// Closes the oldest idle connection; false when every one is busy.
+    fn close_oldest(&self) -> bool {
+        match self.lock().pop_first() {
+            Some((_, task)) => {
+                task.abort();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Takes a connection slot, closing the oldest idle connection if all are
+/// taken; `None` when every connection is busy answering.
+async fn take_slot(
+    slots: &Arc<Semaphore>,
+    idle: &IdleConnections,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    if let Ok(slot) = slots.clone().try_acquire_owned() {
+        return Some(slot);
+    }
+    if !idle.close_oldest() {
+        return None;
+    }
+    // The aborted task gives its slot back when the runtime drops it.
+    tokio::time::timeout(Duration::from_secs(1), slots.clone().acquire_owned())
+        .await
+        .ok()?
+        .ok()
+}
+
 async fn accept_loop(listener: TcpListener, pin_dir: Arc<Path>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let idle = Arc::new(IdleConnections::default());
+    let mut next_id: u64 = 0;
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -410,19 +485,29 @@ async fn accept_loop(listener: TcpListener, pin_dir: Arc<Path>) {
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            log::debug!("metrics: {peer}: too many connections, closed");
+        let Some(slot) = take_slot(&slots, &idle).await else {
+            log::debug!("metrics: {peer}: every connection is busy answering, closed");
             continue;
         };
         let dir = pin_dir.clone();
-        tokio::spawn(async move {
-            match tokio::time::timeout(CONNECTION_TIMEOUT, serve_connection(stream, dir)).await {
+        let id = next_id;
+        next_id += 1;
+        let mine = idle.clone();
+        // Registered under a lock taken before the spawn, so that the task
+        // cannot forget itself before it is known.
+        let mut waiting = idle.lock();
+        let task = tokio::spawn(async move {
+            let served = serve_connection(stream, dir, mine.clone(), id);
+            match tokio::time::timeout(CONNECTION_TIMEOUT, served).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => log::debug!("metrics: {peer}: {e}"),
                 Err(_) => log::debug!("metrics: {peer}: timed out, closed"),
             }
+            mine.forget(id);
             drop(slot);
         });
+        waiting.insert(id, task.abort_handle());
+        drop(waiting);
     }
 }
 
@@ -523,6 +608,10 @@ mod tests {
             ],
             running: true,
             pid: 1,
+            eviction_queue: 0,
+            endpoint_capacity: 16_384,
+            endpoint_map_full: false,
+            interfaces: Vec::new(),
         }
     }
 

@@ -71,6 +71,46 @@ pub struct Status {
     pub running: bool,
     /// The instance's process id (0 when unknown).
     pub pid: u32,
+    /// Evictions waiting for the rate limit now.
+    pub eviction_queue: u64,
+    /// Entries the endpoint map can hold (`--max-endpoints`).
+    pub endpoint_capacity: u32,
+    /// The endpoint map holds as many entries as it can: new endpoints are
+    /// left out (counted in `endpoints_dropped`).
+    pub endpoint_map_full: bool,
+    /// The guarded interfaces, from the links pinned in the pin directory.
+    pub interfaces: Vec<InterfaceStatus>,
+}
+
+/// One guarded interface: attached, or missing (deleted; it is attached
+/// again when an interface of that name comes back).
+#[derive(Debug, Serialize, PartialEq, Eq, Clone)]
+pub struct InterfaceStatus {
+    pub name: String,
+    /// `tc` or `xdp`.
+    pub hook: String,
+    pub attached: bool,
+}
+
+/// The guarded interfaces that pinned links name under `dir`.
+fn interfaces(dir: &Path) -> Vec<InterfaceStatus> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut list: Vec<InterfaceStatus> = entries
+        .flatten()
+        .filter_map(|e| {
+            let file = e.file_name().to_string_lossy().into_owned();
+            let (hook, name) = file.strip_prefix("link_")?.split_once('_')?;
+            Some(InterfaceStatus {
+                name: name.to_string(),
+                hook: hook.to_string(),
+                attached: sys::pinned_link_ifindex(&e.path()).is_ok_and(|i| i != 0),
+            })
+        })
+        .collect();
+    list.sort_by(|a, b| (&a.name, &a.hook).cmp(&(&b.name, &b.hook)));
+    list
 }
 
 impl Status {
@@ -85,7 +125,8 @@ impl Status {
         };
         Some(format!(
             "flowguard at {} is not running; pins left by {who}, which is gone \
-             (the counters are its last; `flowguard run` with this pin directory removes them)",
+             (the counters are its last; its programs keep guarding through pinned links \
+             until `flowguard run` with this pin directory adopts them)",
             self.pin_dir
         ))
     }
@@ -162,8 +203,13 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
     let user: Array<MapData, UserCounters> = Array::try_from(open(dir, pin_names::USER_COUNTERS)?)
         .map_err(err(pin_names::USER_COUNTERS))?;
     let user = user.get(&0, 0).map_err(err(pin_names::USER_COUNTERS))?;
+    let endpoints = open(dir, pin_names::ENDPOINTS)?;
+    let capacity = match &endpoints {
+        Map::HashMap(data) => data.info().map(|i| i.max_entries()).unwrap_or(0),
+        _ => 0,
+    };
     let endpoints: HashMap<MapData, EndpointKey, Endpoint> =
-        HashMap::try_from(open(dir, pin_names::ENDPOINTS)?).map_err(err(pin_names::ENDPOINTS))?;
+        HashMap::try_from(endpoints).map_err(err(pin_names::ENDPOINTS))?;
     let now = sys::monotonic_ns();
     let mut list = Vec::new();
     // An entry deleted while we iterate is simply skipped.
@@ -171,6 +217,7 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
         list.push((key_ip(&k), endpoint_status(&k, &v, now)));
     }
     list.sort_by_key(|e| e.0);
+    let list_len = list.len();
     let (running, pid) = liveness(dir, user.owner_pid);
     Ok(Status {
         pin_dir: dir.display().to_string(),
@@ -179,6 +226,10 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
         endpoints: list.into_iter().map(|(_, s)| s).collect(),
         running,
         pid,
+        eviction_queue: user.eviction_queue,
+        endpoint_capacity: capacity,
+        endpoint_map_full: capacity != 0 && list_len >= capacity as usize,
+        interfaces: interfaces(dir),
     })
 }
 
@@ -227,6 +278,34 @@ pub fn render(st: &Status) -> String {
         "macvlan/ipvlan children: {} endpoints written, {} removed",
         u.children_added, u.children_removed
     );
+    if u.evictions_deferred > 0 || u.eviction_queue > 0 {
+        let _ = writeln!(
+            out,
+            "eviction queue: {} waiting for the rate limit, {} deferred so far (none dropped)",
+            u.eviction_queue, u.evictions_deferred
+        );
+    }
+    if !st.interfaces.is_empty() {
+        let each: Vec<String> = st
+            .interfaces
+            .iter()
+            .map(|i| {
+                let state = if i.attached { "attached" } else { "MISSING" };
+                format!("{} ({}) {state}", i.name, i.hook)
+            })
+            .collect();
+        let _ = writeln!(out, "interfaces: {}", each.join(", "));
+    }
+    if st.endpoint_map_full {
+        let _ = writeln!(
+            out,
+            "endpoint map FULL: {} of {} entries; {} endpoints left out so far \
+             (the rest stay guarded; raise --max-endpoints)",
+            st.endpoints.len(),
+            st.endpoint_capacity,
+            u.endpoints_dropped
+        );
+    }
     if st.endpoints.is_empty() {
         let _ = writeln!(out, "no endpoints known yet");
         return out;
@@ -334,12 +413,21 @@ mod tests {
             )],
             running: true,
             pid: 42,
+            eviction_queue: 0,
+            endpoint_capacity: 16_384,
+            endpoint_map_full: false,
+            interfaces: vec![InterfaceStatus {
+                name: "lan1".into(),
+                hook: "tc".into(),
+                attached: false,
+            }],
         };
         let text = render(&st);
         assert!(
             text.contains("frames to stale MACs: 7, rewritten: 7"),
             "{text}"
         );
+        assert!(text.contains("interfaces: lan1 (tc) MISSING"), "{text}");
         assert!(
             text.contains("192.168.1.240") && text.contains("static"),
             "{text}"

@@ -164,6 +164,53 @@ fn flock_holder_in(locks: &str, id: &str) -> Option<u32> {
     })
 }
 
+/// The interface index a pinned TCX or XDP link is attached to; 0 when its
+/// interface is gone (the kernel keeps the link, detached). Read with
+/// BPF_OBJ_GET and BPF_OBJ_GET_INFO_BY_FD, as aya keeps a link's fd private.
+pub fn pinned_link_ifindex(pin: &Path) -> io::Result<u32> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let path = CString::new(pin.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // union bpf_attr, BPF_OBJ_GET: pathname, bpf_fd, file_flags.
+    let mut get = [0u64; 2];
+    get[0] = path.as_ptr() as u64;
+    // SAFETY: the attr points at a NUL-terminated path that outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            get.as_mut_ptr(),
+            std::mem::size_of_val(&get),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // struct bpf_link_info: type, id, prog_id, then (8-aligned) the union
+    // whose tcx and xdp members both start with the ifindex.
+    let mut info = [0u64; 8];
+    // BPF_OBJ_GET_INFO_BY_FD: bpf_fd, info_len, info.
+    let mut attr = [0u64; 2];
+    attr[0] = fd.as_raw_fd() as u64 | ((std::mem::size_of_val(&info) as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    // SAFETY: the attr points at a buffer of the length it states.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info[2] as u32)
+}
+
 /// Whether process `pid` exists (in this PID namespace).
 pub fn process_exists(pid: u32) -> bool {
     Path::new("/proc").join(pid.to_string()).exists()

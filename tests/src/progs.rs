@@ -45,7 +45,7 @@ pub fn workspace_root() -> PathBuf {
 pub fn have_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        println!("skipped: needs root (BPF_PROG_TEST_RUN)");
+        crate::netns::skip("needs root (BPF_PROG_TEST_RUN)");
         return false;
     }
     true

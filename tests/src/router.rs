@@ -76,7 +76,7 @@ pub fn missing_prerequisite() -> Option<String> {
 macro_rules! skip_unless_router_role_supported {
     () => {
         if let Some(reason) = $crate::router::missing_prerequisite() {
-            println!("skipped: {reason}");
+            $crate::netns::skip(&reason);
             return;
         }
     };

@@ -45,7 +45,7 @@ fn skip_reason() -> Option<String> {
 macro_rules! skip_unless_able {
     () => {
         if let Some(why) = skip_reason() {
-            eprintln!("skipping: {why}");
+            flowguard_tests::netns::skip(&why);
             return;
         }
     };

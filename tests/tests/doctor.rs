@@ -18,11 +18,11 @@ const DATAGRAMS: u16 = 5;
 
 fn skip() -> bool {
     if let Some(reason) = netns::missing_prerequisite() {
-        println!("skipped: {reason}");
+        netns::skip(&reason);
         return true;
     }
     if Command::new("setpriv").arg("--version").output().is_err() {
-        println!("skipped: `setpriv` (util-linux) is not installed");
+        netns::skip("`setpriv` (util-linux) is not installed");
         return true;
     }
     false

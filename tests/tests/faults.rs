@@ -5,7 +5,7 @@
 
 use std::{
     io::Read as _,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     thread,
     time::{Duration, Instant},
@@ -381,4 +381,627 @@ fn status_and_doctor_call_a_killed_instance_gone() {
     let mut again = Flowguard::start(&ns, &pin_dir, &["--egress", "lan1", "--prefix", PREFIX]);
     assert_eq!(again.status_json()["running"], true);
     assert!(again.stop().success());
+}
+
+/// The flowguard programs attached to `lan1` in `ns`: TCX egress (which this
+/// Debian's bpftool does not list) and XDP.
+fn flowguard_programs_on_lan1(ns: &Netns) -> usize {
+    use aya::programs::{tc::SchedClassifier, TcAttachType};
+    let tcx = ns.enter(|| {
+        let (_, programs) =
+            SchedClassifier::query_tcx("lan1", TcAttachType::Egress).expect("query TCX of lan1");
+        programs
+            .iter()
+            .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("flowguard_")))
+            .count()
+    });
+    let link: serde_json::Value =
+        serde_json::from_str(&ns.ip(&["-j", "-d", "link", "show", "dev", "lan1"])).expect("ip -j");
+    let xdp = link[0]["xdp"]["attached"].as_array().map_or(0, |a| {
+        a.iter()
+            .filter(|p| {
+                p["prog"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("flowguard_"))
+            })
+            .count()
+    });
+    tcx + xdp
+}
+
+fn second_instance_on_the_same_port_is_refused(hook: &str) {
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let first_dir = bpffs.pin_dir();
+    let second_dir = bpffs.path().join("second");
+    let args = [hook, "lan1", "--prefix", PREFIX];
+    let mut first = Flowguard::start(&ns, &first_dir, &args);
+    let attached = flowguard_programs_on_lan1(&ns);
+    assert_eq!(attached, 1, "one guard on lan1");
+
+    let mut second = Flowguard::spawn(&require_flowguard_bin(), &ns, &second_dir, &args, false);
+    let exit = second.wait_exit(READY_TIMEOUT);
+    let stderr = second.stderr_text();
+    assert!(
+        exit.is_some_and(|e| !e.success()),
+        "the second instance on lan1 must be refused; it {}: {stderr}",
+        match exit {
+            Some(e) => format!("exited {e}"),
+            None => format!(
+                "runs, with {} flowguard programs on lan1",
+                flowguard_programs_on_lan1(&ns)
+            ),
+        }
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "refused in one line: {stderr}");
+    let pid = first.pid().to_string();
+    let line = lines[0];
+    println!("refused: {line}");
+    assert!(
+        line.contains("lan1")
+            && (line.contains(&pid) || line.contains(&first_dir.to_string_lossy().into_owned())),
+        "names the port and the other instance: {line}"
+    );
+    assert!(!second_dir.exists(), "the refused instance pinned nothing");
+    assert_eq!(
+        flowguard_programs_on_lan1(&ns),
+        attached,
+        "the refused instance attached nothing"
+    );
+    assert_eq!(first.status().mode, "fix", "the first keeps running");
+    assert!(first.stop().success());
+}
+
+#[test]
+fn a_second_instance_on_the_same_tc_port_is_refused() {
+    skip_unless_root!();
+    second_instance_on_the_same_port_is_refused("--egress");
+}
+
+#[test]
+fn a_second_instance_on_the_same_xdp_port_is_refused() {
+    skip_unless_root!();
+    second_instance_on_the_same_port_is_refused("--ingress");
+}
+
+/// While frames to an endpoint stay stale and it has no offloaded conntrack
+/// entry (none exists on this kernel), the log says so once, not at every
+/// debounce, and gives the count when the requests stop.
+#[test]
+fn a_stale_endpoint_without_offloaded_entries_is_one_line_per_episode() {
+    use flowguard_tests::router::{
+        RouterTopology, ENDPOINT_A_IP, LAN_PREFIX, MAC_A1, MAC_A2, PORT_A,
+    };
+    if let Some(reason) = flowguard_tests::router::missing_prerequisite()
+        .or_else(flowguard_tests::netns::missing_nft_egress)
+    {
+        flowguard_tests::netns::skip(&reason);
+        return;
+    }
+    let bpffs = BpffsMount::new();
+    let mut topology = RouterTopology::new();
+    topology.resolve(ENDPOINT_A_IP);
+    let mut flow = topology.udp_flow(ENDPOINT_A_IP, 51820);
+    topology.move_endpoint(ENDPOINT_A_IP, MAC_A2);
+    topology.set_stale(ENDPOINT_A_IP, MAC_A1);
+    let fg = Flowguard::start(
+        &topology.router,
+        &bpffs.pin_dir(),
+        &[
+            "--egress",
+            PORT_A,
+            "--prefix",
+            LAN_PREFIX,
+            "--evict-debounce-ms",
+            "500",
+        ],
+    );
+    let a = ENDPOINT_A_IP.to_string();
+    fg.wait_for_status("endpoint A at its new MAC", Duration::from_secs(10), |s| {
+        s.has_endpoint(&a, MAC_A2)
+    });
+    // Stale frames for 6 s: a stale event per second, each asking for an
+    // eviction that finds no offloaded entry.
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        flow.send_burst(5);
+        thread::sleep(Duration::from_millis(200));
+    }
+    let runs = fg.status().counters.eviction_runs;
+    assert!(runs >= 3, "the stale frames asked for evictions: {runs}");
+    let said = |text: &str| {
+        text.lines()
+            .filter(|l| l.contains("no offloaded conntrack entry to evict"))
+            .count()
+    };
+    assert_eq!(
+        said(&fg.stderr_text()),
+        1,
+        "one line for {runs} evictions that found nothing:\n{}",
+        fg.stderr_text()
+    );
+    // The episode ends once the requests stop.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !fg.stderr_text().contains("evictions over") {
+        assert!(
+            Instant::now() < deadline,
+            "no line ending the episode:\n{}",
+            fg.stderr_text()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    println!("{}", fg.stderr_text());
+}
+
+/// Writes `ip -batch` lines that set `n` neighbours on `lan1` (from
+/// 192.168.1.2 up), each at a MAC ending in `last`.
+fn neighbour_batch_of(dir: &Path, n: u32, last: u8) -> PathBuf {
+    let path = dir.join(format!("neigh-{n}-{last}.batch"));
+    let text: String = (0..n)
+        .map(|i| {
+            let ip = 2 + i;
+            format!(
+                "neigh replace 192.168.1.{ip} lladdr 02:00:00:00:{ip:02x}:{last:02x} dev lan1 nud permanent\n"
+            )
+        })
+        .collect();
+    std::fs::write(&path, text).expect("write the batch");
+    path
+}
+
+fn neighbour_batch(dir: &Path, last: u8) -> PathBuf {
+    neighbour_batch_of(dir, 200, last)
+}
+
+/// 200 endpoints move at once with the default limit of 50 evictions per
+/// second: the 150 over the limit wait their turn (the queue shows in
+/// status) and every one of them runs.
+#[test]
+fn rate_limited_evictions_are_deferred_not_dropped() {
+    skip_unless_root!();
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let scratch = bpffs
+        .path()
+        .parent()
+        .expect("the bpffs has a parent")
+        .to_path_buf();
+    let fg = Flowguard::start(
+        &ns,
+        &bpffs.pin_dir(),
+        &["--egress", "lan1", "--prefix", PREFIX],
+    );
+    let first = neighbour_batch(&scratch, 1);
+    ns.ip(&["-batch", &first.to_string_lossy()]);
+    fg.wait_for_status("200 endpoints", Duration::from_secs(20), |s| {
+        s.endpoints.len() == 200
+    });
+    let runs = fg.status().counters.eviction_runs;
+    let moved = neighbour_batch(&scratch, 2);
+    ns.ip(&["-batch", &moved.to_string_lossy()]);
+    let mut deepest = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let json = fg.status_json();
+        let user = &json["counters"];
+        let queue = json["eviction_queue"]
+            .as_u64()
+            .expect("eviction_queue in status");
+        deepest = deepest.max(queue);
+        let done = fg.status().counters.eviction_runs - runs;
+        if done >= 200 {
+            assert_eq!(queue, 0, "the queue drained: {user:#}");
+            assert!(
+                user["evictions_deferred"].as_u64().unwrap_or(0) >= 100,
+                "most of them were deferred: {user:#}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {done} of 200 evictions ran; counters: {user:#}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(deepest > 0, "the queue showed in status while it waited");
+    assert!(
+        fg.stderr_text()
+            .contains("further evictions wait their turn"),
+        "{}",
+        fg.stderr_text()
+    );
+    println!("deepest queue seen: {deepest}");
+}
+
+/// One `GET /metrics` from inside `ns`; `Err` says what went wrong.
+fn try_scrape(ns: &Netns, addr: std::net::SocketAddr) -> Result<(), String> {
+    use std::io::Write as _;
+    let timeout = Duration::from_secs(3);
+    let mut stream = ns
+        .enter(|| std::net::TcpStream::connect_timeout(&addr, timeout))
+        .map_err(|e| format!("connect: {e}"))?;
+    stream.set_read_timeout(Some(timeout)).ok();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .map_err(|e| format!("send: {e}"))?;
+    let mut raw = String::new();
+    stream
+        .read_to_string(&mut raw)
+        .map_err(|e| format!("read: {e}"))?;
+    if raw.starts_with("HTTP/1.1 200") && raw.contains("flowguard_checked_total") {
+        Ok(())
+    } else {
+        Err(format!("answer: {:?}", raw.lines().next()))
+    }
+}
+
+/// Raises this process's soft limit of open files to the hard one: the test
+/// itself holds a thousand sockets.
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit fill and read the struct we pass.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A thousand idle connections held open (and more opened all along) never
+/// keep a scrape out, and the daemon's memory stays flat.
+#[test]
+fn metrics_are_served_while_a_thousand_idle_connections_are_held() {
+    skip_unless_root!();
+    raise_nofile();
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let addr: std::net::SocketAddr = "127.0.0.1:9737".parse().unwrap();
+    let fg = Flowguard::start(
+        &ns,
+        &bpffs.pin_dir(),
+        &[
+            "--egress",
+            "lan1",
+            "--prefix",
+            PREFIX,
+            "--metrics",
+            "127.0.0.1:9737",
+        ],
+    );
+    try_scrape(&ns, addr).expect("a scrape without idle connections");
+    let rss_before = rss_kib(fg.pid());
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        if let Ok(s) =
+            ns.enter(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)))
+        {
+            idle.push(s);
+        }
+    }
+    assert!(
+        idle.len() >= 900,
+        "only {} idle connections opened",
+        idle.len()
+    );
+    let mut served = 0;
+    let mut failures = Vec::new();
+    for _ in 0..20 {
+        for _ in 0..50 {
+            if let Ok(s) =
+                ns.enter(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)))
+            {
+                idle.push(s);
+            }
+        }
+        match try_scrape(&ns, addr) {
+            Ok(()) => served += 1,
+            Err(e) => failures.push(e),
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let rss_after = rss_kib(fg.pid());
+    println!(
+        "{served} of 20 scrapes served with {} idle connections opened; RSS {rss_before} -> {rss_after} KiB",
+        idle.len()
+    );
+    assert_eq!(served, 20, "scrapes failed: {failures:?}");
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "RSS grew from {rss_before} to {rss_after} KiB"
+    );
+}
+
+/// More neighbours than the endpoint map holds: the daemon keeps running
+/// and guarding the endpoints that fit, warns once (not at every
+/// reconcile), counts the ones left out once each, and says the map is full;
+/// when room frees up, the left-out ones get in.
+#[test]
+fn a_full_endpoint_map_never_stops_the_daemon() {
+    skip_unless_root!();
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let scratch = bpffs
+        .path()
+        .parent()
+        .expect("the bpffs has a parent")
+        .to_path_buf();
+    let mut fg = Flowguard::start(
+        &ns,
+        &bpffs.pin_dir(),
+        &[
+            "--egress",
+            "lan1",
+            "--prefix",
+            PREFIX,
+            "--max-endpoints",
+            "100",
+            "--reconcile-secs",
+            "1",
+        ],
+    );
+    let batch = neighbour_batch_of(&scratch, 150, 1);
+    ns.ip(&["-batch", &batch.to_string_lossy()]);
+    let json = |fg: &Flowguard| fg.status_json();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = json(&fg);
+        if st["endpoints"].as_array().map_or(0, Vec::len) == 100
+            && st["counters"]["endpoints_dropped"] == 50
+        {
+            break;
+        }
+        assert!(
+            fg.wait_exit(Duration::from_millis(200)).is_none(),
+            "a full endpoint map ended flowguard:\n{}",
+            fg.stderr_text()
+        );
+        assert!(Instant::now() < deadline, "status: {st:#}");
+    }
+    // Several reconciles later: still running, still 50, one warning.
+    thread::sleep(Duration::from_secs(3));
+    assert!(
+        fg.wait_exit(Duration::ZERO).is_none(),
+        "{}",
+        fg.stderr_text()
+    );
+    let st = json(&fg);
+    assert_eq!(st["counters"]["endpoints_dropped"], 50, "{st:#}");
+    assert_eq!(st["endpoint_map_full"], true, "{st:#}");
+    assert_eq!(st["endpoint_capacity"], 100, "{st:#}");
+    let warnings = fg
+        .stderr_text()
+        .lines()
+        .filter(|l| l.contains("the endpoint map is full"))
+        .count();
+    assert_eq!(
+        warnings,
+        1,
+        "one warning per episode:\n{}",
+        fg.stderr_text()
+    );
+    let table = fg.status_table();
+    assert!(table.contains("endpoint map FULL: 100 of 100"), "{table}");
+    let metrics_line = "endpoints_dropped";
+    assert!(st["counters"].get(metrics_line).is_some());
+
+    // Room again: 60 leave, and the 50 left out get in.
+    for i in 0..60u32 {
+        ns.ip(&[
+            "neigh",
+            "del",
+            &format!("192.168.1.{}", 2 + i),
+            "dev",
+            "lan1",
+        ]);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = json(&fg);
+        if st["endpoints"].as_array().map_or(0, Vec::len) == 90 && st["endpoint_map_full"] == false
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "status: {st:#}");
+        thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fg.stderr_text().contains("the endpoint map has room again") {
+        assert!(Instant::now() < deadline, "{}", fg.stderr_text());
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(fg.stop().success());
+}
+
+/// Under `CI=true`, a privileged test that cannot run (here: as an
+/// unprivileged user) fails and names what was missing; elsewhere it says
+/// `skipped` and passes.
+#[test]
+fn under_ci_a_privileged_test_that_cannot_run_fails() {
+    skip_unless_root!();
+    let me = std::env::current_exe().expect("this test binary");
+    for ci in [Some("true"), None] {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(&me)
+        .args(["--exact", "sigquit_stops_cleanly", "--nocapture"]);
+        match ci {
+            Some(v) => cmd.env("CI", v),
+            None => cmd.env_remove("CI"),
+        };
+        let out = cmd.output().expect("run this test binary as nobody");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if ci.is_some() {
+            assert!(
+                !out.status.success() && text.contains("CI=true") && text.contains("needs root"),
+                "under CI=true the test must fail naming what is missing ({}):\n{text}",
+                out.status
+            );
+        } else {
+            assert!(
+                out.status.success() && text.contains("skipped: needs root"),
+                "outside CI it is skipped ({}):\n{text}",
+                out.status
+            );
+        }
+    }
+}
+
+/// A guarded port deleted and created again (veth and tap ports are
+/// recreated routinely, USB NICs replugged): flowguard says it went away and
+/// attaches again, tc and XDP, to the interface of that name.
+#[test]
+fn a_recreated_port_is_guarded_again() {
+    skip_unless_root!();
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let fg = Flowguard::start(
+        &ns,
+        &bpffs.pin_dir(),
+        &["--egress", "lan1", "--ingress", "lan1", "--prefix", PREFIX],
+    );
+    assert_eq!(flowguard_programs_on_lan1(&ns), 2, "tc and XDP on lan1");
+    ns.ip(&["link", "del", "lan1"]);
+    fg.wait_for_line(Duration::from_secs(10), |l| l.contains("lan1 went away"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no word about lan1 going away:\n{}",
+                fg.stdout_lines().join("\n")
+            )
+        });
+    let states = |fg: &Flowguard| -> Vec<(String, String, bool)> {
+        fg.status_json()["interfaces"]
+            .as_array()
+            .expect("interfaces in status")
+            .iter()
+            .map(|i| {
+                (
+                    i["name"].as_str().unwrap_or("").to_string(),
+                    i["hook"].as_str().unwrap_or("").to_string(),
+                    i["attached"] == true,
+                )
+            })
+            .collect()
+    };
+    let missing = vec![
+        ("lan1".to_string(), "tc".to_string(), false),
+        ("lan1".to_string(), "xdp".to_string(), false),
+    ];
+    assert_eq!(states(&fg), missing, "status shows lan1 missing");
+    let table = fg.status_table();
+    assert!(table.contains("lan1 (tc) MISSING"), "{table}");
+    let doctor = flowguard_in(
+        &ns,
+        &["doctor", "--pin-dir", &bpffs.pin_dir().to_string_lossy()],
+    );
+    let text = String::from_utf8_lossy(&doctor.stdout);
+    assert!(text.contains("lan1 (xdp): MISSING"), "doctor:\n{text}");
+
+    ns.ip(&[
+        "link", "add", "lan1", "type", "veth", "peer", "name", "peer1",
+    ]);
+    ns.ip(&["link", "set", "lan1", "up"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fg
+        .stdout_lines()
+        .iter()
+        .filter(|l| l.contains("lan1 is back"))
+        .count()
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "lan1 was not guarded again:\n{}\nstderr:\n{}",
+            fg.stdout_lines().join("\n"),
+            fg.stderr_text()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        flowguard_programs_on_lan1(&ns),
+        2,
+        "tc and XDP on the recreated lan1"
+    );
+    let attached: Vec<_> = missing.into_iter().map(|(n, h, _)| (n, h, true)).collect();
+    assert_eq!(states(&fg), attached, "status shows lan1 attached again");
+}
+
+/// After SIGKILL the kernel side keeps guarding (pinned links) with the map
+/// it had; a restart on the same pin directory adopts the links (one guard
+/// per hook, no second attachment) and keeps the endpoints the killed
+/// instance had learned; a clean stop then detaches everything.
+#[test]
+fn a_killed_instance_keeps_guarding_and_a_restart_adopts_it() {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use flowguard_common::{source, Endpoint, EndpointKey};
+    skip_unless_root!();
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let pin_dir = bpffs.pin_dir();
+    let args = ["--egress", "lan1", "--ingress", "lan1", "--prefix", PREFIX];
+    let mut fg = Flowguard::start(&ns, &pin_dir, &args);
+    // An endpoint only the map knows (as learning leaves it).
+    {
+        let data = MapData::from_pin(pin_dir.join("endpoints")).expect("pinned endpoints");
+        let mut map: BpfHashMap<MapData, EndpointKey, Endpoint> =
+            BpfHashMap::try_from(Map::HashMap(data)).expect("endpoint map");
+        let ep = Endpoint {
+            mac: [2, 0, 0, 0, 0, 0x77],
+            source: source::LEARNED,
+            ..Endpoint::default()
+        };
+        map.insert(EndpointKey::from_v4_bytes([192, 168, 1, 77]), ep, 0)
+            .expect("insert a learned endpoint");
+    }
+    fg.signal(libc::SIGKILL);
+    assert!(fg.wait_exit(STOP_TIMEOUT).is_some());
+    assert_eq!(
+        flowguard_programs_on_lan1(&ns),
+        2,
+        "the kernel side keeps guarding after SIGKILL"
+    );
+
+    let mut again = Flowguard::start(&ns, &pin_dir, &args);
+    assert_eq!(
+        flowguard_programs_on_lan1(&ns),
+        2,
+        "the restart adopted the links: no second attachment"
+    );
+    let st = again.status();
+    assert!(
+        st.has_endpoint("192.168.1.77", "02:00:00:00:00:77"),
+        "the learned endpoint was kept: {st:#?}\n{}",
+        again.stderr_text()
+    );
+    assert!(again.stop().success());
+    assert_eq!(flowguard_programs_on_lan1(&ns), 0, "a clean stop detaches");
+    assert!(
+        !pin_dir.exists(),
+        "and leaves no pins: {:?}",
+        pins_in(&pin_dir)
+    );
 }

@@ -11,7 +11,7 @@ use flowguard_tests::{
 #[test]
 fn kernel_side_warnings_reach_the_log() {
     if !is_root() {
-        println!("skipped: needs root (namespaces, bpffs, BPF)");
+        flowguard_tests::netns::skip("needs root (namespaces, bpffs, BPF)");
         return;
     }
     let router = Netns::new("klog-r");

@@ -390,7 +390,7 @@ fn a_non_loopback_address_is_refused_in_one_line() {
 #[test]
 fn a_port_in_use_is_refused_before_anything_is_attached() {
     if !is_root() {
-        println!("skipped: needs root (namespaces, bpffs, BPF)");
+        flowguard_tests::netns::skip("needs root (namespaces, bpffs, BPF)");
         return;
     }
     let ns = Netns::new("metrics-busy");

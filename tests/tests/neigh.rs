@@ -56,7 +56,7 @@ fn prefixes() -> Vec<Prefix> {
 
 fn skip() -> bool {
     if !is_root() {
-        println!("skipped: needs root (network namespaces, eBPF maps)");
+        flowguard_tests::netns::skip("needs root (network namespaces, eBPF maps)");
         return true;
     }
     false

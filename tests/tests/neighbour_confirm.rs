@@ -130,7 +130,7 @@ fn rewritten(input: &[u8], mac: Mac) -> Vec<u8> {
 
 fn skip() -> bool {
     if !is_root() {
-        println!("skipped: needs root (namespaces and BPF_PROG_TEST_RUN)");
+        flowguard_tests::netns::skip("needs root (namespaces and BPF_PROG_TEST_RUN)");
         return true;
     }
     false

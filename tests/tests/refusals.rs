@@ -16,7 +16,7 @@ const PREFIX: &str = "192.168.1.0/24";
 
 fn skip() -> bool {
     if !is_root() {
-        println!("skipped: needs root (namespaces, bpffs, BPF)");
+        flowguard_tests::netns::skip("needs root (namespaces, bpffs, BPF)");
         return true;
     }
     false

@@ -13,7 +13,7 @@ mod policy;
 use std::{fmt, io, net::IpAddr};
 
 pub use client::Conntrack;
-pub use policy::{select_for_eviction, EvictionPolicy};
+pub use policy::{select_for_eviction, Admission, DeferredEvictions, EvictionPolicy};
 
 /// `IPS_SEEN_REPLY`: packets were seen in both directions.
 pub const IPS_SEEN_REPLY: u32 = 1 << 1;

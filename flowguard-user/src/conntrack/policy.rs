@@ -72,6 +72,35 @@ impl EvictionPolicy {
         self.admit(ip.to_canonical(), now)
     }
 
+    /// Like [`EvictionPolicy::should_evict`], telling a debounced request
+    /// (moot: an eviction just ran) from a rate-limited one (to be deferred).
+    pub fn admit_stale(&mut self, ip: IpAddr, now: Instant) -> Admission {
+        if self.debounced(ip, now) {
+            return Admission::Debounced;
+        }
+        self.admission(ip.to_canonical(), now)
+    }
+
+    /// Whether `ip` was evicted less than the debounce interval ago.
+    pub fn debounced(&self, ip: IpAddr, now: Instant) -> bool {
+        self.last_eviction
+            .get(&ip.to_canonical())
+            .is_some_and(|&last| now.saturating_duration_since(last) < self.debounce)
+    }
+
+    /// Like [`EvictionPolicy::should_evict_now`]: only the rate limit applies.
+    pub fn admit_change(&mut self, ip: IpAddr, now: Instant) -> Admission {
+        self.admission(ip.to_canonical(), now)
+    }
+
+    fn admission(&mut self, ip: IpAddr, now: Instant) -> Admission {
+        if self.admit(ip, now) {
+            Admission::Now
+        } else {
+            Admission::RateLimited
+        }
+    }
+
     fn admit(&mut self, ip: IpAddr, now: Instant) -> bool {
         if self.max_per_sec > 0 {
             while let Some(&oldest) = self.recent.front() {
@@ -93,6 +122,66 @@ impl EvictionPolicy {
                 .retain(|_, last| now.saturating_duration_since(*last) < debounce);
         }
         true
+    }
+}
+
+/// What the policy says about one eviction request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Now,
+    /// The endpoint was evicted moments ago: the request is moot.
+    Debounced,
+    /// Over the overall rate limit: the request must wait its turn.
+    RateLimited,
+}
+
+/// Evictions the rate limit held back, oldest first, at most one per
+/// endpoint (a newer request for a waiting endpoint replaces its reason
+/// and keeps its place): they are deferred, never dropped.
+#[derive(Debug)]
+pub struct DeferredEvictions<T> {
+    order: VecDeque<IpAddr>,
+    waiting: HashMap<IpAddr, T>,
+}
+
+impl<T> Default for DeferredEvictions<T> {
+    fn default() -> Self {
+        Self {
+            order: VecDeque::new(),
+            waiting: HashMap::new(),
+        }
+    }
+}
+
+impl<T> DeferredEvictions<T> {
+    pub fn push(&mut self, ip: IpAddr, why: T) {
+        let ip = ip.to_canonical();
+        if self.waiting.insert(ip, why).is_none() {
+            self.order.push_back(ip);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// Takes the oldest waiting request while `admit` lets it through.
+    pub fn drain_while(&mut self, mut admit: impl FnMut(IpAddr) -> bool) -> Vec<(IpAddr, T)> {
+        let mut out = Vec::new();
+        while let Some(&ip) = self.order.front() {
+            if !admit(ip) {
+                break;
+            }
+            self.order.pop_front();
+            if let Some(why) = self.waiting.remove(&ip) {
+                out.push((ip, why));
+            }
+        }
+        out
     }
 }
 
@@ -190,6 +279,46 @@ mod tests {
             1
         );
         assert!(select_for_eviction(&flows, ip(241), EvictScope::All).is_empty());
+    }
+
+    #[test]
+    fn deferred_evictions_are_kept_once_per_endpoint_and_drained_at_the_limit() {
+        let t0 = Instant::now();
+        let mut policy = EvictionPolicy::new(Duration::from_secs(2), 2);
+        let mut deferred = DeferredEvictions::default();
+        for i in 1..=5 {
+            match policy.admit_change(ip(i), t0) {
+                Admission::Now => {}
+                Admission::RateLimited => deferred.push(ip(i), format!("moved {i}")),
+                Admission::Debounced => unreachable!("changes are not debounced"),
+            }
+        }
+        assert_eq!(deferred.len(), 3, "2 now, 3 deferred");
+        deferred.push(ip(4), "moved again".to_string());
+        assert_eq!(deferred.len(), 3, "one entry per endpoint");
+        assert!(deferred
+            .drain_while(
+                |ip| policy.admit_change(ip, t0 + Duration::from_millis(500)) == Admission::Now
+            )
+            .is_empty());
+        let later = t0 + Duration::from_secs(1);
+        let first = deferred.drain_while(|ip| policy.admit_change(ip, later) == Admission::Now);
+        assert_eq!(
+            first,
+            [
+                (ip(3), "moved 3".to_string()),
+                (ip(4), "moved again".to_string())
+            ]
+        );
+        let last = deferred.drain_while(|ip| {
+            policy.admit_change(ip, later + Duration::from_secs(1)) == Admission::Now
+        });
+        assert_eq!(last, [(ip(5), "moved 5".to_string())]);
+        assert!(deferred.is_empty());
+        assert_eq!(
+            policy.admit_stale(ip(5), later + Duration::from_secs(1)),
+            Admission::Debounced
+        );
     }
 
     #[test]

@@ -222,10 +222,19 @@ pub fn reconcile_store<S: EndpointStore + ?Sized>(
         match sync_store(map, cache, ip) {
             Ok(Some(c)) => changes.push(c),
             Ok(None) => {}
+            // The caller says once that the map is full, not once per IP.
+            Err(e) if is_full(&e) => {
+                log::debug!("endpoint {ip} left out: the endpoint map is full")
+            }
             Err(e) => log::warn!("cannot update endpoint {ip} in the endpoint map: {e}"),
         }
     }
     Ok(changes)
+}
+
+/// Whether a map write failed because the map is full (E2BIG).
+pub fn is_full(e: &MapError) -> bool {
+    matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG))
 }
 
 /// Writes an entry of ours, keeping the evidence of `old` (the same rules
