@@ -2,7 +2,9 @@
 //! one function; setup and the eBPF build live in their own modules because
 //! they need a toolchain of their own.
 
+mod dist;
 mod ebpf;
+mod ipk;
 mod lab;
 mod setup;
 mod step;
@@ -64,6 +66,9 @@ enum Verb {
         #[arg(long)]
         no_lint: bool,
     },
+    /// Build static, size-checked musl binaries and OpenWrt packages for
+    /// routers under target/dist/<arch>/.
+    Dist(dist::DistArgs),
     /// Reproduce the flowtable stale-MAC bug on a Debian kernel in qemu and
     /// check flowguard's roles against it (needs root; see lab/).
     Lab(lab::LabArgs),
@@ -79,6 +84,7 @@ fn main() -> ExitCode {
         Verb::Demo { args } => demo(&args),
         Verb::Bench { args } => bench(&args),
         Verb::Test { no_lint } => test(no_lint),
+        Verb::Dist(args) => dist::dist(&args),
         Verb::Lab(args) => lab::lab(&args),
     };
     match result {
@@ -193,6 +199,10 @@ fn test(no_lint: bool) -> Result<()> {
             .env("FLOWGUARD_BIN", &flowguard),
         "see the failing tests above",
     )?;
+    // The user side on a 64-bit little-endian and a 32-bit big-endian CPU.
+    for name in dist::QEMU_TEST_ARCHES {
+        dist::qemu_unit_tests(dist::arch(name), &object)?;
+    }
     println!("==> The real-kernel lab, quick subset (the flowtable bug in a VM)");
     lab::lab(&lab::quick_args(flowguard))?;
     println!("All test steps passed.");
