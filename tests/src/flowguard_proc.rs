@@ -188,6 +188,11 @@ impl Flowguard {
         &self.pin_dir
     }
 
+    /// The process id of the started program (nsenter execs it in place).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits for [`READY_LINE`]; panics with flowguard's stderr if it exits or
     /// takes longer than [`READY_TIMEOUT`].
     pub fn wait_ready(&mut self) {
