@@ -259,6 +259,108 @@ pub struct Facts {
     /// Whether the router role's probe sockets (ARP, ICMPv6) can be opened,
     /// or why not.
     pub probing: Result<(), String>,
+    /// Whether cls_bpf (tc's BPF classifier) is there: tc needs it below 6.6.
+    pub cls_bpf: ModuleState,
+    /// Which package manager installs kernel modules here (OpenWrt).
+    pub packages: PackageManager,
+    /// fw4's offload settings from `uci`, when uci answers.
+    pub fw4: Option<Fw4Offload>,
+}
+
+/// Whether a kernel module is loaded, built in or installed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModuleState {
+    Present,
+    Missing,
+    /// No module directory for the running kernel to look in.
+    Unknown,
+}
+
+/// The package manager that installs OpenWrt's kmods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackageManager {
+    /// OpenWrt up to 24.10.
+    Opkg,
+    /// OpenWrt 25.12 on.
+    Apk,
+    Other,
+}
+
+/// fw4's `firewall.@defaults[0].flow_offloading` and `flow_offloading_hw`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Fw4Offload {
+    pub software: bool,
+    pub hardware: bool,
+}
+
+/// cls_bpf is loaded (/sys/module), built in (modules.builtin) or
+/// installed (a cls_bpf.ko under /lib/modules/<release>, where OpenWrt's
+/// kmod-sched-bpf puts it flat and Debian under kernel/net/sched).
+fn cls_bpf_state() -> ModuleState {
+    if Path::new("/sys/module/cls_bpf").exists() {
+        return ModuleState::Present;
+    }
+    let Some(release) = sys::kernel_release() else {
+        return ModuleState::Unknown;
+    };
+    let dir = Path::new("/lib/modules").join(release);
+    if !dir.is_dir() {
+        return ModuleState::Unknown;
+    }
+    let builtin = std::fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default();
+    if builtin.lines().any(|l| l.ends_with("/cls_bpf.ko")) {
+        return ModuleState::Present;
+    }
+    let installed = [
+        dir.join("cls_bpf.ko"),
+        dir.join("kernel/net/sched/cls_bpf.ko"),
+    ]
+    .iter()
+    .any(|p| {
+        p.exists() || p.with_extension("ko.xz").exists() || p.with_extension("ko.zst").exists()
+    });
+    if installed {
+        ModuleState::Present
+    } else {
+        ModuleState::Missing
+    }
+}
+
+fn package_manager() -> PackageManager {
+    if Path::new("/bin/opkg").exists() || Path::new("/usr/bin/opkg").exists() {
+        PackageManager::Opkg
+    } else if Path::new("/etc/openwrt_release").exists() && Path::new("/usr/bin/apk").exists() {
+        PackageManager::Apk
+    } else {
+        PackageManager::Other
+    }
+}
+
+/// fw4's offload options, or `None` where uci does not run (not OpenWrt).
+fn fw4_offload() -> Option<Fw4Offload> {
+    let get = |option: &str| -> Option<Option<String>> {
+        let out = Command::new("uci")
+            .args(["-q", "get", &format!("firewall.@defaults[0].{option}")])
+            .output()
+            .ok()?;
+        // uci exits 1 for an unset option: that is "off", not "no uci".
+        Some(
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned()),
+        )
+    };
+    let software = get("flow_offloading")?;
+    let hardware = get("flow_offloading_hw")?;
+    Some(Fw4Offload {
+        software: software.as_deref().is_some_and(uci_bool),
+        hardware: hardware.as_deref().is_some_and(uci_bool),
+    })
+}
+
+/// UCI's booleans: 1, on, true, yes, enabled.
+pub fn uci_bool(value: &str) -> bool {
+    matches!(value.trim(), "1" | "on" | "true" | "yes" | "enabled")
 }
 
 /// Reads the facts of the current network namespace (and the host's mount
@@ -297,6 +399,9 @@ pub fn gather(pin_dir: &Path) -> Facts {
         probing: crate::probe::sockets_available(),
         pin_dir: pin_dir.display().to_string(),
         flowguard: running(pin_dir),
+        cls_bpf: cls_bpf_state(),
+        packages: package_manager(),
+        fw4: fw4_offload(),
     }
 }
 
@@ -360,7 +465,9 @@ pub fn facts_from_json(
 pub fn diagnose(f: &Facts) -> Report {
     let mut checks = vec![privileges(&f.missing_caps), bpffs(f.bpffs)];
     checks.push(kernel(&f.kernel));
+    checks.extend(tc_module(&f.kernel, f.cls_bpf, f.packages));
     checks.push(btf(f.btf));
+    checks.extend(f.fw4.map(fw4_check));
     checks.push(nftables(&f.nft));
     let flowtables = match &f.flowtables {
         Ok(tables) => {
@@ -497,6 +604,70 @@ fn kernel(read: &Result<KernelVersion, String>) -> Check {
         Verdict::Ok,
         format!("Linux {v}: {tc}; bpf_ktime_get_coarse_ns (5.11+) is there"),
     )
+}
+
+/// Below 6.6, tc programs attach through cls_bpf, a module OpenWrt does not
+/// install by default (kmod-sched-bpf); from 6.6 TCX needs no module.
+fn tc_module(
+    kernel: &Result<KernelVersion, String>,
+    cls_bpf: ModuleState,
+    packages: PackageManager,
+) -> Option<Check> {
+    let v = kernel.as_ref().ok()?;
+    if *v >= TCX_KERNEL || *v < MIN_KERNEL {
+        return None;
+    }
+    let install = match packages {
+        PackageManager::Opkg => "`opkg update && opkg install kmod-sched-bpf`",
+        PackageManager::Apk => "`apk update && apk add kmod-sched-bpf`",
+        PackageManager::Other => {
+            "your distribution's kernel modules (CONFIG_NET_CLS_BPF; OpenWrt: kmod-sched-bpf)"
+        }
+    };
+    Some(match cls_bpf {
+        ModuleState::Present => Check::new(
+            "tc-module",
+            Verdict::Ok,
+            "cls_bpf is there: flowguard's tc programs attach through a clsact qdisc",
+        ),
+        ModuleState::Missing => Check::new(
+            "tc-module",
+            Verdict::Fail,
+            format!(
+                "cls_bpf is missing: below Linux 6.6 flowguard's tc programs (the router role)                  need it; install it with {install}"
+            ),
+        ),
+        ModuleState::Unknown => Check::new(
+            "tc-module",
+            Verdict::Warn,
+            format!(
+                "cannot tell whether cls_bpf is installed (no /lib/modules for this kernel):                  below Linux 6.6 the router role needs it; it comes with {install}"
+            ),
+        ),
+    })
+}
+
+/// What fw4's offload settings mean for MAC caching.
+fn fw4_check(fw4: Fw4Offload) -> Check {
+    if fw4.hardware {
+        Check::new(
+            "fw4",
+            Verdict::Info,
+            "fw4 flow_offloading_hw is on: fw4 lists the bridge ports (lan1…) in its flowtable              with `flags offload`, so offloaded flows cache the destination MAC: the case              flowguard's router role is for",
+        )
+    } else if fw4.software {
+        Check::new(
+            "fw4",
+            Verdict::Info,
+            "fw4 flow_offloading is on, hardware offload off: current fw4 lists br-lan (the              bridge) in its flowtable, which does not cache MACs (fw4 before 2024-03 listed              the bridge ports: see the flowtable check)",
+        )
+    } else {
+        Check::new(
+            "fw4",
+            Verdict::Info,
+            "fw4 flow offloading is off: no flowtable, no cached MACs",
+        )
+    }
 }
 
 fn btf(present: bool) -> Check {
@@ -819,6 +990,79 @@ mod tests {
             pin_dir: "/sys/fs/bpf/flowguard".into(),
             flowguard: Running::No,
             probing: Ok(()),
+            cls_bpf: ModuleState::Present,
+            packages: PackageManager::Other,
+            fw4: None,
+        }
+    }
+
+    #[test]
+    fn a_missing_cls_bpf_names_the_kmod_and_how_to_install_it() {
+        let tc = |kernel: KernelVersion, cls_bpf, packages| {
+            let r = diagnose(&Facts {
+                kernel: Ok(kernel),
+                cls_bpf,
+                packages,
+                ..facts()
+            });
+            the(&r, "tc-module").first().map(|c| (*c).clone())
+        };
+        let openwrt_23 = KernelVersion::new(5, 15, 150);
+        let c = tc(openwrt_23, ModuleState::Missing, PackageManager::Opkg).unwrap();
+        assert_eq!(c.verdict, Verdict::Fail);
+        assert!(
+            c.message
+                .contains("opkg update && opkg install kmod-sched-bpf"),
+            "{c:?}"
+        );
+        let c = tc(openwrt_23, ModuleState::Missing, PackageManager::Apk).unwrap();
+        assert!(c.message.contains("apk add kmod-sched-bpf"), "{c:?}");
+        let c = tc(openwrt_23, ModuleState::Present, PackageManager::Opkg).unwrap();
+        assert_eq!(c.verdict, Verdict::Ok);
+        let c = tc(openwrt_23, ModuleState::Unknown, PackageManager::Other).unwrap();
+        assert_eq!(c.verdict, Verdict::Warn);
+        // TCX from 6.6 needs no module; below 5.11 the kernel check fails instead.
+        assert!(tc(
+            KernelVersion::new(6, 6, 0),
+            ModuleState::Missing,
+            PackageManager::Opkg
+        )
+        .is_none());
+        assert!(tc(
+            KernelVersion::new(5, 10, 0),
+            ModuleState::Missing,
+            PackageManager::Opkg
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn fw4_offload_settings_say_whether_macs_are_cached() {
+        let fw4 = |software, hardware| {
+            let r = diagnose(&Facts {
+                fw4: Some(Fw4Offload { software, hardware }),
+                ..facts()
+            });
+            the(&r, "fw4")[0].message.clone()
+        };
+        assert!(
+            fw4(true, true).contains("bridge ports"),
+            "{}",
+            fw4(true, true)
+        );
+        assert!(fw4(true, true).contains("cache the destination MAC"));
+        assert!(fw4(true, false).contains("br-lan"), "{}", fw4(true, false));
+        assert!(fw4(true, false).contains("does not cache"));
+        assert!(fw4(false, false).contains("off"));
+        assert!(
+            the(&diagnose(&facts()), "fw4").is_empty(),
+            "no uci, no fw4 check"
+        );
+        for on in ["1", "on", "true", "yes", "enabled", "1\n"] {
+            assert!(uci_bool(on), "{on}");
+        }
+        for off in ["0", "off", "", "no"] {
+            assert!(!uci_bool(off), "{off}");
         }
     }
 

@@ -20,7 +20,7 @@ use aya::{
         SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     util::KernelVersion,
-    Ebpf,
+    Ebpf, EbpfLoader,
 };
 use flowguard_common::{
     map_names, pin_names, program_names, Config, Endpoint, EndpointKey, UserCounters,
@@ -58,12 +58,13 @@ pub enum LoadError {
     NoObject,
     #[error("loading the eBPF object failed: {0}")]
     Object(#[from] aya::EbpfError),
-    #[error("the kernel refused program {program}: {source} (needs a kernel with BPF, BTF and {feature})")]
+    /// `reason` is the verifier's verdict (see `refusal_reason`); the whole
+    /// log goes to the debug log, as it is long.
+    #[error("the kernel refused program {program}: {reason} (needs a kernel with BPF, BTF and {feature})")]
     Program {
         program: &'static str,
         feature: &'static str,
-        #[source]
-        source: aya::programs::ProgramError,
+        reason: String,
     },
     #[error("attaching {what} to {iface} failed: {source}")]
     Attach {
@@ -227,9 +228,7 @@ impl Guard {
         own_macs: &[Mac],
         lock: fs::File,
     ) -> Result<Self, LoadError> {
-        let mut ebpf = aya::EbpfLoader::new()
-            .map_max_entries(map_names::ENDPOINTS, opts.max_endpoints)
-            .load(object)?;
+        let mut ebpf = load_without_kernel_btf(object, opts.max_endpoints)?;
         // The kernel side logs only on rare paths; forward those lines to `log`.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -293,11 +292,7 @@ impl Guard {
             .program_mut(name)
             .and_then(|p| p.try_into().ok())
             .expect("the object defines the XDP guard");
-        prog.load().map_err(|source| LoadError::Program {
-            program: name,
-            feature: "XDP",
-            source,
-        })?;
+        prog.load().map_err(|source| refused(name, "XDP", source))?;
         for iface in ifaces {
             let tries: &[(XdpMode, &str)] = match mode {
                 XdpAttach::Auto => &[(XdpMode::Driver, "driver"), (XdpMode::Skb, "skb")],
@@ -364,11 +359,8 @@ impl Guard {
             .program_mut(name)
             .and_then(|p| p.try_into().ok())
             .expect("the object defines the tc guards");
-        prog.load().map_err(|source| LoadError::Program {
-            program: name,
-            feature: "tc classifiers",
-            source,
-        })?;
+        prog.load()
+            .map_err(|source| refused(name, "tc classifiers", source))?;
         let dir = match direction {
             TcAttachType::Ingress => "ingress",
             _ => "egress",
@@ -664,11 +656,7 @@ pub fn kernel_hz(ebpf: &mut Ebpf) -> Result<u32, LoadError> {
         .program_mut(name)
         .and_then(|p| p.try_into().ok())
         .expect("the object defines the jiffies probe");
-    prog.load().map_err(|source| LoadError::Program {
-        program: name,
-        feature: "XDP",
-        source,
-    })?;
+    prog.load().map_err(|source| refused(name, "XDP", source))?;
     let frame = [0u8; 64];
     let read = || -> Result<(u32, std::time::Instant), LoadError> {
         let r = prog
@@ -809,5 +797,232 @@ mod tests {
         assert_eq!(nearest_hz(292.0), 300);
         assert_eq!(nearest_hz(96.0), 100);
         assert_eq!(nearest_hz(1010.0), 1000);
+    }
+}
+
+/// Loads the object without the kernel's BTF. These programs have no CO-RE
+/// relocations, so /sys/kernel/btf/vmlinux is of no use to them, yet aya
+/// 0.14 parses it in `EbpfLoader::new()` (and `Ebpf::load` a second time):
+/// ~30 MB at peak, a lot on a router. `.btf(None)` only drops it after the
+/// parse, so the file is hidden while the loader is made. The maps still get
+/// the object's own BTF (named fields in `bpftool map dump`).
+fn load_without_kernel_btf(object: &[u8], max_endpoints: u32) -> Result<Ebpf, aya::EbpfError> {
+    let mut loader = match KernelBtfHidden::new() {
+        Ok(hidden) => {
+            let loader = EbpfLoader::new();
+            drop(hidden);
+            loader
+        }
+        Err(e) => {
+            log::debug!("the kernel's BTF is parsed at load ({e}): loading takes more memory");
+            EbpfLoader::new()
+        }
+    };
+    loader
+        .btf(None)
+        .map_max_entries(map_names::ENDPOINTS, max_endpoints)
+        .load(object)
+}
+
+/// While it lives, this process sees /dev/null at /sys/kernel/btf/vmlinux,
+/// in a mount namespace of its own; dropping it returns to the original
+/// namespace (and working directory), which nothing else ever left.
+struct KernelBtfHidden {
+    original: fs::File,
+    cwd: PathBuf,
+}
+
+impl KernelBtfHidden {
+    fn new() -> std::io::Result<Self> {
+        use std::io::{Error, ErrorKind};
+        let vmlinux = c"/sys/kernel/btf/vmlinux";
+        if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+            return Err(Error::new(ErrorKind::NotFound, "no kernel BTF to hide"));
+        }
+        let original = fs::File::open("/proc/self/ns/mnt")?;
+        let cwd = std::env::current_dir()?;
+        // Fails (EINVAL) once other threads share our filesystem context, and
+        // (EPERM) without CAP_SYS_ADMIN: then the BTF is simply parsed.
+        // SAFETY: plain syscalls on constant, NUL-terminated paths.
+        if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+            return Err(Error::last_os_error());
+        }
+        let hidden = Self { original, cwd };
+        // Slave first, so that the bind mount below never reaches the host.
+        let rc = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_SLAVE,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(Error::last_os_error());
+        }
+        let rc = unsafe {
+            libc::mount(
+                c"/dev/null".as_ptr(),
+                vmlinux.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(Error::last_os_error());
+        }
+        Ok(hidden)
+    }
+}
+
+impl Drop for KernelBtfHidden {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: setns on a namespace fd we opened.
+        if unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNS) } != 0 {
+            log::warn!(
+                "could not return to the original mount namespace: {}",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        // setns moved us to the namespace's root directory.
+        if let Err(e) = std::env::set_current_dir(&self.cwd) {
+            log::warn!("could not return to {}: {e}", self.cwd.display());
+        }
+    }
+}
+
+fn refused(
+    program: &'static str,
+    feature: &'static str,
+    error: aya::programs::ProgramError,
+) -> LoadError {
+    let reason = match &error {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            log::debug!("the verifier's log for {program}:\n{log}");
+            refusal_reason(&log).unwrap_or_else(|| io_error.to_string())
+        }
+        other => other.to_string(),
+    };
+    LoadError::Program {
+        program,
+        feature,
+        reason,
+    }
+}
+
+/// Helpers flowguard's programs call that older kernels lack: (id, name,
+/// first kernel with it).
+const NEWER_HELPERS: &[(u32, &str, &str)] = &[
+    (118, "bpf_jiffies64", "5.5"),
+    (130, "bpf_ringbuf_output", "5.8"),
+    (131, "bpf_ringbuf_reserve", "5.8"),
+    (132, "bpf_ringbuf_submit", "5.8"),
+    (133, "bpf_ringbuf_discard", "5.8"),
+    (160, "bpf_ktime_get_coarse_ns", "5.11"),
+];
+
+/// The verifier's reason for refusing a program. Its log starts with the
+/// instructions it walked (source lines, register states) and ends with the
+/// verdict, then statistics: the verdict is the last lines before the
+/// statistics. An unknown helper gets the kernel version that has it.
+pub fn refusal_reason(log: &str) -> Option<String> {
+    let is_statistics = |line: &str| {
+        line.starts_with("processed ")
+            || line.starts_with("verification time")
+            || line.starts_with("stack depth")
+            || line.starts_with("max_states_per_insn")
+            || line.starts_with("peak_states")
+            || line.starts_with("mark_read")
+    };
+    let meaningful: Vec<&str> = log
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !is_statistics(l))
+        .collect();
+    // Source lines (`; ...`) and instructions (`12: (85) call ...`) are
+    // context, not the verdict.
+    let is_context = |l: &str| {
+        l.starts_with(';')
+            || l.split_once(':')
+                .is_some_and(|(n, _)| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+    };
+    let verdict_end = meaningful.iter().rposition(|l| !is_context(l))?;
+    let start = meaningful[..=verdict_end]
+        .iter()
+        .rposition(|l| is_context(l))
+        .map_or(0, |i| i + 1)
+        .max(verdict_end.saturating_sub(1));
+    let mut reason = meaningful[start..=verdict_end].join("; ");
+    if let Some(id) = unknown_helper(&reason) {
+        match NEWER_HELPERS.iter().find(|(known, _, _)| *known == id) {
+            Some((_, name, version)) => reason.push_str(&format!(
+                " (helper {id} is {name}, in Linux {version} and later: flowguard needs Linux 5.11+)"
+            )),
+            None => reason.push_str(&format!(
+                " (helper {id} is missing from this kernel: flowguard needs Linux 5.11+)"
+            )),
+        }
+    }
+    Some(reason)
+}
+
+/// The helper id in "invalid func unknown#160" or "unknown func bpf_x#160".
+fn unknown_helper(text: &str) -> Option<u32> {
+    if !text.contains("invalid func") && !text.contains("unknown func") {
+        return None;
+    }
+    let after = &text[text.find('#')? + 1..];
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::refusal_reason;
+
+    #[test]
+    fn an_unknown_helper_names_the_kernel_it_needs() {
+        // The shape of a 5.10 kernel's log for flowguard's tc program.
+        let log = "; unsafe { (*self.skb).data_end as usize }\n\
+                   0: (61) r2 = *(u32 *)(r1 +80)\n\
+                   ; let now = bpf_ktime_get_coarse_ns();\n\
+                   57: (85) call unknown#160\n\
+                   invalid func unknown#160\n\
+                   processed 58 insns (limit 1000000) max_states_per_insn 0 total_states 3 peak_states 3 mark_read 2\n";
+        let reason = refusal_reason(log).unwrap();
+        assert!(reason.starts_with("invalid func unknown#160"), "{reason}");
+        assert!(reason.contains("bpf_ktime_get_coarse_ns"), "{reason}");
+        assert!(reason.contains("5.11"), "{reason}");
+        assert!(!reason.contains("data_end"), "{reason}");
+    }
+
+    #[test]
+    fn the_verdict_is_the_last_lines_before_the_statistics() {
+        let log = "0: (b7) r0 = 0\n\
+                   1: (61) r2 = *(u32 *)(r1 +76)\n\
+                   R1 offset is outside of the packet\n\
+                   invalid access to packet, off=14 size=2, R1(id=0,off=14,r=0)\n\
+                   R1 offset is outside of the packet\n\
+                   processed 12 insns (limit 1000000)\n\
+                   verification time 20 usec\n";
+        let reason = refusal_reason(log).unwrap();
+        assert_eq!(
+            reason,
+            "invalid access to packet, off=14 size=2, R1(id=0,off=14,r=0); R1 offset is outside of the packet"
+        );
+    }
+
+    #[test]
+    fn an_empty_log_gives_no_reason() {
+        assert_eq!(refusal_reason(""), None);
+        assert_eq!(refusal_reason("processed 3 insns\n"), None);
     }
 }

@@ -52,8 +52,9 @@ pub fn if_mac(name: &str) -> io::Result<Mac> {
     for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
         *d = s as libc::c_char;
     }
-    // SAFETY: SIOCGIFHWADDR fills the ifreq we pass.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) };
+    // SAFETY: SIOCGIFHWADDR fills the ifreq we pass. `as _`: the request is
+    // a c_ulong on glibc and a c_int on musl.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR as _, &mut req) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -225,6 +226,15 @@ pub fn ignore_signals_until_handled() {
         // process relies on these signals' previous dispositions.
         unsafe { libc::signal(sig, libc::SIG_IGN) };
     }
+}
+
+/// The running kernel's release (`uname -r`), which names its module
+/// directory under /lib/modules.
+pub fn kernel_release() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .ok()
+        .map(|r| r.trim().to_owned())
+        .filter(|r| !r.is_empty())
 }
 
 #[cfg(test)]

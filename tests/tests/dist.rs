@@ -574,3 +574,189 @@ fn the_units_capabilities_are_enough() {
     assert!(exit.success(), "exit on SIGTERM: {exit}");
     assert!(!pin_dir.exists(), "unpinned on SIGTERM");
 }
+
+/// OpenWrt architecture of each `cargo xtask dist` build, and its ELF machine
+/// (e_machine) and byte order: what opkg checks, and what the binary must be.
+const PACKAGES: &[(&str, &str, u16, bool)] = &[
+    ("aarch64", "aarch64_cortex-a53", 183, false),
+    ("armv7", "arm_cortex-a7_neon-vfpv4", 40, false),
+    ("mipsel", "mipsel_24kc", 8, false),
+    ("mips", "mips_24kc", 8, true),
+    ("x86_64", "x86_64", 62, false),
+];
+
+fn target_dist() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/dist")
+        .components()
+        .collect()
+}
+
+/// `tar -xzf archive -C dir`, panicking with tar's words on failure.
+fn untar(archive: &Path, dir: &Path) {
+    fs::create_dir_all(dir).expect("create extraction dir");
+    let out = Command::new("tar")
+        .arg("-xzf")
+        .arg(archive)
+        .arg("-C")
+        .arg(dir)
+        .output()
+        .expect("run tar");
+    assert!(
+        out.status.success(),
+        "{} is not a gzip'd tar: {}",
+        archive.display(),
+        output_text(&out)
+    );
+}
+
+/// `tar -tzvf`: (mode string, owner/group, path) of each member.
+fn listing(archive: &Path) -> Vec<(String, String, String)> {
+    let out = Command::new("tar")
+        .args(["--numeric-owner", "-tvzf"])
+        .arg(archive)
+        .output()
+        .expect("run tar");
+    assert!(out.status.success(), "{}", output_text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (
+                fields[0].to_owned(),
+                fields[1].to_owned(),
+                fields.last().unwrap().to_owned().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Each `.ipk` that `cargo xtask dist` built: an outer gzip'd tar holding
+/// exactly debian-binary, data.tar.gz and control.tar.gz (as opkg reads it),
+/// the binary and service files at their OpenWrt paths, root-owned with the
+/// right modes, a control file with the fields opkg and the feed tools use,
+/// conffiles naming the UCI config, and maintainer scripts that `sh -n`
+/// accepts. Architectures not built are skipped with the reason.
+#[test]
+fn openwrt_packages_have_the_layout_and_control_fields_opkg_needs() {
+    let mut checked = 0;
+    for &(arch, openwrt_arch, machine, big_endian) in PACKAGES {
+        let dir = target_dist().join(arch);
+        let ipk = fs::read_dir(&dir).ok().and_then(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .find(|p| p.extension().is_some_and(|x| x == "ipk"))
+        });
+        let Some(ipk) = ipk else {
+            println!(
+                "skipped {arch}: no .ipk in {} (run `cargo xtask dist --arch {arch}`)",
+                dir.display()
+            );
+            continue;
+        };
+        let name = ipk.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with("flowguard_") && name.ends_with(&format!("_{openwrt_arch}.ipk")),
+            "{name}: expected flowguard_<version>_{openwrt_arch}.ipk"
+        );
+
+        let outer: Vec<String> = listing(&ipk).into_iter().map(|(_, _, p)| p).collect();
+        assert_eq!(
+            outer,
+            ["./debian-binary", "./data.tar.gz", "./control.tar.gz"],
+            "{name}: outer members"
+        );
+        let tmp = TempDir::new(&format!("ipk-{arch}"));
+        untar(&ipk, &tmp.0);
+        assert_eq!(read_path(&tmp.0.join("debian-binary")), "2.0\n");
+
+        let data = tmp.0.join("data.tar.gz");
+        let files: Vec<(String, String, String)> = listing(&data)
+            .into_iter()
+            .filter(|(mode, _, _)| !mode.starts_with('d'))
+            .collect();
+        let expect = [
+            ("-rw-r--r--", "./etc/config/flowguard"),
+            ("-rwxr-xr-x", "./etc/init.d/flowguard"),
+            ("-rwxr-xr-x", "./usr/sbin/flowguard"),
+        ];
+        assert_eq!(files.len(), expect.len(), "{name}: data files {files:?}");
+        for ((mode, owner, path), (want_mode, want_path)) in files.iter().zip(expect) {
+            assert_eq!(
+                (mode.as_str(), path.as_str()),
+                (want_mode, want_path),
+                "{name}"
+            );
+            assert_eq!(owner, "0/0", "{name}: {path} must be owned by root");
+        }
+        let root = tmp.0.join("data");
+        untar(&data, &root);
+        assert_eq!(
+            read_path(&root.join("etc/init.d/flowguard")),
+            read(INIT),
+            "{name}: the init script is dist/openwrt's"
+        );
+        assert_eq!(read_path(&root.join("etc/config/flowguard")), read(UCI));
+        let elf = fs::read(root.join("usr/sbin/flowguard")).unwrap();
+        assert_eq!(&elf[..4], b"\x7fELF", "{name}: the binary is not ELF");
+        assert_eq!(elf[5] == 2, big_endian, "{name}: byte order");
+        let e_machine = if big_endian {
+            u16::from_be_bytes([elf[18], elf[19]])
+        } else {
+            u16::from_le_bytes([elf[18], elf[19]])
+        };
+        assert_eq!(e_machine, machine, "{name}: ELF machine");
+        let installed: u64 = [
+            "usr/sbin/flowguard",
+            "etc/init.d/flowguard",
+            "etc/config/flowguard",
+        ]
+        .iter()
+        .map(|p| fs::metadata(root.join(p)).unwrap().len())
+        .sum();
+
+        let control_dir = tmp.0.join("control");
+        untar(&tmp.0.join("control.tar.gz"), &control_dir);
+        let control = read_path(&control_dir.join("control"));
+        let field = |key: &str| -> String {
+            control
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}: ")))
+                .unwrap_or_else(|| panic!("{name}: no {key} field in\n{control}"))
+                .to_owned()
+        };
+        assert_eq!(field("Package"), "flowguard");
+        assert_eq!(field("Architecture"), openwrt_arch);
+        assert!(
+            field("Version").starts_with(&format!("{}-r", env!("CARGO_PKG_VERSION"))),
+            "{name}: Version {}",
+            field("Version")
+        );
+        assert_eq!(field("Installed-Size"), installed.to_string());
+        assert_eq!(field("License"), "MIT OR Apache-2.0");
+        assert!(!field("Maintainer").is_empty() && !field("Description").is_empty());
+        assert!(
+            control.lines().all(|l| !l.starts_with("Depends:")),
+            "{name}: a 24.10 (kernel 6.6, TCX) package needs no dependency: {control}"
+        );
+        assert_eq!(
+            read_path(&control_dir.join("conffiles")),
+            "/etc/config/flowguard\n"
+        );
+        for script in ["postinst", "prerm"] {
+            let path = control_dir.join(script);
+            let out = Command::new("sh").arg("-n").arg(&path).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{name}: {script}: {}",
+                output_text(&out)
+            );
+        }
+        checked += 1;
+    }
+    println!("checked {checked} package(s)");
+}
+
+fn read_path(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}

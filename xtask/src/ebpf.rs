@@ -46,7 +46,7 @@ pub fn ebpf_object_path(profile: Profile) -> PathBuf {
 }
 
 pub fn build_ebpf(tools: &Tools, profile: Profile) -> Result<PathBuf> {
-    let mut command = ebpf_cargo(tools, "build");
+    let mut command = ebpf_cargo(tools, "build", TARGET, std::env::consts::ARCH, TARGET_DIR);
     if profile == Profile::Release {
         command.arg("--release");
     }
@@ -59,14 +59,39 @@ pub fn build_ebpf(tools: &Tools, profile: Profile) -> Result<PathBuf> {
 /// Lints the eBPF crate with the toolchain that builds it: the host's clippy
 /// cannot check it (no `core` for the BPF target, duplicate `panic_impl`).
 pub fn clippy_ebpf(tools: &Tools, hint: &str) -> Result<()> {
-    let mut command = ebpf_cargo(tools, "clippy");
+    let mut command = ebpf_cargo(tools, "clippy", TARGET, std::env::consts::ARCH, TARGET_DIR);
     command.args(["--release", "--", "-D", "warnings"]);
     step::run_or_explain("Linting the eBPF crate (clippy)", &mut command, hint)
 }
 
-/// `cargo <subcommand> -p flowguard-ebpf --target bpfel-unknown-none -Z build-std=core`
+/// The release eBPF object for another machine's kernel: `target` is
+/// `bpfel-unknown-none` or `bpfeb-unknown-none` (its byte order), `arch` its
+/// `bpf_target_arch`. Each pair has its own target directory so that
+/// switching between them rebuilds nothing.
+pub fn build_ebpf_for(tools: &Tools, target: &str, arch: &str) -> Result<PathBuf> {
+    let target_dir = format!("target/cross/bpf-{arch}");
+    let mut command = ebpf_cargo(tools, "build", target, arch, &target_dir);
+    command.arg("--release");
+    step::run(
+        &format!("Building the eBPF programs for {target}, bpf_target_arch {arch}"),
+        &mut command,
+    )?;
+    Ok(step::workspace_root()
+        .join(target_dir)
+        .join(target)
+        .join("release")
+        .join(OBJECT_NAME))
+}
+
+/// `cargo <subcommand> -p flowguard-ebpf --target <target> -Z build-std=core`
 /// with the eBPF toolchain, in a clean environment, from the workspace root.
-fn ebpf_cargo(tools: &Tools, subcommand: &str) -> Command {
+fn ebpf_cargo(
+    tools: &Tools,
+    subcommand: &str,
+    target: &str,
+    arch: &str,
+    target_dir: &str,
+) -> Command {
     let mut command = match &tools.ebpf_toolchain {
         EbpfToolchain::Nightly { rustc } => {
             let mut command = Command::new("rustup");
@@ -89,17 +114,17 @@ fn ebpf_cargo(tools: &Tools, subcommand: &str) -> Command {
     command
         .current_dir(step::workspace_root())
         .env("PATH", path_with(&tools.bin_dir, &tools.ebpf_toolchain))
-        .env("CARGO_ENCODED_RUSTFLAGS", ebpf_rustflags())
+        .env("CARGO_ENCODED_RUSTFLAGS", ebpf_rustflags(arch))
         .arg(subcommand)
-        .args(["-p", "flowguard-ebpf", "--target", TARGET])
-        .args(["-Z", "build-std=core", "--target-dir", TARGET_DIR]);
+        .args(["-p", "flowguard-ebpf", "--target", target])
+        .args(["-Z", "build-std=core", "--target-dir", target_dir]);
     command
 }
 
-/// `bpf_target_arch` tells aya-ebpf the layout of the host kernel's
-/// structures; BTF (`-Cdebuginfo=2 -Clink-arg=--btf`) gives maps named fields.
-fn ebpf_rustflags() -> String {
-    let arch = std::env::consts::ARCH;
+/// `bpf_target_arch` tells aya-ebpf the layout of the kernel's structures
+/// (the machine the object is for); BTF (`-Cdebuginfo=2 -Clink-arg=--btf`)
+/// gives maps named fields.
+fn ebpf_rustflags(arch: &str) -> String {
     [
         format!("--cfg=bpf_target_arch=\"{arch}\""),
         "-Cdebuginfo=2".to_owned(),
@@ -112,7 +137,7 @@ fn ebpf_rustflags() -> String {
 /// build's settings: rustup's toolchain choice, flags and wrappers, and every
 /// `CARGO*` variable that cargo set for xtask (manifest, package, target dir).
 /// Kept: the user's cargo home, network and terminal settings.
-fn clean_env(command: &mut Command) {
+pub fn clean_env(command: &mut Command) {
     const REMOVE: &[&str] = &[
         "RUSTUP_TOOLCHAIN",
         "RUSTUP_TOOLCHAIN_SOURCE",

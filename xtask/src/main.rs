@@ -2,7 +2,9 @@
 //! one function; setup and the eBPF build live in their own modules because
 //! they need a toolchain of their own.
 
+mod dist;
 mod ebpf;
+mod ipk;
 mod lab;
 mod setup;
 mod step;
@@ -58,12 +60,19 @@ enum Verb {
         args: Vec<String>,
     },
     /// Run the whole test suite: setup, eBPF build, fmt, clippy, build, tests,
-    /// and the quick subset of the VM lab.
+    /// the user side's unit tests for aarch64 and mips under qemu-user, and
+    /// the quick subset of the VM lab.
     Test {
         /// Skip rustfmt and clippy, for quick iteration.
         #[arg(long)]
         no_lint: bool,
     },
+    /// Cross-build the user side's unit tests for aarch64 and mips and run
+    /// them under qemu-user (a step of `test`).
+    TestQemu,
+    /// Build static, size-checked musl binaries and OpenWrt packages for
+    /// routers under target/dist/<arch>/.
+    Dist(dist::DistArgs),
     /// Reproduce the flowtable stale-MAC bug on a Debian kernel in qemu and
     /// check flowguard's roles against it (needs root; see lab/).
     Lab(lab::LabArgs),
@@ -79,6 +88,8 @@ fn main() -> ExitCode {
         Verb::Demo { args } => demo(&args),
         Verb::Bench { args } => bench(&args),
         Verb::Test { no_lint } => test(no_lint),
+        Verb::TestQemu => test_qemu(),
+        Verb::Dist(args) => dist::dist(&args),
         Verb::Lab(args) => lab::lab(&args),
     };
     match result {
@@ -200,9 +211,24 @@ fn test(no_lint: bool) -> Result<()> {
             .env("FLOWGUARD_BIN", &flowguard),
         "see the failing tests above",
     )?;
+    qemu_unit_tests(&object)?;
     println!("==> The real-kernel lab, quick subset (the flowtable bug in a VM)");
     lab::lab(&lab::quick_args(flowguard))?;
     println!("All test steps passed.");
+    Ok(())
+}
+
+fn test_qemu() -> Result<()> {
+    let tools = setup::setup()?;
+    let object = ebpf::build_ebpf(&tools, Profile::Release)?;
+    qemu_unit_tests(&object)
+}
+
+/// The user side on a 64-bit little-endian and a 32-bit big-endian CPU.
+fn qemu_unit_tests(object: &Path) -> Result<()> {
+    for name in dist::QEMU_TEST_ARCHES {
+        dist::qemu_unit_tests(dist::arch(name), object)?;
+    }
     Ok(())
 }
 

@@ -29,6 +29,15 @@ const APT_PACKAGES: &[&str] = &[
     "iputils-ping",
     "iputils-arping",
     "shellcheck",
+    // `cargo xtask dist` and the qemu-user tests: clang/lld link the static
+    // musl builds, llvm-22 strips the eBPF object, musl-dev is the x86_64
+    // sysroot, make builds musl for mips.
+    "clang-22",
+    "lld-22",
+    "llvm-22",
+    "musl-dev",
+    "make",
+    "qemu-user-static",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -129,7 +138,7 @@ fn is_root() -> bool {
 
 /// Where downloaded and built tools live, outside the repository so that
 /// clones and `cargo clean` share them.
-fn cache_dir() -> Result<PathBuf> {
+pub fn cache_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("FLOWGUARD_CACHE") {
         return Ok(PathBuf::from(dir));
     }

@@ -373,9 +373,10 @@ fn open_socket() -> Result<Socket, ConntrackError> {
 }
 
 fn set_recv_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
+    // `as _`: 32-bit musl deprecates the time_t/suseconds_t aliases.
     let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+        tv_sec: timeout.as_secs() as _,
+        tv_usec: timeout.subsec_micros() as _,
     };
     // SAFETY: tv is a valid timeval and the length passed is its size.
     let rc = unsafe {

@@ -715,12 +715,18 @@ pub(crate) mod tests {
         let attr = ConntrackAttribute::CtaTupleOrig(tuple_nlas(&t));
         let mut buf = vec![0; attr.buffer_len()];
         attr.emit(&mut buf);
-        let find = |needle: &[u8]| buf.windows(needle.len()).any(|w| w == needle);
+        // The attribute header (length, type) is host-endian, the value not.
+        let find = |len: u16, kind: u16, value: &[u8]| {
+            let mut needle = len.to_ne_bytes().to_vec();
+            needle.extend(kind.to_ne_bytes());
+            needle.extend(value);
+            buf.windows(needle.len()).any(|w| w == needle)
+        };
         // CTA_PROTO_SRC_PORT: len 6, type 2, 0x12 0x34
-        assert!(find(&[6, 0, 2, 0, 0x12, 0x34]));
-        assert!(find(&[6, 0, 3, 0, 0xab, 0xcd]));
+        assert!(find(6, 2, &[0x12, 0x34]));
+        assert!(find(6, 3, &[0xab, 0xcd]));
         // CTA_IP_V4_SRC: len 8, type 1, 10.0.0.2
-        assert!(find(&[8, 0, 1, 0, 10, 0, 0, 2]));
+        assert!(find(8, 1, &[10, 0, 0, 2]));
     }
 
     #[test]
@@ -931,7 +937,8 @@ pub(crate) mod tests {
                             Field::Src => CTA_FILTER_F_CTA_IP_SRC,
                             Field::Dst => CTA_FILTER_F_CTA_IP_DST,
                         };
-                        let mut expected = vec![8, 0];
+                        // nla_len is host-endian too (found on big-endian mips).
+                        let mut expected = 8u16.to_ne_bytes().to_vec();
                         expected.extend(kind.to_ne_bytes());
                         expected.extend(flag.to_ne_bytes());
                         assert_eq!(value, expected);
