@@ -173,7 +173,7 @@ run_case() { # SCENARIO ROLE
   case $role in
     router)  fgns=router; fgargs=(--egress lan1 --prefix $PREFIX --evict offloaded) ;;
     observe) fgns=router; fgargs=(--auto --prefix $PREFIX --evict offloaded --mode observe) ;;
-    host)    fgns=host;   fgargs=(--ingress eth0 --egress eth0 --learn --prefix $PREFIX) ;;
+    host|restart) fgns=host; fgargs=(--ingress eth0 --egress eth0 --learn --prefix $PREFIX) ;;
     none|ctdel) ;;
     *) echo "LABRESULT scenario=$scen role=$role setup=unknown-role"; teardown; return ;;
   esac
@@ -233,8 +233,29 @@ run_case() { # SCENARIO ROLE
     $R conntrack -D --reply-src $CIP --status OFFLOAD 2>&1 | sed 's/^/ctdel| /'
   fi
 
+  # restart: while the host role rewrites the stale stream, flowguard is killed
+  # (SIGKILL: no cleanup) and started again on the same pin directory; the
+  # pinned programs keep guarding meanwhile and the new instance adopts them
+  local t_kill="" t_back="" restart_wait=0
+  if [ $role = restart ] && [ $fgstate = ready ]; then
+    sleep 2; restart_wait=2
+    t_kill=$(now); kill -KILL $fgpid; wait $fgpid 2>/dev/null
+    log "flowguard killed (SIGKILL); starting it again on $pin"
+    ip netns exec $fgns flowguard run "${fgargs[@]}" --pin-dir "$pin" > "$L/flowguard2.log" 2>&1 &
+    fgpid=$!
+    wait_until 60 fg_settled $fgpid "$L/flowguard2.log"
+    t_back=$(now)
+    if grep -q 'flowguard: ready' "$L/flowguard2.log" && kill -0 $fgpid 2>/dev/null; then
+      log "flowguard ready again"
+    else
+      fgstate=failed
+      echo "LABNOTE scenario=$scen role=$role flowguard did not restart: $(grep -v '^\[' "$L/flowguard2.log" | head -n 1)"
+    fi
+    restart_wait=$(( restart_wait + ${t_back%.*} - ${t_kill%.*} ))
+  fi
+
   # watch; take flowguard's stale count 3 s before the end to see whether it still grows
-  sleep $(( WINDOW - 3 ))
+  sleep $(( WINDOW - 3 - restart_wait > 1 ? WINDOW - 3 - restart_wait : 1 ))
   [ $fgstate = ready ] && ip netns exec $fgns flowguard status --json --pin-dir "$pin" > "$L/status.mid" 2>&1
   sleep 3
   local t_end; t_end=$(now)
@@ -261,6 +282,15 @@ run_case() { # SCENARIO ROLE
     evict_lines=$(grep -v '^\[' "$L/flowguard.log" | grep -c 'evicted')
     [ "$evicted" = - ] && [ $fgstate = ready ] && evicted=$evict_lines
     echo "--- flowguard output (exit code $fg_rc):"; sed 's/^/fg| /' "$L/flowguard.log"
+    [ -f "$L/flowguard2.log" ] && { echo "--- the restarted flowguard:"; sed 's/^/fg2| /' "$L/flowguard2.log"; }
+  fi
+  # packets sent from the kill until 0.5 s after the restarted flowguard was ready that never arrived
+  local lost_restart=-
+  if [ -n "$t_kill" ] && [ -n "$t_back" ]; then
+    lost_restart=$(awk -v a="$t_kill" -v b="$t_back" '
+      FILENAME ~ /wan.log$/ && $3 == "tx" && $1 >= a && $1 <= b + 0.5 { split($4, x, "="); sent[x[2]] = 1 }
+      FILENAME ~ /container-B.log$/ && $3 == "rx" { s = $NF; gsub(/[^0-9]/, "", s); got[s] = 1 }
+      END { n = 0; for (k in sent) if (!(k in got)) n++; print n }' "$L/wan.log" "$L/container-B.log")
   fi
 
   # the container's side: loss and time to recovery, from the logs' monotonic timestamps
@@ -296,7 +326,7 @@ run_case() { # SCENARIO ROLE
     "sent_after=$sent_after received_after=$received_after lost=$lost recovery_ms=$recovery_ms rx_b=$rx_b" \
     "stale=$stale stale_late=$stale_late rewritten=$rewritten evicted=$evicted evict_lines=$evict_lines" \
     "main_replaced=$main_replaced reoffloaded=$reoffloaded nonoff_kept=$nonoff_kept nonoff_offloaded=$nonoff_was_offloaded" \
-    "other_kept=$other_kept other_offloaded=$other_offloaded" \
+    "other_kept=$other_kept other_offloaded=$other_offloaded lost_restart=$lost_restart" \
     "secs=$(awk -v a="$T0" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}')"
   teardown
 }

@@ -211,11 +211,7 @@ impl Guard {
         let object = object().ok_or(LoadError::NoObject)?;
         let (lock, created, kept) = lock_pin_dir(&opts.pin_dir)?;
         let result = ports_free(opts)
-            .and_then(|()| Self::load_and_attach(opts, object, &own_macs, lock))
-            .map(|mut guard| {
-                guard.restore_endpoints(kept);
-                guard
-            });
+            .and_then(|()| Self::load_and_attach(opts, object, &own_macs, lock, kept));
         if result.is_err() && created {
             let _ = fs::remove_dir(&opts.pin_dir);
         }
@@ -227,6 +223,7 @@ impl Guard {
         object: &[u8],
         own_macs: &[Mac],
         lock: fs::File,
+        kept: KeptEndpoints,
     ) -> Result<Self, LoadError> {
         let mut ebpf = load_without_kernel_btf(object, opts.max_endpoints)?;
         // The kernel side logs only on rare paths; forward those lines to `log`.
@@ -269,6 +266,10 @@ impl Guard {
             own_macs: own_macs.to_vec(),
             endpoint_capacity: opts.max_endpoints,
         };
+        // Before any program is attached: an adopted link switches to the new
+        // program at once, which must find the endpoints the killed
+        // instance guarded (an empty map would let stale frames through).
+        guard.restore_endpoints(kept);
         if !opts.ingress.is_empty() {
             guard.attach_xdp(&opts.ingress, opts.xdp)?;
         }

@@ -45,7 +45,11 @@ const CONTROL: &str = "control";
 const FULL_ROLES: &[&str] = &["none", "router", "host", "observe"];
 /// The blog scenario also runs `ctdel`: the eviction done by hand with
 /// conntrack(8), which shows what the router role's eviction evidence looks like.
-const BLOG_ROLES: &[&str] = &["none", "ctdel", "router", "host", "observe"];
+///
+/// And `restart`: the host role, killed with SIGKILL while it rewrites the
+/// stale stream and started again on the same pin directory; the pinned
+/// programs must keep guarding meanwhile (no packet lost to the restart).
+const BLOG_ROLES: &[&str] = &["none", "ctdel", "router", "host", "observe", "restart"];
 const CONTROL_ROLES: &[&str] = &["none", "router", "host"];
 const DEFAULT_CACHE: &str = "/var/cache/flowguard/lab";
 const QUICK_ROLES: &[&str] = &["none", "router", "observe", "host"];
@@ -532,6 +536,18 @@ fn check(r: &CaseResult) -> Vec<String> {
             expect(stale.unwrap_or(0) > 0, "no stale frames counted");
             expect(num("rewritten").unwrap_or(0) > 0, "nothing rewritten");
             expect(evicted == 0, "the host role evicted something");
+        }
+        (false, "restart") => {
+            expect(
+                recovered_within(FIX_RECOVERY_MS),
+                &format!("no recovery within {FIX_RECOVERY_MS} ms"),
+            );
+            expect(num("rewritten").unwrap_or(0) > 0, "nothing rewritten");
+            expect(evicted == 0, "the host role evicted something");
+            expect(
+                num("lost_restart") == Some(0),
+                "packets lost while flowguard was killed and started again",
+            );
         }
         (false, "none") => expect(
             received == 0,
