@@ -53,14 +53,14 @@ wait_until() { # TIMEOUT_S CMD... : poll every 0.3s until CMD succeeds
 }
 rx_count() { grep -c ' rx ' "$1" 2>/dev/null || true; }
 ct_list() { $R conntrack -L -p udp -o id 2>/dev/null; }
-# the conntrack line of the flow whose original source port is $2, from listing $1:
-# the first sport= of a line is the original direction's (a reply tuple may hold
-# the same port, e.g. an entry the container's answer opened from the LAN side
-# right after an eviction)
-orig_sport_is() { awk -v p="sport=$1" '{ for (i = 1; i <= NF; i++) if ($i ~ /^sport=/) { if ($i == p) print; break } }'; }
-ct_line() { orig_sport_is "$2" < "$1" | head -n 1; }
+# the conntrack lines of the flow of the WAN peer's source port $2, from listing $1
+ct_line() { grep -- "sport=$2 " "$1" | head -n 1; }
 ct_id() { ct_line "$1" "$2" | sed -n 's/.*id=\([0-9]*\).*/\1/p'; }
-ct_offloaded() { ct_line "$1" "$2" | grep -q OFFLOAD; }
+# whether an entry of that flow is offloaded: right after an eviction the
+# container's answer may open the flow's entry from the LAN side (then the port
+# stands in its reply tuple; routed, that entry carries the flow and is
+# offloaded), or leave such an entry unreplied beside the offloaded one (NAT)
+ct_offloaded() { grep -- "sport=$2 " "$1" | grep -q OFFLOAD; }
 flow_offloaded() { ct_list > "$L/ct.now"; ct_offloaded "$L/ct.now" "$1"; }
 neigh_is_new() { [ "$(neigh_mac)" = $NEW_MAC ]; }
 neigh_mac() { $R ip neigh show $CIP | awk '{for(i=1;i<NF;i++) if($i=="lladdr") print $(i+1)}'; }
@@ -315,7 +315,7 @@ run_case() { # SCENARIO ROLE
   # entry often gets the same id): the main flow's entry destroyed and offloaded
   # again; the never-offloaded entry of the same IP and the other endpoint's
   # entry never destroyed
-  destroyed() { grep DESTROY "$L/ct.events" | orig_sport_is "$1" | grep -c .; }
+  destroyed() { grep DESTROY "$L/ct.events" | grep -c -- "sport=$1 "; }
   local main_replaced=0 reoffloaded=0 nonoff_kept=0 other_kept=0 other_offloaded=0
   [ "$(destroyed 40000)" -gt 0 ] && main_replaced=1
   [ $main_replaced = 1 ] && ct_offloaded "$L/ct.after" 40000 && reoffloaded=1
