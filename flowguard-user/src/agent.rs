@@ -24,8 +24,8 @@ use crate::{
     events,
     loader::{Guard, KernelLogger},
     metrics,
-    neigh::{self, Desired, MapChange, NeighCache, NeighEvent, NeighbourSource},
-    probe::{self, ProbeOptions, ProbeReport, Target, Targets},
+    neigh::{self, MapChange, NeighCache, NeighEvent, NeighbourSource},
+    probe::{self, ProbeOptions, ProbeReport, Targets},
     settings::{key_ip, Mac, Prefix},
     sys,
 };
@@ -113,14 +113,18 @@ pub async fn run(
     let mut departed = Departed::default();
     let mut full = FullMap::new(guard.endpoint_capacity);
 
-    let mut cache = NeighCache::new(opts.prefixes.clone());
+    // Shared with the prober, which reads where to ask each endpoint.
+    let shared = Targets::new(std::sync::Mutex::new(NeighCache::new(
+        opts.prefixes.clone(),
+    )));
+    let neighbours = || shared.lock().expect("neighbour cache lock");
     let mut source = None;
     if opts.neighbours {
         let (src, entries) = NeighbourSource::open()
             .await
             .context("reading the neighbour table")?;
-        cache.replace_all(entries);
-        let changes = reconcile(guard, &cache, &mut full)?;
+        neighbours().replace_all(entries);
+        let changes = reconcile(guard, &neighbours(), &mut full)?;
         report_changes(
             guard,
             &changes,
@@ -131,18 +135,16 @@ pub async fn run(
         )?;
         crate::say!(
             "flowguard: following the neighbour table ({} endpoints in the prefixes{})",
-            cache.ips().count(),
+            neighbours().len(),
             full.describe()
         );
         source = Some(src);
     }
     let (probe_tx, mut probe_reports) = mpsc::unbounded_channel();
-    let targets = Targets::default();
     match (&opts.probe, source.is_some()) {
         (Some(p), true) => {
-            publish_targets(&targets, &cache, None);
             let active = probe::conntrack_active_set(p.selection, p.prefixes.clone());
-            match probe::start(p.clone(), targets.clone(), active, probe_tx) {
+            match probe::start(p.clone(), shared.clone(), active, probe_tx) {
                 Ok(()) => crate::say!(
                     "flowguard: probing endpoints that carry {} every {} ms (ARP: the cached MAC, then broadcast)",
                     match p.selection {
@@ -182,14 +184,14 @@ pub async fn run(
             _ = hup.recv() => {
                 let neighbours = match source.as_mut() {
                     Some(src) => {
-                        cache.replace_all(src.dump().await.context("dumping the neighbour table")?);
-                        publish_targets(&targets, &cache, None);
-                        let changes = reconcile(guard, &cache, &mut full)?;
+                        let entries = src.dump().await.context("dumping the neighbour table")?;
+                        neighbours().replace_all(entries);
+                        let changes = reconcile(guard, &neighbours(), &mut full)?;
                         bump(guard, |c| c.reconciles += 1)?;
                         report_changes(guard, &changes, &mut policy, &mut departed, evictor.as_ref(), true)?;
                         format!(
                             "read the neighbour table again ({} endpoints in the prefixes, {} changed)",
-                            cache.ips().count(),
+                            neighbours().len(),
                             changes.len()
                         )
                     }
@@ -228,15 +230,15 @@ pub async fn run(
                 let changes = if matches!(ev, NeighEvent::Overflow) {
                     log::warn!("missed neighbour events (the kernel's buffer overflowed): reading the whole table again");
                     bump(guard, |c| c.neigh_overflows += 1)?;
-                    cache.replace_all(src.dump().await.context("dumping the neighbour table")?);
-                    publish_targets(&targets, &cache, None);
-                    reconcile(guard, &cache, &mut full)?
+                    let entries = src.dump().await.context("dumping the neighbour table")?;
+                    neighbours().replace_all(entries);
+                    reconcile(guard, &neighbours(), &mut full)?
                 } else {
                     let mut map = guard.endpoints()?;
                     let mut changes = Vec::new();
                     let mut dropped = 0;
+                    let mut cache = neighbours();
                     let ips = cache.apply(&ev);
-                    publish_targets(&targets, &cache, Some(&ips));
                     for ip in ips {
                         match neigh::sync_ip(&mut map, &cache, ip) {
                             Ok(Some(c)) => changes.push(c),
@@ -255,9 +257,9 @@ pub async fn run(
             }
             _ = reconcile_timer.tick(), if source.is_some() => {
                 let src = source.as_mut().expect("guarded by the condition");
-                cache.replace_all(src.dump().await.context("dumping the neighbour table")?);
-                publish_targets(&targets, &cache, None);
-                let changes = reconcile(guard, &cache, &mut full)?;
+                let entries = src.dump().await.context("dumping the neighbour table")?;
+                neighbours().replace_all(entries);
+                let changes = reconcile(guard, &neighbours(), &mut full)?;
                 bump(guard, |c| c.reconciles += 1)?;
                 if !changes.is_empty() {
                     log::info!("periodic reconcile repaired {} endpoints", changes.len());
@@ -351,35 +353,6 @@ async fn next_neigh(source: &mut Option<NeighbourSource>) -> Result<NeighEvent, 
     match source {
         Some(s) => s.next_event().await,
         None => std::future::pending().await,
-    }
-}
-
-/// Tells the prober where each endpoint's neighbour entry is and which MAC
-/// it caches: for `ips`, or for every IP when `None`. Ambiguous and absent
-/// IPs are not probed (the neighbour table's own ambiguity is reported
-/// already; an absent one has no cached MAC to validate).
-fn publish_targets(targets: &Targets, cache: &NeighCache, ips: Option<&[IpAddr]>) {
-    let target = |ip: IpAddr| match cache.desired(ip) {
-        Desired::Mac(mac) => cache
-            .entries(ip)
-            .next()
-            .map(|(ifindex, _, _)| Target { ifindex, mac }),
-        Desired::Ambiguous(_) | Desired::Absent => None,
-    };
-    let mut t = targets.lock().expect("targets lock");
-    match ips {
-        None => {
-            t.clear();
-            t.extend(cache.ips().filter_map(|ip| Some((ip, target(ip)?))));
-        }
-        Some(ips) => {
-            for ip in ips {
-                match target(*ip) {
-                    Some(x) => t.insert(*ip, x),
-                    None => t.remove(ip),
-                };
-            }
-        }
     }
 }
 

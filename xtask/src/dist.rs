@@ -179,16 +179,8 @@ pub fn dist(args: &DistArgs) -> Result<()> {
     let mut built = Vec::new();
     for arch in arches {
         let started = Instant::now();
-        let toolchain = CrossToolchain::prepare(arch)?;
-        let object = build_stripped_ebpf(&tools, arch)?;
-        let binary = toolchain.build_flowguard(&object)?;
-        let out_dir = step::workspace_root().join("target/dist").join(arch.name);
-        fs::create_dir_all(&out_dir)
-            .with_context(|| format!("could not create {}", out_dir.display()))?;
-        let dest = out_dir.join("flowguard");
-        fs::copy(&binary, &dest).with_context(|| {
-            format!("could not copy {} to {}", binary.display(), dest.display())
-        })?;
+        let (dest, object) = build_binary(&tools, arch)?;
+        let out_dir = dest.parent().expect("under target/dist").to_path_buf();
         let package = crate::ipk::build(arch, &dest, &out_dir)?;
         println!(
             "{}: {} in {:.0} s",
@@ -206,6 +198,21 @@ pub fn dist(args: &DistArgs) -> Result<()> {
         });
     }
     report_and_check_sizes(&built)
+}
+
+/// Builds `arch`'s static binary into target/dist/<arch>/flowguard; returns
+/// it and the eBPF object it carries.
+pub fn build_binary(tools: &setup::Tools, arch: &'static Arch) -> Result<(PathBuf, PathBuf)> {
+    let toolchain = CrossToolchain::prepare(arch)?;
+    let object = build_stripped_ebpf(tools, arch)?;
+    let binary = toolchain.build_flowguard(&object)?;
+    let out_dir = step::workspace_root().join("target/dist").join(arch.name);
+    fs::create_dir_all(&out_dir)
+        .with_context(|| format!("could not create {}", out_dir.display()))?;
+    let dest = out_dir.join("flowguard");
+    fs::copy(&binary, &dest)
+        .with_context(|| format!("could not copy {} to {}", binary.display(), dest.display()))?;
+    Ok((dest, object))
 }
 
 fn file_size(path: &Path) -> Result<u64> {

@@ -212,6 +212,7 @@ fn test(no_lint: bool) -> Result<()> {
         "see the failing tests above",
     )?;
     qemu_unit_tests(&object)?;
+    router_memory(&tools, &object)?;
     println!("==> The real-kernel lab, quick subset (the flowtable bug in a VM)");
     lab::lab(&lab::quick_args(flowguard))?;
     println!("All test steps passed.");
@@ -222,6 +223,31 @@ fn test_qemu() -> Result<()> {
     let tools = setup::setup()?;
     let object = ebpf::build_ebpf(&tools, Profile::Release)?;
     qemu_unit_tests(&object)
+}
+
+/// The memory budget of what routers run (static musl, idle and with
+/// 16,000 endpoints), held on the x86_64 build: the same code and allocator
+/// as the router builds, on this machine's kernel.
+fn router_memory(tools: &setup::Tools, object: &Path) -> Result<()> {
+    let (binary, _) = dist::build_binary(tools, dist::arch("x86_64"))?;
+    step::run_or_explain(
+        "Memory of the static musl build: idle and with 16,000 endpoints",
+        host_cargo(object)
+            .args([
+                "test",
+                "--release",
+                "-p",
+                "flowguard-tests",
+                "--test",
+                "routers",
+                "memory",
+                "--",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env("FLOWGUARD_BIN", &binary),
+        "the router build is over its memory budget (see the figures above)",
+    )
 }
 
 /// The user side on a 64-bit little-endian and a 32-bit big-endian CPU.

@@ -33,6 +33,7 @@ use std::{
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
+    neigh::NeighCache,
     settings::{Mac, Prefix},
     sys,
 };
@@ -75,9 +76,11 @@ pub struct Target {
     pub mac: Mac,
 }
 
-/// The endpoints the prober may ask about, kept current by the agent from
-/// its neighbour cache (IPs whose MAC is not ambiguous).
-pub type Targets = Arc<Mutex<HashMap<IpAddr, Target>>>;
+/// The endpoints the prober may ask about: the agent's own neighbour cache,
+/// shared (one copy of what the neighbour table says; a router with 16,000
+/// endpoints must stay within 4 MB resident). IPs whose MAC is ambiguous
+/// are not asked.
+pub type Targets = Arc<Mutex<NeighCache>>;
 
 /// The IPs that carry flows (see [`Selection`]), or why they could not be read.
 pub type ActiveSet = Box<dyn FnMut() -> Result<HashSet<IpAddr>, String> + Send>;
@@ -201,7 +204,7 @@ struct Candidate {
 /// in turn from `offset` so that an over-budget set is covered round by round.
 fn pick(
     active: &HashSet<IpAddr>,
-    targets: &HashMap<IpAddr, Target>,
+    target: impl Fn(IpAddr) -> Option<Target>,
     quiet: &HashMap<IpAddr, Instant>,
     now: Instant,
     budget: usize,
@@ -211,7 +214,7 @@ fn pick(
         .iter()
         .filter(|ip| quiet.get(ip).is_none_or(|until| now >= *until))
         .filter_map(|ip| {
-            let target = *targets.get(ip)?;
+            let target = target(*ip)?;
             Some(Candidate {
                 ip: ip.to_canonical(),
                 target,
@@ -387,9 +390,13 @@ impl Prober {
 
     fn round(&mut self, active: &HashSet<IpAddr>, now: Instant) {
         let candidates = {
-            let targets = self.targets.lock().expect("targets lock");
+            let cache = self.targets.lock().expect("neighbour cache lock");
             let budget = budget(self.opts.max_per_sec, self.opts.interval);
-            pick(active, &targets, &self.quiet, now, budget, &mut self.offset)
+            let target = |ip| {
+                let (ifindex, mac) = cache.target(ip)?;
+                Some(Target { ifindex, mac })
+            };
+            pick(active, target, &self.quiet, now, budget, &mut self.offset)
         };
         self.quiet.retain(|_, until| *until > now);
         self.silent.retain(|ip| active.contains(ip));
@@ -689,7 +696,7 @@ mod tests {
             ifindex: 3,
             mac: OLD,
         };
-        let targets: HashMap<IpAddr, Target> = [
+        let targets: std::collections::BTreeMap<IpAddr, Target> = [
             (ip(1), t),
             (ip(2), t),
             (ip(3), t),
@@ -703,22 +710,44 @@ mod tests {
             .collect();
         let quiet: HashMap<IpAddr, Instant> = [(ip(3), now + Duration::from_secs(1))].into();
         let mut offset = 0;
-        let got: Vec<IpAddr> = pick(&active, &targets, &quiet, now, 10, &mut offset)
-            .into_iter()
-            .map(|c| c.ip)
-            .collect();
+        let got: Vec<IpAddr> = pick(
+            &active,
+            |ip| targets.get(&ip).copied(),
+            &quiet,
+            now,
+            10,
+            &mut offset,
+        )
+        .into_iter()
+        .map(|c| c.ip)
+        .collect();
         // 4 is not active, 9 has no neighbour entry, 3 is quiet.
         assert_eq!(got, [ip(1), ip(2), "fd00::5".parse::<IpAddr>().unwrap()]);
         // Once the quiet time is over, 3 is asked again.
         let later = now + Duration::from_secs(2);
         assert_eq!(
-            pick(&active, &targets, &quiet, later, 10, &mut offset).len(),
+            pick(
+                &active,
+                |ip| targets.get(&ip).copied(),
+                &quiet,
+                later,
+                10,
+                &mut offset
+            )
+            .len(),
             4
         );
         // Over budget: rounds take turns and cover everyone.
         let mut seen = BTreeSet::new();
         for _ in 0..4 {
-            let round = pick(&active, &targets, &quiet, later, 1, &mut offset);
+            let round = pick(
+                &active,
+                |ip| targets.get(&ip).copied(),
+                &quiet,
+                later,
+                1,
+                &mut offset,
+            );
             assert_eq!(round.len(), 1);
             seen.insert(round[0].ip);
         }
