@@ -30,6 +30,19 @@ pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 11, 0);
 /// From this kernel on, tc programs attach with TCX instead of clsact.
 const TCX_KERNEL: KernelVersion = KernelVersion::new(6, 6, 0);
+/// From this kernel on, a flowtable whose devices are bridge ports caches
+/// the destination MAC: Linux 5.13's commit 7a27f6ab4135 ("netfilter:
+/// flowtable: use dev_fill_forward_path() to obtain egress device") added
+/// the direct transmit path (`FLOW_OFFLOAD_XMIT_DIRECT`), which resolves the
+/// path through the bridge once and keeps `h_dest` in the flow. Before it,
+/// the flowtable transmits through the neighbour table for every packet
+/// (the lab: Debian's 5.10 delivers to the new MAC, 6.1 does not). OpenWrt
+/// backported the series to its 5.10 kernels (22.03:
+/// `610-v5.13-19-netfilter-flowtable-use-dev_fill_forward_path-to-obt.patch`).
+pub const MAC_CACHING_KERNEL: KernelVersion = KernelVersion::new(5, 13, 0);
+/// What [`MAC_CACHING_KERNEL`] means, for messages.
+const MAC_CACHING_WHY: &str = "flowtables cache destination MACs on bridge ports from Linux 5.13 \
+     (commit 7a27f6ab4135, the direct transmit path)";
 
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -464,18 +477,19 @@ pub fn facts_from_json(
 /// Turns the facts into verdicts. Touches nothing.
 pub fn diagnose(f: &Facts) -> Report {
     let mut checks = vec![privileges(&f.missing_caps), bpffs(f.bpffs)];
-    checks.push(kernel(&f.kernel));
+    checks.push(kernel(&f.kernel, f.packages));
     checks.extend(tc_module(&f.kernel, f.cls_bpf, f.packages));
     checks.push(btf(f.btf));
     checks.extend(f.fw4.map(fw4_check));
     checks.push(nftables(&f.nft));
+    let kernel_caches = kernel_caches_macs(&f.kernel, f.packages);
     let flowtables = match &f.flowtables {
         Ok(tables) => {
             let reports: Vec<FlowtableReport> = tables
                 .iter()
-                .map(|t| flowtable_report(t, &f.devices))
+                .map(|t| flowtable_report(t, &f.devices, kernel_caches))
                 .collect();
-            checks.extend(flowtable_checks(&reports));
+            checks.extend(flowtable_checks(&reports, kernel_caches));
             Some(reports)
         }
         Err(e) => {
@@ -570,7 +584,20 @@ fn bpffs(mounted: bool) -> Check {
     }
 }
 
-fn kernel(read: &Result<KernelVersion, String>) -> Check {
+/// Whether this kernel's flowtable caches MACs on bridge ports: from 5.13,
+/// and on OpenWrt's 5.10 too, which carries the backport.
+fn kernel_caches_macs(kernel: &Result<KernelVersion, String>, packages: PackageManager) -> bool {
+    match kernel {
+        Ok(v) => {
+            *v >= MAC_CACHING_KERNEL
+                || (packages != PackageManager::Other && *v >= KernelVersion::new(5, 10, 0))
+        }
+        // Unknown: assume the worst.
+        Err(_) => true,
+    }
+}
+
+fn kernel(read: &Result<KernelVersion, String>, packages: PackageManager) -> Check {
     let v = match read {
         Ok(v) => *v,
         Err(why) => {
@@ -584,13 +611,31 @@ fn kernel(read: &Result<KernelVersion, String>) -> Check {
             )
         }
     };
+    let caches = kernel_caches_macs(read, packages);
     if v < MIN_KERNEL {
+        let need = if caches {
+            "upgrade the kernel (this one carries the flowtable's MAC caching, \
+             OpenWrt's 5.10 backport)"
+        } else {
+            "but this kernel does not need it: its flowtable resolves the neighbour for every \
+             packet, so a changed MAC is used at once"
+        };
         return Check::new(
             "kernel",
             Verdict::Fail,
             format!(
-                "Linux {v} is too old: flowguard's programs call bpf_ktime_get_coarse_ns, \
-                 which needs Linux 5.11; upgrade the kernel"
+                "Linux {v} is too old for flowguard's programs: they call \
+                 bpf_ktime_get_coarse_ns, which needs Linux 5.11; {need} ({MAC_CACHING_WHY})"
+            ),
+        );
+    }
+    if !caches {
+        return Check::new(
+            "kernel",
+            Verdict::Info,
+            format!(
+                "Linux {v} does not need flowguard: its flowtable resolves the neighbour for \
+                 every packet, so a changed MAC is used at once ({MAC_CACHING_WHY})"
             ),
         );
     }
@@ -713,6 +758,7 @@ fn nftables(nft: &Result<String, String>) -> Check {
 fn flowtable_report(
     t: &Flowtable,
     roles: &BTreeMap<String, Result<DeviceRole, String>>,
+    kernel_caches: bool,
 ) -> FlowtableReport {
     let devices: Vec<DeviceReport> = t
         .devices
@@ -744,7 +790,8 @@ fn flowtable_report(
             },
         })
         .collect();
-    let caches_macs = t.hw_offload || devices.iter().any(|d| d.role == Role::BridgePort);
+    let caches_macs =
+        t.hw_offload || (kernel_caches && devices.iter().any(|d| d.role == Role::BridgePort));
     FlowtableReport {
         family: t.family.clone(),
         table: t.table.clone(),
@@ -756,7 +803,7 @@ fn flowtable_report(
 }
 
 /// One check per flowtable, or one saying there is none.
-pub fn flowtable_checks(tables: &[FlowtableReport]) -> Vec<Check> {
+pub fn flowtable_checks(tables: &[FlowtableReport], caches: bool) -> Vec<Check> {
     if tables.is_empty() {
         return vec![Check::new(
             "flowtable",
@@ -764,10 +811,10 @@ pub fn flowtable_checks(tables: &[FlowtableReport]) -> Vec<Check> {
             "no flowtable: nothing caches MACs",
         )];
     }
-    tables.iter().map(flowtable_check).collect()
+    tables.iter().map(|t| flowtable_check(t, caches)).collect()
 }
 
-fn flowtable_check(t: &FlowtableReport) -> Check {
+fn flowtable_check(t: &FlowtableReport, caches: bool) -> Check {
     let what = format!("{} {} {}", t.family, t.table, t.name);
     let ports: Vec<&str> = t
         .devices
@@ -782,7 +829,12 @@ fn flowtable_check(t: &FlowtableReport) -> Check {
         .map(|d| d.name.as_str())
         .collect();
     let mut sentences = Vec::new();
-    if !ports.is_empty() {
+    if !ports.is_empty() && !caches {
+        sentences.push(format!(
+            "bridge ports ({}), but no MAC caching on this kernel: {MAC_CACHING_WHY}",
+            ports.join(", ")
+        ));
+    } else if !ports.is_empty() {
         let egress: Vec<String> = ports.iter().map(|p| format!("--egress {p}")).collect();
         sentences.push(format!(
             "caches destination MACs: flowguard's router role is needed here (attach with {} \
@@ -798,8 +850,10 @@ fn flowtable_check(t: &FlowtableReport) -> Check {
                 .to_string(),
         );
     }
-    let verdict = if !sentences.is_empty() {
+    let verdict = if (caches && !ports.is_empty()) || t.hw_offload {
         Verdict::Warn
+    } else if !sentences.is_empty() {
+        Verdict::Info
     } else if !unknown.is_empty() {
         sentences.push(format!(
             "cannot tell whether it caches MACs: {} could not be looked up; a bridge port \
@@ -1151,6 +1205,60 @@ mod tests {
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["flowtables"][0]["devices"][1]["role"], "bridge_port");
         assert_eq!(json["flowtables"][0]["devices"][0]["role"], "plain");
+    }
+
+    #[test]
+    fn kernels_before_5_13_cache_no_macs_except_openwrts_5_10() {
+        let ruleset = |kernel: KernelVersion, packages| {
+            diagnose(&Facts {
+                kernel: Ok(kernel),
+                packages,
+                ..with_ruleset(
+                    json!({"nftables": [metainfo(),
+                        {"flowtable": {"family": "inet", "name": "ft", "table": "fw4",
+                                       "handle": 3, "hook": "ingress", "prio": 0,
+                                       "dev": ["wan", "lan1"]}}]}),
+                    &[
+                        ("wan", link_plain("wan")),
+                        ("lan1", link_port("lan1", "br-lan")),
+                    ],
+                )
+            })
+        };
+        // Mainline 5.12: no direct transmit path yet; the programs would load
+        // (5.11+) but are not needed.
+        let r = ruleset(KernelVersion::new(5, 12, 19), PackageManager::Other);
+        let k = the(&r, "kernel")[0];
+        assert_eq!(k.verdict, Verdict::Info, "{k:?}");
+        assert!(
+            k.message.contains("does not need flowguard") && k.message.contains("7a27f6ab4135"),
+            "{k:?}"
+        );
+        let f = the(&r, "flowtable")[0];
+        assert_eq!(f.verdict, Verdict::Info, "{f:?}");
+        assert!(f.message.contains("no MAC caching on this kernel"), "{f:?}");
+        assert!(!r.flowtables.as_ref().unwrap()[0].caches_macs);
+        // Debian bullseye's 5.10: too old for the programs, and not needed.
+        let r = ruleset(KernelVersion::new(5, 10, 0), PackageManager::Other);
+        let k = the(&r, "kernel")[0];
+        assert_eq!(k.verdict, Verdict::Fail);
+        assert!(
+            k.message.contains("does not need it") && k.message.contains("5.11"),
+            "{k:?}"
+        );
+        // OpenWrt 22.03's 5.10 carries the 5.13 backport: it caches.
+        let r = ruleset(KernelVersion::new(5, 10, 176), PackageManager::Opkg);
+        assert!(the(&r, "kernel")[0].message.contains("upgrade the kernel"));
+        assert_eq!(the(&r, "flowtable")[0].verdict, Verdict::Warn);
+        // 5.13 on: caches.
+        for v in [KernelVersion::new(5, 13, 0), KernelVersion::new(6, 1, 0)] {
+            let r = ruleset(v, PackageManager::Other);
+            assert_eq!(the(&r, "kernel")[0].verdict, Verdict::Ok, "{v}");
+            let f = the(&r, "flowtable")[0];
+            assert_eq!(f.verdict, Verdict::Warn, "{v}");
+            assert!(f.message.contains("caches destination MACs"), "{f:?}");
+            assert!(r.flowtables.as_ref().unwrap()[0].caches_macs);
+        }
     }
 
     #[test]

@@ -930,6 +930,11 @@ const NEWER_HELPERS: &[(u32, &str, &str)] = &[
     (160, "bpf_ktime_get_coarse_ns", "5.11"),
 ];
 
+/// Why an old kernel refusing the programs is no loss (see
+/// `doctor::MAC_CACHING_KERNEL`).
+const NOT_NEEDED_BEFORE_5_13: &str = "mainline kernels before 5.13 do not cache MACs in the \
+     flowtable and do not need flowguard (`flowguard doctor` tells)";
+
 /// The verifier's reason for refusing a program. Its log starts with the
 /// instructions it walked (source lines, register states) and ends with the
 /// verdict, then statistics: the verdict is the last lines before the
@@ -965,10 +970,12 @@ pub fn refusal_reason(log: &str) -> Option<String> {
     if let Some(id) = unknown_helper(&reason) {
         match NEWER_HELPERS.iter().find(|(known, _, _)| *known == id) {
             Some((_, name, version)) => reason.push_str(&format!(
-                " (helper {id} is {name}, in Linux {version} and later: flowguard needs Linux 5.11+)"
+                " (helper {id} is {name}, in Linux {version} and later: flowguard needs Linux 5.11+; \
+                 {NOT_NEEDED_BEFORE_5_13})"
             )),
             None => reason.push_str(&format!(
-                " (helper {id} is missing from this kernel: flowguard needs Linux 5.11+)"
+                " (helper {id} is missing from this kernel: flowguard needs Linux 5.11+; \
+                 {NOT_NEEDED_BEFORE_5_13})"
             )),
         }
     }
