@@ -1,11 +1,14 @@
 #!/bin/bash
-# usage: fetch-kernel.sh SUITE CACHE_DIR      -> prints the unpacked kernel root on the last line
-#        fetch-kernel.sh --deb PATH CACHE_DIR -> unpacks that linux-image .deb instead
-# Downloads (does NOT install) the suite's linux-image-amd64 kernel with
-# `apt-get download` and unpacks it with `dpkg-deb -x` under CACHE_DIR/kernels/.
-# bookworm uses the system's apt lists; any other suite uses a private apt
-# configuration under CACHE_DIR/apt-SUITE, so the host's apt sources and state
-# stay untouched. Downloaded .debs are kept in CACHE_DIR/deb and reused.
+# usage: fetch-kernel.sh [--arch ARCH] SUITE CACHE_DIR -> prints the unpacked kernel root on the last line
+#        fetch-kernel.sh --deb PATH CACHE_DIR         -> unpacks that linux-image .deb instead
+# Downloads (does NOT install) the suite's linux-image-ARCH kernel (ARCH amd64
+# by default, or arm64) with `apt-get download` and unpacks it with
+# `dpkg-deb -x` under CACHE_DIR/kernels/.
+# bookworm amd64 uses the system's apt lists; any other suite or architecture
+# a private apt configuration under CACHE_DIR/apt-SUITE[-ARCH] (private-apt.sh),
+# so the host's apt sources and state stay untouched and no foreign
+# architecture is added to its dpkg. Downloaded .debs are kept in
+# CACHE_DIR/deb and reused.
 set -euo pipefail
 if [ "${1:-}" = --deb ]; then
   DEB=$(readlink -f "$2"); CACHE=$3
@@ -15,26 +18,20 @@ if [ "${1:-}" = --deb ]; then
   fi
   echo "$DEST"; exit 0
 fi
+ARCH=amd64
+if [ "${1:-}" = --arch ]; then ARCH=$2; shift 2; fi
 SUITE=${1:-bookworm}; CACHE=$2
 mkdir -p "$CACHE/deb"
-if [ "$SUITE" = bookworm ]; then
+. "$(dirname "$0")/private-apt.sh"
+if [ "$ARCH" != amd64 ]; then
+  private_apt "$SUITE" "$CACHE" "$ARCH"
+elif [ "$SUITE" = bookworm ]; then
   unset APT_CONFIG
 else
-  A=$CACHE/apt-$SUITE
-  mkdir -p "$A/lists/partial" "$A/cache/archives/partial" "$A/sources.list.d"
-  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $SUITE main" > "$A/sources.list"
-  cat > "$A/apt.conf" <<C
-Dir::Etc::SourceList "$A/sources.list";
-Dir::Etc::SourceParts "$A/sources.list.d";
-Dir::State::Lists "$A/lists";
-Dir::Cache "$A/cache";
-Acquire::Languages "none";
-C
-  export APT_CONFIG=$A/apt.conf
-  apt-get -q update >&2
+  private_apt "$SUITE" "$CACHE"
 fi
-IMG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-[ -n "$IMG" ] || { echo "no linux-image-amd64 in $SUITE (run apt-get update?)" >&2; exit 1; }
+IMG=$(apt-cache depends "linux-image-$ARCH" | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+[ -n "$IMG" ] || { echo "no linux-image-$ARCH in $SUITE (run apt-get update?)" >&2; exit 1; }
 # sid/forky split the image into linux-binary-*, linux-modules-*, linux-base-*
 PKGS="$IMG $(apt-cache depends "$IMG" | awk '/Depends: linux-(binary|modules|base)-[0-9]/ {print $2}' | sort -u | tr '\n' ' ')"
 cd "$CACHE/deb"

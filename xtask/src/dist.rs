@@ -44,6 +44,13 @@ pub struct DistArgs {
     arch: ArchChoice,
 }
 
+impl DistArgs {
+    /// One architecture, as `cargo xtask dist --arch` builds it.
+    pub fn one(arch: ArchChoice) -> Self {
+        Self { arch }
+    }
+}
+
 /// Where a target's musl comes from.
 #[derive(Clone, Copy)]
 enum Musl {

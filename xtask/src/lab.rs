@@ -33,6 +33,19 @@ const HOST_PACKAGES: &[&str] = &[
     "gcc",
     "libc6-dev",
 ];
+/// The same for `--arch arm64`: the VM's tools come from arm64 .debs
+/// (lab/fetch-userland.sh), so the host needs only the emulator, busybox for
+/// its applet list, depmod, cpio, readelf (the libraries the tools need) and
+/// clang/lld (the static udpwg against the arm64 musl).
+const HOST_PACKAGES_ARM64: &[&str] = &[
+    "qemu-system-arm",
+    "busybox-static",
+    "kmod",
+    "cpio",
+    "binutils",
+    "clang-22",
+    "lld-22",
+];
 
 /// Scenarios that reproduce the stale MAC (flowtable on a bridge port).
 const REPRODUCING: &[&str] = &["blog", "routed", "vlan"];
@@ -57,6 +70,29 @@ const QUICK_CONTROL_ROLES: &[&str] = &["none", "router"];
 /// The silent cases `--quick` adds to the blog boot.
 const QUICK_SILENT_ROLES: &[&str] = &["router", "host"];
 
+/// The VM's architecture.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum LabArch {
+    /// qemu-system-x86_64 (KVM when the host has hardware KVM), the host's tools.
+    Amd64,
+    /// qemu-system-aarch64 -M virt (TCG), Debian's arm64 kernel and tools, and
+    /// the static aarch64 musl flowguard of `cargo xtask dist --arch aarch64`.
+    Arm64,
+}
+
+impl LabArch {
+    fn debian(self) -> &'static str {
+        match self {
+            LabArch::Amd64 => "amd64",
+            LabArch::Arm64 => "arm64",
+        }
+    }
+}
+
+/// What `--arch arm64` runs by default (one boot): the bug, and the roles
+/// that fix it, on the blog scenario.
+const ARM64_ROLES: &[&str] = &["none", "router", "host", "observe"];
+
 /// Recovery time limits (ms, measured from the recreated container's start).
 const FIX_RECOVERY_MS: i64 = 2000;
 const OBSERVE_RECOVERY_MS: i64 = 1500;
@@ -67,11 +103,18 @@ const SILENT_HOST_MAX_LOST: i64 = 1;
 
 #[derive(clap::Args, Debug)]
 pub struct LabArgs {
-    /// Use this linux-image .deb instead of downloading one.
+    /// The VM's architecture. arm64 runs the blog scenario without flowguard
+    /// and in the router, host and observe roles (one boot; --only picks
+    /// another scenario, with all its roles).
+    #[arg(long, value_enum, default_value = "amd64")]
+    arch: LabArch,
+    /// Use this linux-image .deb (of --arch's architecture) instead of
+    /// downloading one.
     #[arg(long, value_name = "PATH", conflicts_with = "suite")]
     kernel_deb: Option<PathBuf>,
-    /// The Debian suite whose linux-image-amd64 to boot (bookworm uses the
-    /// host's apt lists; others a private apt directory in the cache).
+    /// The Debian suite whose linux-image-amd64 (or -arm64) to boot
+    /// (bookworm amd64 uses the host's apt lists; the others a private apt
+    /// directory in the cache).
     #[arg(long, default_value = "bookworm")]
     suite: String,
     /// Run only this scenario: blog, routed, vlan, silent or control.
@@ -82,7 +125,8 @@ pub struct LabArgs {
     /// without flowguard and with the router role (two VM boots).
     #[arg(long)]
     quick: bool,
-    /// Put this flowguard binary into the VM instead of building one.
+    /// Put this flowguard binary into the VM instead of building one (for
+    /// arm64: a static aarch64 binary).
     #[arg(long, value_name = "PATH")]
     flowguard: Option<PathBuf>,
     /// Where the kernel, the initramfs and the logs go.
@@ -96,6 +140,7 @@ pub struct LabArgs {
 /// The subset `cargo xtask test` runs, with an already built flowguard.
 pub fn quick_args(flowguard: PathBuf) -> LabArgs {
     LabArgs {
+        arch: LabArch::Amd64,
         kernel_deb: None,
         suite: "bookworm".into(),
         only: None,
@@ -109,12 +154,18 @@ pub fn quick_args(flowguard: PathBuf) -> LabArgs {
 pub fn lab(args: &LabArgs) -> Result<()> {
     let started = Instant::now();
     let boots = plan(args)?;
-    ensure_host_packages()?;
-    let flowguard = match &args.flowguard {
-        Some(path) => path.clone(),
-        None => {
+    ensure_host_packages(args.arch)?;
+    let flowguard = match (&args.flowguard, args.arch) {
+        (Some(path), _) => path.clone(),
+        (None, LabArch::Amd64) => {
             crate::build()?;
             crate::release_binary("flowguard")?
+        }
+        (None, LabArch::Arm64) => {
+            crate::dist::dist(&crate::dist::DistArgs::one(
+                crate::dist::ArchChoice::Aarch64,
+            ))?;
+            step::workspace_root().join("target/dist/aarch64/flowguard")
         }
     };
 
@@ -123,12 +174,13 @@ pub fn lab(args: &LabArgs) -> Result<()> {
     let kroot = fetch_kernel(args)?;
     let (kver, kernel) = kernel_image(&kroot)?;
     let initramfs = args.cache.join(format!("initramfs-{kver}.cpio.gz"));
+    let mut build = Command::new(lab_dir().join("build-initramfs.sh"));
+    if args.arch != LabArch::Amd64 {
+        build.arg("--userland").arg(fetch_userland(args)?);
+    }
     step::run(
         "Building the lab initramfs",
-        Command::new(lab_dir().join("build-initramfs.sh"))
-            .arg(&kroot)
-            .arg(&flowguard)
-            .arg(&initramfs),
+        build.arg(&kroot).arg(&flowguard).arg(&initramfs),
     )?;
 
     let stamp = SystemTime::now()
@@ -143,7 +195,7 @@ pub fn lab(args: &LabArgs) -> Result<()> {
     for (name, cases) in &boots {
         let log = log_dir.join(format!("{name}.log"));
         let t = Instant::now();
-        let mut got = boot(&kernel, &initramfs, cases, args.window, &log)?;
+        let mut got = boot(args.arch, &kernel, &initramfs, cases, args.window, &log)?;
         boot_times.push((name.clone(), t.elapsed().as_secs()));
         for case in cases {
             let (scenario, role) = case.split_once(':').expect("cases are SCENARIO:ROLE");
@@ -184,6 +236,10 @@ pub fn lab(args: &LabArgs) -> Result<()> {
 
 /// The VM boots to run: (name, ["scenario:role", ...]), one scenario per boot.
 fn plan(args: &LabArgs) -> Result<Vec<(String, Vec<String>)>> {
+    if args.arch == LabArch::Arm64 && args.only.is_none() {
+        let cases = ARM64_ROLES.iter().map(|r| format!("blog:{r}")).collect();
+        return Ok(vec![("blog".to_string(), cases)]);
+    }
     let mut scenarios: Vec<&str> = if args.quick {
         vec!["blog", CONTROL]
     } else {
@@ -229,8 +285,12 @@ fn lab_dir() -> PathBuf {
     step::workspace_root().join("lab")
 }
 
-fn ensure_host_packages() -> Result<()> {
-    let missing: Vec<&str> = HOST_PACKAGES
+fn ensure_host_packages(arch: LabArch) -> Result<()> {
+    let packages = match arch {
+        LabArch::Amd64 => HOST_PACKAGES,
+        LabArch::Arm64 => HOST_PACKAGES_ARM64,
+    };
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -270,12 +330,19 @@ fn fetch_kernel(args: &LabArgs) -> Result<PathBuf> {
     let mut command = Command::new(lab_dir().join("fetch-kernel.sh"));
     match &args.kernel_deb {
         Some(deb) => command.arg("--deb").arg(deb),
+        None if args.arch != LabArch::Amd64 => command
+            .args(["--arch", args.arch.debian()])
+            .arg(&args.suite),
         None => command.arg(&args.suite),
     };
     command.arg(&args.cache);
     println!("==> Fetching the kernel ({})", step::display(&command));
     let mut out = stdout_of(&mut command);
-    if out.is_none() && args.kernel_deb.is_none() && args.suite == "bookworm" {
+    if out.is_none()
+        && args.kernel_deb.is_none()
+        && args.suite == "bookworm"
+        && args.arch == LabArch::Amd64
+    {
         // The host's apt lists may be missing or out of date.
         apt(&["update", "-q"])?;
         out = stdout_of(&mut command);
@@ -289,7 +356,28 @@ fn fetch_kernel(args: &LabArgs) -> Result<PathBuf> {
     Ok(root)
 }
 
-/// The kernel version and the path of its bzImage inside an unpacked package.
+/// Downloads and unpacks the foreign architecture's tools for the VM (see
+/// lab/fetch-userland.sh); returns their directory.
+fn fetch_userland(args: &LabArgs) -> Result<PathBuf> {
+    let mut command = Command::new(lab_dir().join("fetch-userland.sh"));
+    command
+        .arg(args.arch.debian())
+        .arg(&args.suite)
+        .arg(&args.cache);
+    println!(
+        "==> Fetching the VM's {} tools ({})",
+        args.arch.debian(),
+        step::display(&command)
+    );
+    let out =
+        stdout_of(&mut command).context("fetching the tools failed; see the messages above")?;
+    out.lines()
+        .last()
+        .map(PathBuf::from)
+        .context("fetch-userland.sh printed no path")
+}
+
+/// The kernel version and the path of its image inside an unpacked package.
 fn kernel_image(kroot: &Path) -> Result<(String, PathBuf)> {
     let modroot = [kroot.join("lib/modules"), kroot.join("usr/lib/modules")]
         .into_iter()
@@ -363,27 +451,45 @@ fn stdout_of(command: &mut Command) -> Option<String> {
 /// Boots the VM for `cases`, copies its console to `log`, echoes the
 /// progress lines and returns the parsed LABRESULT lines.
 fn boot(
+    arch: LabArch,
     kernel: &Path,
     initramfs: &Path,
     cases: &[String],
     window: u32,
     log: &Path,
 ) -> Result<Vec<CaseResult>> {
-    let kvm = use_kvm();
+    let kvm = arch == LabArch::Amd64 && use_kvm();
     let timeout = 90 + 150 * cases.len();
     let mut command = Command::new("timeout");
+    command.arg(timeout.to_string());
+    let console = match arch {
+        LabArch::Amd64 => {
+            command
+                .arg("qemu-system-x86_64")
+                .args([
+                    "-machine",
+                    if kvm {
+                        "q35,accel=kvm"
+                    } else {
+                        "q35,accel=tcg"
+                    },
+                ])
+                .args(["-cpu", if kvm { "host" } else { "max" }]);
+            "ttyS0"
+        }
+        // cortex-a72 rather than max: TCG emulates max's pointer
+        // authentication at a cost on every call and return.
+        LabArch::Arm64 => {
+            command.arg("qemu-system-aarch64").args([
+                "-machine",
+                "virt,accel=tcg",
+                "-cpu",
+                "cortex-a72",
+            ]);
+            "ttyAMA0"
+        }
+    };
     command
-        .arg(timeout.to_string())
-        .arg("qemu-system-x86_64")
-        .args([
-            "-machine",
-            if kvm {
-                "q35,accel=kvm"
-            } else {
-                "q35,accel=tcg"
-            },
-        ])
-        .args(["-cpu", if kvm { "host" } else { "max" }])
         .args(["-smp", "2", "-m", "1024"])
         .arg("-kernel")
         .arg(kernel)
@@ -391,7 +497,7 @@ fn boot(
         .arg(initramfs)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 quiet loglevel=4 panic=-1 lab.cases={} lab.window={window}",
+            "console={console} quiet loglevel=4 panic=-1 lab.cases={} lab.window={window}",
             cases.join(",")
         ))
         .args(["-nic", "none", "-display", "none", "-serial", "stdio"])
