@@ -271,9 +271,12 @@ run_case() { # SCENARIO ROLE
   echo "--- router neighbour of $CIP: $neigh"
 
   # flowguard: status, then stop it (SIGTERM: detach, unpin, exit 0)
-  local stale=- rewritten=- evicted=- stale_late=- fg_rc=- evict_lines=-
+  local stale=- rewritten=- evicted=- stale_late=- fg_rc=- evict_lines=- rss_kb=- hwm_kb=-
   if [ -n "$fgpid" ]; then
     if [ $fgstate = ready ]; then
+      # the daemon's memory after the whole case (what a router pays)
+      rss_kb=$(awk '/^VmRSS:/ {print $2}' /proc/$fgpid/status 2>/dev/null); : "${rss_kb:=-}"
+      hwm_kb=$(awk '/^VmHWM:/ {print $2}' /proc/$fgpid/status 2>/dev/null); : "${hwm_kb:=-}"
       ip netns exec $fgns flowguard status --json --pin-dir "$pin" > "$L/status.end" 2>&1
       echo "--- flowguard status --json:"; cat "$L/status.end"
       stale=$(counter "$L/status.end" stale); rewritten=$(counter "$L/status.end" rewritten)
@@ -331,6 +334,7 @@ run_case() { # SCENARIO ROLE
     "stale=$stale stale_late=$stale_late rewritten=$rewritten evicted=$evicted evict_lines=$evict_lines" \
     "main_replaced=$main_replaced reoffloaded=$reoffloaded nonoff_kept=$nonoff_kept nonoff_offloaded=$nonoff_was_offloaded" \
     "other_kept=$other_kept other_offloaded=$other_offloaded lost_restart=$lost_restart" \
+    "rss_kb=$rss_kb hwm_kb=$hwm_kb" \
     "secs=$(awk -v a="$T0" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}')"
   teardown
 }

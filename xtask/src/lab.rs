@@ -796,8 +796,16 @@ fn report(results: &[CaseResult], caches: bool) -> usize {
     let dash = |v: Option<&str>| v.unwrap_or("-").to_string();
     println!();
     println!(
-        "{:<8} {:<8} {:>13} {:>9} {:>6} {:>9} {:>7} {:>6}  result",
-        "scenario", "role", "lost after", "recovery", "stale", "rewritten", "evicted", "case"
+        "{:<8} {:<8} {:>13} {:>9} {:>6} {:>9} {:>7} {:>6} {:>13}  result",
+        "scenario",
+        "role",
+        "lost after",
+        "recovery",
+        "stale",
+        "rewritten",
+        "evicted",
+        "case",
+        "fg rss/peak"
     );
     let mut failures = 0;
     let mut reasons = Vec::new();
@@ -817,10 +825,17 @@ fn report(results: &[CaseResult], caches: bool) -> usize {
             (_, Some(v)) => v.to_string(),
             _ => "-".into(),
         };
+        // flowguard's VmRSS / VmHWM at the end of the case
+        let memory = match (r.num("rss_kb"), r.num("hwm_kb")) {
+            (Some(rss), Some(hwm)) => {
+                format!("{:.1}/{:.1} MB", rss as f64 / 1024.0, hwm as f64 / 1024.0)
+            }
+            _ => "-".into(),
+        };
         let scenario = dash(r.get("scenario"));
         let role = dash(r.get("role"));
         println!(
-            "{:<8} {:<8} {:>13} {:>9} {:>6} {:>9} {:>7} {:>6}  {}",
+            "{:<8} {:<8} {:>13} {:>9} {:>6} {:>9} {:>7} {:>6} {:>13}  {}",
             scenario,
             role,
             lost,
@@ -829,6 +844,7 @@ fn report(results: &[CaseResult], caches: bool) -> usize {
             dash(r.get("rewritten")),
             evicted,
             r.get("secs").map_or("-".into(), |s| format!("{s} s")),
+            memory,
             if why.is_empty() { "ok" } else { "FAIL" }
         );
         if !why.is_empty() {
