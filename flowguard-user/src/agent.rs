@@ -22,6 +22,7 @@ use crate::{
     children,
     conntrack::{Admission, Conntrack, DeferredEvictions, EvictScope, EvictionPolicy},
     events,
+    links::{LinkEvent, Notice, Subscription},
     loader::{Guard, KernelLogger},
     metrics,
     neigh::{self, Desired, MapChange, NeighCache, NeighEvent, NeighbourSource},
@@ -165,8 +166,21 @@ pub async fn run(
         Some(parents) => children::start(guard, parents, &opts.prefixes).await?,
         None => None,
     };
-    // Guarded interfaces are looked up by name once a second: a deleted and
-    // recreated port gets its programs again.
+    // Interfaces are followed through rtnetlink: a guarded port deleted and
+    // created again gets its programs at once. The timer only retries an
+    // attach that failed on an interface that came back (nothing else
+    // announces when it would work), or polls by name if the kernel refused
+    // the subscription.
+    let mut links = match Subscription::links() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            crate::say_err!(
+                "flowguard: cannot follow interface changes through netlink ({e}): \
+                 looking the guarded interfaces up once a second instead"
+            );
+            None
+        }
+    };
     let mut link_timer = tokio::time::interval(Duration::from_secs(1));
     link_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reconcile_timer = tokio::time::interval(opts.reconcile);
@@ -290,7 +304,24 @@ pub async fn run(
                     c.children_removed += applied.removed;
                 })?;
             }
-            _ = link_timer.tick() => {
+            notice = next_links(&mut links) => {
+                match notice.context("following interface changes")? {
+                    Notice::Events(events) => {
+                        for ev in &events {
+                            if let LinkEvent::Gone { index, .. } = ev {
+                                for line in guard.interface_gone(*index) {
+                                    crate::say!("{line}");
+                                }
+                            }
+                        }
+                    }
+                    Notice::Lost => log::debug!("missed interface changes: looking the guarded interfaces up"),
+                }
+                for line in guard.follow_interfaces() {
+                    crate::say!("{line}");
+                }
+            }
+            _ = link_timer.tick(), if links.is_none() || guard.retry_pending() => {
                 for line in guard.follow_interfaces() {
                     crate::say!("{line}");
                 }
@@ -343,6 +374,13 @@ async fn kernel_log_ready(
 ) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, KernelLogger>> {
     match log {
         Some(l) => l.readable_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_links(links: &mut Option<Subscription>) -> std::io::Result<Notice<LinkEvent>> {
+    match links {
+        Some(s) => s.next_links().await,
         None => std::future::pending().await,
     }
 }

@@ -430,6 +430,34 @@ impl Guard {
         Ok(())
     }
 
+    /// An interface was deleted (`RTM_DELLINK`): the attachments to that
+    /// index are missing from now on, even if an interface of the same name
+    /// (and index) is back by the time [`Guard::follow_interfaces`] looks.
+    pub fn interface_gone(&mut self, index: u32) -> Vec<String> {
+        let mut said = Vec::new();
+        for a in &mut self.attachments {
+            if a.ifindex == index && !a.missing {
+                a.missing = true;
+                let line = format!(
+                    "flowguard: {} went away: it is not guarded until an interface of that name comes back",
+                    a.iface
+                );
+                if !said.contains(&line) {
+                    said.push(line);
+                }
+            }
+        }
+        said
+    }
+
+    /// Whether an interface that came back could not be attached to yet:
+    /// [`Guard::follow_interfaces`] should try again in a while.
+    pub fn retry_pending(&self) -> bool {
+        self.attachments
+            .iter()
+            .any(|a| a.missing && a.ifindex != 0 && sys::ifindex(&a.iface) == Some(a.ifindex))
+    }
+
     /// Follows the guarded interfaces by name: says when one goes away, and
     /// attaches again to an interface of that name that comes back (veth and
     /// tap ports are recreated, USB NICs replugged). Returns one sentence per
