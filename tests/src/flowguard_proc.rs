@@ -11,12 +11,15 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::netns::{run, Netns};
+use crate::netns::{run, try_run, Netns};
 
 /// How long flowguard may take to load, attach and pin before the test fails.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long flowguard may take to detach and exit after SIGINT.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// `flowguard status`'s exit code while it runs with a guarded interface
+/// missing (1: not running).
+pub const STATUS_INTERFACE_MISSING: i32 = 3;
 /// The line flowguard prints once it is attached and pinned.
 pub const READY_LINE: &str = "flowguard: ready";
 
@@ -370,11 +373,27 @@ impl Flowguard {
     }
 
     fn status_command(&self, extra: &[&str]) -> String {
+        let (code, stdout) = self.status_exit(extra);
+        assert!(
+            code == Some(0) || code == Some(STATUS_INTERFACE_MISSING),
+            "`flowguard status {}` exited {code:?}: {stdout}",
+            extra.join(" ")
+        );
+        stdout
+    }
+
+    /// `flowguard status <extra>` for this pin directory: its exit code and
+    /// stdout, whatever the code.
+    pub fn status_exit(&self, extra: &[&str]) -> (Option<i32>, String) {
         let pin_dir = self.pin_dir.to_string_lossy();
         let mut args = vec!["status"];
         args.extend_from_slice(extra);
         args.extend_from_slice(&["--pin-dir", &pin_dir]);
-        run(&self.bin.to_string_lossy(), &args)
+        let out = try_run(&self.bin.to_string_lossy(), &args);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
     }
 
     /// Polls `flowguard status --json` until `wanted` holds, for up to

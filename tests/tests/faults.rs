@@ -12,7 +12,10 @@ use std::{
 };
 
 use flowguard_tests::{
-    flowguard_proc::{require_flowguard_bin, Flowguard, Status, READY_TIMEOUT, STOP_TIMEOUT},
+    flowguard_proc::{
+        require_flowguard_bin, Flowguard, Status, READY_TIMEOUT, STATUS_INTERFACE_MISSING,
+        STOP_TIMEOUT,
+    },
     netns::{BpffsMount, Netns},
     skip_unless_root,
 };
@@ -982,12 +985,29 @@ fn a_recreated_port_is_guarded_again() {
     assert_eq!(states(&fg), missing, "status shows lan1 missing");
     let table = fg.status_table();
     assert!(table.contains("lan1 (tc) MISSING"), "{table}");
+    for extra in [&[][..], &["--json"]] {
+        let (code, _) = fg.status_exit(extra);
+        assert_eq!(
+            code,
+            Some(STATUS_INTERFACE_MISSING),
+            "`status {extra:?}` with lan1 missing"
+        );
+    }
     let doctor = flowguard_in(
         &ns,
         &["doctor", "--pin-dir", &bpffs.pin_dir().to_string_lossy()],
     );
     let text = String::from_utf8_lossy(&doctor.stdout);
     assert!(text.contains("lan1 (xdp): MISSING"), "doctor:\n{text}");
+    let doctor = doctor_check(&ns, &bpffs.pin_dir());
+    assert!(
+        doctor["verdict"] == "warn"
+            && doctor["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("NOT guarded now: lan1 (tc), lan1 (xdp)"),
+        "doctor warns while lan1 is missing: {doctor:#}"
+    );
 
     ns.ip(&[
         "link", "add", "lan1", "type", "veth", "peer", "name", "peer1",
@@ -1016,6 +1036,25 @@ fn a_recreated_port_is_guarded_again() {
     );
     let attached: Vec<_> = missing.into_iter().map(|(n, h, _)| (n, h, true)).collect();
     assert_eq!(states(&fg), attached, "status shows lan1 attached again");
+    assert_eq!(fg.status_exit(&[]).0, Some(0), "status exits 0 again");
+    assert_eq!(doctor_check(&ns, &bpffs.pin_dir())["verdict"], "ok");
+}
+
+/// The `flowguard` check of `doctor --json --pin-dir <pin_dir>` in `ns`.
+fn doctor_check(ns: &Netns, pin_dir: &Path) -> serde_json::Value {
+    let out = flowguard_in(
+        ns,
+        &["doctor", "--json", "--pin-dir", &pin_dir.to_string_lossy()],
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("doctor --json: {e}: {out:?}"));
+    report["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["check"] == "flowguard")
+        .expect("a flowguard check")
+        .clone()
 }
 
 /// After SIGKILL the kernel side keeps guarding (pinned links) with the map
