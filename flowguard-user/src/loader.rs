@@ -162,6 +162,8 @@ pub struct Guard {
     pub own_macs: Vec<Mac>,
     /// Entries the endpoint map can hold.
     pub endpoint_capacity: u32,
+    /// The tc program the egress ports get (guarding, or learning too).
+    egress_program: &'static str,
 }
 
 #[cfg(not(flowguard_ebpf_missing))]
@@ -265,6 +267,11 @@ impl Guard {
             attachments: Vec::new(),
             own_macs: own_macs.to_vec(),
             endpoint_capacity: opts.max_endpoints,
+            egress_program: if opts.learn {
+                program_names::TC_LEARN
+            } else {
+                program_names::TC_GUARD
+            },
         };
         // Before any program is attached: an adopted link switches to the new
         // program at once, which must find the endpoints the killed
@@ -274,12 +281,7 @@ impl Guard {
             guard.attach_xdp(&opts.ingress, opts.xdp)?;
         }
         if !opts.egress.is_empty() {
-            let program = if opts.learn {
-                program_names::TC_LEARN
-            } else {
-                program_names::TC_GUARD
-            };
-            guard.attach_tc(program, &opts.egress, TcAttachType::Egress)?;
+            guard.attach_tc(guard.egress_program, &opts.egress, TcAttachType::Egress)?;
         }
         guard.pin_maps()?;
         guard.record_owner()?;
@@ -354,7 +356,7 @@ impl Guard {
         ifaces: &[String],
         direction: TcAttachType,
     ) -> Result<(), LoadError> {
-        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        let tcx = tcx_available();
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(name)
@@ -427,6 +429,85 @@ impl Guard {
                 source,
             })?;
         }
+        Ok(())
+    }
+
+    /// Whether `iface` has the tc egress guard (attached or missing).
+    pub fn guards_egress(&self, iface: &str) -> bool {
+        self.attachments
+            .iter()
+            .any(|a| a.iface == iface && a.xdp_mode.is_none())
+    }
+
+    /// Attaches the tc egress guard to one more interface while running (a
+    /// port that joined a flowtable, for `--auto`): refused, like at start,
+    /// when another flowguard guards it. Says how it is attached.
+    pub fn add_egress(&mut self, iface: &str) -> Result<String, LoadError> {
+        let index = sys::ifindex(iface).ok_or_else(|| LoadError::UnknownInterface(iface.into()))?;
+        egress_free(&self.pin_dir, iface)?;
+        let name = self.egress_program;
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .expect("the object defines the tc guards");
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|source| refused(name, "tc classifiers", source))?;
+        }
+        self.reattach(iface, name, None)
+            .map_err(|source| LoadError::Attach {
+                what: "tc",
+                iface: iface.to_string(),
+                source,
+            })?;
+        let how = format!(
+            "tc egress ({}{})",
+            if tcx_available() { "tcx" } else { "clsact" },
+            if name == program_names::TC_LEARN {
+                ", learning"
+            } else {
+                ""
+            }
+        );
+        self.attachments.push(Attachment {
+            iface: iface.to_string(),
+            how: how.clone(),
+            ifindex: index,
+            missing: false,
+            program: name,
+            xdp_mode: None,
+        });
+        // Frames the router itself sends from that port are never learned.
+        match sys::if_mac(iface) {
+            Ok(mac) if mac.is_unicast() && !self.own_macs.contains(&mac) => {
+                if let Err(e) = self.add_own_mac(mac) {
+                    log::warn!("{iface}: its MAC {mac} is not known to the kernel side: {e}");
+                }
+            }
+            _ => {}
+        }
+        Ok(how)
+    }
+
+    fn add_own_mac(&mut self, mac: Mac) -> Result<(), LoadError> {
+        let map = self
+            .ebpf
+            .map_mut(map_names::CONFIG)
+            .expect("the object defines its maps");
+        let mut cfg: Array<&mut MapData, Config> =
+            Array::try_from(map).map_err(|e| LoadError::Map(map_names::CONFIG, e))?;
+        let mut config = cfg
+            .get(&0, 0)
+            .map_err(|e| LoadError::Map(map_names::CONFIG, e))?;
+        let n = config.own_mac_count as usize;
+        if let Some(slot) = config.own_macs.get_mut(n) {
+            slot.mac = mac.0;
+            config.own_mac_count += 1;
+            cfg.set(0, config, 0)
+                .map_err(|e| LoadError::Map(map_names::CONFIG, e))?;
+        }
+        self.own_macs.push(mac);
         Ok(())
     }
 
@@ -527,7 +608,7 @@ impl Guard {
             }
             None => {
                 let tc: &mut SchedClassifier = prog.try_into()?;
-                if !KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
+                if !tcx_available() {
                     let _ = tc::qdisc_add_clsact(iface);
                 }
                 let id = tc.attach(iface, TcAttachType::Egress)?;
@@ -638,18 +719,7 @@ impl Drop for Guard {
 /// running"), and an XDP port taken by any other program.
 fn ports_free(opts: &GuardOptions) -> Result<(), LoadError> {
     for iface in &opts.egress {
-        // A link this pin directory pinned is ours to adopt.
-        if link_pin(&opts.pin_dir, "tc", iface).exists() {
-            continue;
-        }
-        let mine = instances::tcx_programs(iface, TcAttachType::Egress);
-        if let Some(p) = mine.iter().find(|p| p.is_flowguard()) {
-            return Err(LoadError::AlreadyGuarded {
-                iface: iface.clone(),
-                hook: "tc egress",
-                by: instances::describe_holder(p),
-            });
-        }
+        egress_free(&opts.pin_dir, iface)?;
     }
     for iface in &opts.ingress {
         if link_pin(&opts.pin_dir, "xdp", iface).exists() {
@@ -674,6 +744,29 @@ fn ports_free(opts: &GuardOptions) -> Result<(), LoadError> {
         }
     }
     Ok(())
+}
+
+/// Refuses `iface` when another flowguard's tc program is on its egress.
+fn egress_free(pin_dir: &Path, iface: &str) -> Result<(), LoadError> {
+    // A link this pin directory pinned is ours to adopt.
+    if link_pin(pin_dir, "tc", iface).exists() {
+        return Ok(());
+    }
+    let mine = instances::tcx_programs(iface, TcAttachType::Egress);
+    if let Some(p) = mine.iter().find(|p| p.is_flowguard()) {
+        return Err(LoadError::AlreadyGuarded {
+            iface: iface.to_string(),
+            hook: "tc egress",
+            by: instances::describe_holder(p),
+        });
+    }
+    Ok(())
+}
+
+/// Whether tc programs attach through TCX links (Linux 6.6+) rather than
+/// clsact filters.
+fn tcx_available() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }
 
 /// The kernel's HZ: jiffies read twice by the kernel side, 100 ms apart,

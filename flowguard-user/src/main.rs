@@ -93,7 +93,9 @@ struct RunArgs {
     #[arg(long, value_enum, default_value = "auto")]
     xdp_mode: XdpAttach,
     /// Router role: attach tc egress to every flowtable device that is a
-    /// bridge port (read from `nft -j list flowtables`).
+    /// bridge port (read from `nft -j list flowtables`), and keep doing so
+    /// while running: the flowtables are read again when the ruleset or an
+    /// interface changes, and on SIGHUP.
     #[arg(long)]
     auto: bool,
     /// Do not follow the kernel neighbour table (endpoints then come only
@@ -227,8 +229,10 @@ fn show_status(json: bool, pin_dir: &std::path::Path) -> anyhow::Result<ExitCode
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut args = args;
+    let mut auto_ports = None;
     if args.auto {
         let found = flowtable::auto_devices()?;
+        auto_ports = Some(found.clone());
         say!(
             "flowguard: the flowtable caches MACs on bridge ports {}: attaching tc egress there",
             found.join(", ")
@@ -335,6 +339,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics,
         probe: probe_options(&args),
         children: (!args.no_children && !args.ingress.is_empty()).then(|| args.ingress.clone()),
+        auto: auto_ports,
     };
     match (args.evict, args.dry_run) {
         (EvictScope::Off, _) => say!("flowguard: eviction is off"),

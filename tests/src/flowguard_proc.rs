@@ -171,7 +171,33 @@ impl Flowguard {
     /// namespace only: bpffs paths stay the host's) without waiting for it.
     /// With `echo`, its stdout and stderr are also printed as they arrive.
     pub fn spawn(bin: &Path, netns: &Netns, pin_dir: &Path, args: &[&str], echo: bool) -> Self {
+        Self::spawn_with_env(bin, netns, pin_dir, args, &[], echo)
+    }
+
+    /// [`Flowguard::start`] with extra environment variables.
+    pub fn start_with_env(
+        netns: &Netns,
+        pin_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let bin = require_flowguard_bin();
+        let mut flowguard = Self::spawn_with_env(&bin, netns, pin_dir, args, env, false);
+        flowguard.wait_ready();
+        flowguard
+    }
+
+    /// [`Flowguard::spawn`] with extra environment variables.
+    pub fn spawn_with_env(
+        bin: &Path,
+        netns: &Netns,
+        pin_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        echo: bool,
+    ) -> Self {
         let mut child = Command::new("nsenter")
+            .envs(env.iter().copied())
             .arg(format!("--net={}", netns.path().display()))
             .arg(bin)
             .arg("run")

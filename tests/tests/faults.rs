@@ -389,17 +389,22 @@ fn status_and_doctor_call_a_killed_instance_gone() {
 /// The flowguard programs attached to `lan1` in `ns`: TCX egress (which this
 /// Debian's bpftool does not list) and XDP.
 fn flowguard_programs_on_lan1(ns: &Netns) -> usize {
+    flowguard_programs_on(ns, "lan1")
+}
+
+/// The flowguard programs attached to `iface` in `ns` (TCX egress and XDP).
+fn flowguard_programs_on(ns: &Netns, iface: &str) -> usize {
     use aya::programs::{tc::SchedClassifier, TcAttachType};
     let tcx = ns.enter(|| {
         let (_, programs) =
-            SchedClassifier::query_tcx("lan1", TcAttachType::Egress).expect("query TCX of lan1");
+            SchedClassifier::query_tcx(iface, TcAttachType::Egress).expect("query TCX");
         programs
             .iter()
             .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("flowguard_")))
             .count()
     });
     let link: serde_json::Value =
-        serde_json::from_str(&ns.ip(&["-j", "-d", "link", "show", "dev", "lan1"])).expect("ip -j");
+        serde_json::from_str(&ns.ip(&["-j", "-d", "link", "show", "dev", iface])).expect("ip -j");
     let xdp = link[0]["xdp"]["attached"].as_array().map_or(0, |a| {
         a.iter()
             .filter(|p| {
@@ -1111,4 +1116,139 @@ fn a_killed_instance_keeps_guarding_and_a_restart_adopts_it() {
         "and leaves no pins: {:?}",
         pins_in(&pin_dir)
     );
+}
+
+/// `--auto` follows the flowtables while it runs: a bridge port added to a
+/// flowtable is guarded once the ruleset changes, a port that becomes a
+/// bridge port of a flowtable device is guarded once the link changes, and
+/// one that leaves is named (SIGHUP reads them too). This kernel has no
+/// nf_flow_table, so `nft -j list flowtables` is answered by a shim (in
+/// PATH, for the daemon only) from a file the test writes, in the format
+/// nft 1.0.6 prints; every other `nft` command, and the ruleset changes that
+/// announce a new flowtable, are the real nftables of the namespace.
+#[test]
+fn auto_follows_the_flowtables_while_it_runs() {
+    skip_unless_root!();
+    let ns = Netns::new("auto");
+    ns.ip(&["link", "add", "br-lan", "type", "bridge"]);
+    ns.ip(&["link", "set", "br-lan", "up"]);
+    for (port, peer) in [
+        ("wan", "peerw"),
+        ("lan1", "peer1"),
+        ("lan2", "peer2"),
+        ("lan3", "peer3"),
+    ] {
+        ns.ip(&["link", "add", port, "type", "veth", "peer", "name", peer]);
+        ns.ip(&["link", "set", port, "up"]);
+    }
+    for port in ["lan1", "lan2"] {
+        ns.ip(&["link", "set", port, "master", "br-lan"]);
+    }
+    let bpffs = BpffsMount::new();
+    let scratch = bpffs
+        .path()
+        .parent()
+        .expect("the bpffs has a parent")
+        .join(format!("nft-shim-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).expect("shim directory");
+    let answer = scratch.join("flowtables.json");
+    let set_devices = |devices: &[&str]| {
+        let json = serde_json::json!({"nftables": [
+            {"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}},
+            {"flowtable": {"family": "inet", "name": "ft", "table": "fw4", "handle": 1,
+                           "hook": "ingress", "prio": 0, "dev": devices}}
+        ]});
+        let tmp = scratch.join("flowtables.tmp");
+        std::fs::write(&tmp, json.to_string()).expect("write the flowtables");
+        std::fs::rename(&tmp, &answer).expect("replace the flowtables");
+    };
+    let nft = scratch.join("nft");
+    std::fs::write(
+        &nft,
+        format!(
+            "#!/bin/sh\n\
+             if [ \"$*\" = \"-j list flowtables\" ]; then exec cat {}; fi\n\
+             exec /usr/sbin/nft \"$@\"\n",
+            answer.display()
+        ),
+    )
+    .expect("write the nft shim");
+    std::fs::set_permissions(&nft, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod the shim");
+    set_devices(&["wan", "lan1"]);
+    let path = format!(
+        "{}:{}",
+        scratch.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let fg = Flowguard::start_with_env(
+        &ns,
+        &bpffs.pin_dir(),
+        &["--auto", "--prefix", PREFIX],
+        &[("PATH", &path)],
+    );
+    let guarded = |port: &str| flowguard_programs_on(&ns, port);
+    assert_eq!((guarded("lan1"), guarded("lan2")), (1, 0), "lan1 only");
+
+    // A ruleset change that puts lan2 in the flowtable.
+    set_devices(&["wan", "lan1", "lan2"]);
+    ns.nsenter("/usr/sbin/nft", &["add", "table", "inet", "fgtrigger"]);
+    wait_until(&fg, "lan2 guarded after the ruleset changed", || {
+        guarded("lan2") == 1
+    });
+    assert!(
+        fg.stdout_lines()
+            .iter()
+            .any(|l| l.contains("lan2 is a flowtable bridge port now")),
+        "{}",
+        fg.stdout_lines().join("\n")
+    );
+
+    // lan3 is a flowtable device, not yet a bridge port: joining br-lan is
+    // a link change, with no ruleset change.
+    set_devices(&["wan", "lan1", "lan2", "lan3"]);
+    ns.ip(&["link", "set", "lan3", "master", "br-lan"]);
+    wait_until(&fg, "lan3 guarded once it joined the bridge", || {
+        guarded("lan3") == 1
+    });
+
+    // lan1 leaves the flowtable: named on SIGHUP, still guarded.
+    set_devices(&["wan", "lan2", "lan3"]);
+    fg.signal(libc::SIGHUP);
+    fg.wait_for_line(PROMPTLY, |l| {
+        l.contains("lan1 is no longer a flowtable bridge port")
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "lan1 leaving is not named:\n{}\nstderr:\n{}",
+            fg.stdout_lines().join("\n"),
+            fg.stderr_text()
+        )
+    });
+    assert_eq!(guarded("lan1"), 1, "lan1 stays guarded");
+    assert_eq!(guarded("wan"), 0, "wan is no bridge port");
+    let st = fg.status_json();
+    let names: Vec<&str> = st["interfaces"]
+        .as_array()
+        .expect("interfaces")
+        .iter()
+        .filter_map(|i| i["name"].as_str())
+        .collect();
+    assert_eq!(names, ["lan1", "lan2", "lan3"], "{st:#}");
+    drop(fg);
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// Waits up to [`PROMPTLY`] for `done`; panics with flowguard's output.
+fn wait_until(fg: &Flowguard, what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + PROMPTLY;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {PROMPTLY:?}:\n{}\nstderr:\n{}",
+            fg.stdout_lines().join("\n"),
+            fg.stderr_text()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
 }
