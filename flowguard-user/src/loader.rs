@@ -369,32 +369,14 @@ impl Guard {
             _ => "egress",
         };
         for iface in ifaces {
-            if !tcx {
-                // Before TCX, a clsact qdisc carries the filter; one may exist already.
-                if let Err(e) = tc::qdisc_add_clsact(iface) {
-                    log::debug!("clsact on {iface}: {e} (may already exist)");
-                }
-            }
             let pin = link_pin(&self.pin_dir, "tc", iface);
-            let attached = match adopt_link::<SchedClassifierLink>(&pin) {
-                Some(old) => prog.attach_to_link(old).or_else(|e| {
-                    log::debug!("replacing the program of {}: {e}", pin.display());
-                    let _ = fs::remove_file(&pin);
-                    prog.attach(iface, direction)
-                }),
-                None => prog.attach(iface, direction),
-            };
-            let id = attached.map_err(|source| LoadError::Attach {
-                what: "tc",
-                iface: iface.clone(),
-                source,
-            })?;
-            // clsact filters (before TCX) are not links: they stay unpinned.
-            if let Some(link) = prog
-                .take_link(id)
-                .ok()
-                .and_then(|l| FdLink::try_from(l).ok())
-            {
+            let link =
+                attach_tc_to(prog, iface, direction, &pin).map_err(|source| LoadError::Attach {
+                    what: "tc",
+                    iface: iface.clone(),
+                    source,
+                })?;
+            if let Some(link) = link {
                 keep_pinned(&mut self.links, &mut self.pinned, link, &pin)?;
             }
             let learning = if name == program_names::TC_LEARN {
@@ -608,12 +590,10 @@ impl Guard {
             }
             None => {
                 let tc: &mut SchedClassifier = prog.try_into()?;
-                if !tcx_available() {
-                    let _ = tc::qdisc_add_clsact(iface);
-                }
-                let id = tc.attach(iface, TcAttachType::Egress)?;
-                let link = tc.take_link(id).ok().and_then(|l| FdLink::try_from(l).ok());
-                (link, link_pin(&self.pin_dir, "tc", iface))
+                let pin = link_pin(&self.pin_dir, "tc", iface);
+                // The old pin held the dead interface's link: nothing to adopt.
+                let _ = fs::remove_file(&pin);
+                (attach_tc_to(tc, iface, TcAttachType::Egress, &pin)?, pin)
             }
         };
         if let Some(link) = link {
@@ -748,6 +728,21 @@ fn ports_free(opts: &GuardOptions) -> Result<(), LoadError> {
 
 /// Refuses `iface` when another flowguard's tc program is on its egress.
 fn egress_free(pin_dir: &Path, iface: &str) -> Result<(), LoadError> {
+    if !tcx_available() {
+        // A clsact filter whose program no live process holds was left by
+        // a killed instance: it is adopted (see `attach_tc_to`).
+        let filters = instances::clsact_filters(iface, TcAttachType::Egress);
+        for f in filters.iter().filter(|f| f.program.is_flowguard()) {
+            if instances::holder_of(f.program.id).is_some() {
+                return Err(LoadError::AlreadyGuarded {
+                    iface: iface.to_string(),
+                    hook: "tc egress, clsact",
+                    by: instances::describe_holder(&f.program),
+                });
+            }
+        }
+        return Ok(());
+    }
     // A link this pin directory pinned is ours to adopt.
     if link_pin(pin_dir, "tc", iface).exists() {
         return Ok(());
@@ -763,10 +758,91 @@ fn egress_free(pin_dir: &Path, iface: &str) -> Result<(), LoadError> {
     Ok(())
 }
 
+/// Set to `clsact` to attach tc programs as clsact filters even where TCX
+/// exists: how kernels before 6.6 attach, tested on newer ones.
+pub const TC_ATTACH_ENV: &str = "FLOWGUARD_TC_ATTACH";
+
 /// Whether tc programs attach through TCX links (Linux 6.6+) rather than
 /// clsact filters.
 fn tcx_available() -> bool {
+    if std::env::var_os(TC_ATTACH_ENV).is_some_and(|v| v == "clsact") {
+        return false;
+    }
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+/// Attaches `prog` to `iface`, replacing the program of what a killed
+/// instance left there: with TCX, the link pinned at `pin`, returned to be
+/// pinned again; before TCX, a clsact filter of flowguard's that no live
+/// process holds (filters are not links: one outlives its process until it
+/// is deleted). Either way the replacement is atomic, so that the port is
+/// never unguarded, nor guarded twice. A clsact filter stays owned by the
+/// program, which deletes it when flowguard stops.
+fn attach_tc_to(
+    prog: &mut SchedClassifier,
+    iface: &str,
+    direction: TcAttachType,
+    pin: &Path,
+) -> Result<Option<FdLink>, aya::programs::ProgramError> {
+    if !tcx_available() {
+        // A clsact qdisc carries the filter; one may exist already.
+        if let Err(e) = tc::qdisc_add_clsact(iface) {
+            log::debug!("clsact on {iface}: {e} (may already exist)");
+        }
+        let mut left: Vec<_> = instances::clsact_filters(iface, direction)
+            .into_iter()
+            .filter(|f| f.program.is_flowguard() && instances::holder_of(f.program.id).is_none())
+            .collect();
+        let filter = |f: &instances::ClsactFilter| {
+            SchedClassifierLink::attached(iface, direction, f.priority, f.handle.into(), None)
+        };
+        let mut adopted = false;
+        if let Some(first) = left.first() {
+            match filter(first).map(|old| prog.attach_to_link(old)) {
+                Ok(Ok(_)) => {
+                    log::info!(
+                        "{iface}: took over the clsact filter (priority {}) that a stopped \
+                         flowguard left, program {} (id {})",
+                        first.priority,
+                        first.program.name,
+                        first.program.id
+                    );
+                    adopted = true;
+                    left.remove(0);
+                }
+                Ok(Err(e)) => log::debug!("replacing the program of {iface}'s filter: {e}"),
+                Err(e) => log::debug!("{iface}: {e}"),
+            }
+        }
+        if !adopted {
+            prog.attach_with_options(
+                iface,
+                direction,
+                tc::TcAttachOptions::Netlink(tc::NlOptions::default()),
+            )?;
+        }
+        // More than one left behind: only one may guard.
+        for f in &left {
+            if let Ok(old) = filter(f) {
+                if let Err(e) = aya::programs::links::Link::detach(old) {
+                    log::warn!("{iface}: deleting a leftover flowguard filter failed: {e}");
+                }
+            }
+        }
+        return Ok(None);
+    }
+    let attached = match adopt_link::<SchedClassifierLink>(pin) {
+        Some(old) => prog.attach_to_link(old).or_else(|e| {
+            log::debug!("replacing the program of {}: {e}", pin.display());
+            let _ = fs::remove_file(pin);
+            prog.attach(iface, direction)
+        }),
+        None => prog.attach(iface, direction),
+    }?;
+    Ok(prog
+        .take_link(attached)
+        .ok()
+        .and_then(|l| FdLink::try_from(l).ok()))
 }
 
 /// The kernel's HZ: jiffies read twice by the kernel side, 100 ms apart,

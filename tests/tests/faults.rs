@@ -1252,3 +1252,86 @@ fn wait_until(fg: &Flowguard, what: &str, done: impl Fn() -> bool) {
         thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The flowguard clsact filters on lan1's egress in `ns`.
+fn flowguard_clsact_filters_on_lan1(ns: &Netns) -> usize {
+    use aya::programs::TcAttachType;
+    ns.enter(|| {
+        flowguard_user::instances::clsact_filters("lan1", TcAttachType::Egress)
+            .iter()
+            .filter(|f| f.program.is_flowguard())
+            .count()
+    })
+}
+
+/// Before Linux 6.6 (no TCX) tc programs are clsact filters, not links
+/// (forced here with FLOWGUARD_TC_ATTACH=clsact): a filter outlives a
+/// killed daemon and keeps guarding; a second instance on the port is
+/// refused by name; a restart takes the filter over (one filter, not two);
+/// a clean stop deletes it.
+#[test]
+fn clsact_filters_are_kept_taken_over_and_removed() {
+    skip_unless_root!();
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let pin_dir = bpffs.pin_dir();
+    let env = [("FLOWGUARD_TC_ATTACH", "clsact")];
+    let args = ["--egress", "lan1", "--prefix", PREFIX];
+    let mut fg = Flowguard::start_with_env(&ns, &pin_dir, &args, &env);
+    assert!(
+        fg.stdout_lines()
+            .iter()
+            .any(|l| l.contains("tc egress (clsact)")),
+        "{}",
+        fg.stdout_lines().join("\n")
+    );
+    assert_eq!(flowguard_clsact_filters_on_lan1(&ns), 1, "one filter");
+    assert_eq!(flowguard_programs_on_lan1(&ns), 0, "and no TCX program");
+
+    let second_dir = bpffs.path().join("second");
+    let mut second = Flowguard::spawn_with_env(
+        &require_flowguard_bin(),
+        &ns,
+        &second_dir,
+        &args,
+        &env,
+        false,
+    );
+    let exit = second.wait_exit(READY_TIMEOUT);
+    let stderr = second.stderr_text();
+    assert!(
+        exit.is_some_and(|e| !e.success())
+            && stderr.contains("lan1 is already guarded")
+            && stderr.contains(&format!("PID {}", fg.pid()))
+            && stderr.contains(&pin_dir.display().to_string()),
+        "a second instance on lan1 is refused naming the first ({exit:?}): {stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "one sentence: {stderr}");
+    assert_eq!(flowguard_clsact_filters_on_lan1(&ns), 1, "still one filter");
+
+    fg.signal(libc::SIGKILL);
+    assert!(fg.wait_exit(STOP_TIMEOUT).is_some(), "SIGKILL");
+    assert_eq!(
+        flowguard_clsact_filters_on_lan1(&ns),
+        1,
+        "the filter keeps guarding after SIGKILL"
+    );
+
+    let mut again = Flowguard::start_with_env(&ns, &pin_dir, &args, &env);
+    assert_eq!(
+        flowguard_clsact_filters_on_lan1(&ns),
+        1,
+        "the restart took the filter over: not a second one"
+    );
+    assert!(
+        again.stderr_text().contains("took over the clsact filter"),
+        "{}",
+        again.stderr_text()
+    );
+    assert!(again.stop().success());
+    assert_eq!(
+        flowguard_clsact_filters_on_lan1(&ns),
+        0,
+        "a clean stop deletes the filter"
+    );
+}
