@@ -175,6 +175,16 @@ impl Drop for Daemon {
     }
 }
 
+/// A directory on an ordinary filesystem for the files a test writes (ip
+/// batches, shims): the one that holds the private bpffs.
+fn scratch_dir(bpffs: &BpffsMount) -> PathBuf {
+    bpffs
+        .path()
+        .parent()
+        .expect("the bpffs has a parent")
+        .to_path_buf()
+}
+
 fn pins_in(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .map(|rd| {
@@ -570,11 +580,7 @@ fn rate_limited_evictions_are_deferred_not_dropped() {
     skip_unless_root!();
     let ns = namespace();
     let bpffs = BpffsMount::new();
-    let scratch = bpffs
-        .path()
-        .parent()
-        .expect("the bpffs has a parent")
-        .to_path_buf();
+    let scratch = scratch_dir(&bpffs);
     let fg = Flowguard::start(
         &ns,
         &bpffs.pin_dir(),
@@ -743,11 +749,7 @@ fn a_full_endpoint_map_never_stops_the_daemon() {
     skip_unless_root!();
     let ns = namespace();
     let bpffs = BpffsMount::new();
-    let scratch = bpffs
-        .path()
-        .parent()
-        .expect("the bpffs has a parent")
-        .to_path_buf();
+    let scratch = scratch_dir(&bpffs);
     let mut fg = Flowguard::start(
         &ns,
         &bpffs.pin_dir(),
@@ -900,11 +902,7 @@ fn a_port_recreated_at_the_same_index_is_guarded_again() {
     skip_unless_root!();
     let ns = namespace();
     let bpffs = BpffsMount::new();
-    let scratch = bpffs
-        .path()
-        .parent()
-        .expect("the bpffs has a parent")
-        .to_path_buf();
+    let scratch = scratch_dir(&bpffs);
     let fg = Flowguard::start(
         &ns,
         &bpffs.pin_dir(),
@@ -1145,11 +1143,7 @@ fn auto_follows_the_flowtables_while_it_runs() {
         ns.ip(&["link", "set", port, "master", "br-lan"]);
     }
     let bpffs = BpffsMount::new();
-    let scratch = bpffs
-        .path()
-        .parent()
-        .expect("the bpffs has a parent")
-        .join(format!("nft-shim-{}", std::process::id()));
+    let scratch = scratch_dir(&bpffs).join(format!("nft-shim-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).expect("shim directory");
     let answer = scratch.join("flowtables.json");
     let set_devices = |devices: &[&str]| {
