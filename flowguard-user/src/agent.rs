@@ -22,6 +22,7 @@ use crate::{
     children,
     conntrack::{Admission, Conntrack, DeferredEvictions, EvictScope, EvictionPolicy},
     events,
+    links::{LinkEvent, Notice, Subscription},
     loader::{Guard, KernelLogger},
     metrics,
     neigh::{self, MapChange, NeighCache, NeighEvent, NeighbourSource},
@@ -52,6 +53,10 @@ pub struct AgentOptions {
     pub probe: Option<ProbeOptions>,
     /// Guard the macvlan/ipvlan children of these interfaces (host role).
     pub children: Option<Vec<String>>,
+    /// `--auto`: the flowtables' bridge ports found at start. The
+    /// flowtables are read again when the ruleset or an interface changes,
+    /// and on SIGHUP: a new bridge port is guarded, one that leaves is named.
+    pub auto: Option<Vec<String>>,
 }
 
 /// Why an endpoint's flows are evicted.
@@ -167,10 +172,43 @@ pub async fn run(
         Some(parents) => children::start(guard, parents, &opts.prefixes).await?,
         None => None,
     };
-    // Guarded interfaces are looked up by name once a second: a deleted and
-    // recreated port gets its programs again.
+    // Interfaces are followed through rtnetlink: a guarded port deleted and
+    // created again gets its programs at once. The timer only retries an
+    // attach that failed on an interface that came back (nothing else
+    // announces when it would work), or polls by name if the kernel refused
+    // the subscription.
+    let mut links = match Subscription::links() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            crate::say_err!(
+                "flowguard: cannot follow interface changes through netlink ({e}): \
+                 looking the guarded interfaces up once a second instead"
+            );
+            None
+        }
+    };
     let mut link_timer = tokio::time::interval(Duration::from_secs(1));
     link_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // --auto: what the flowtables said last, and when to read them again
+    // (a burst of ruleset or interface changes is read once, after it).
+    let mut auto = opts.auto.clone().map(AutoPorts::new);
+    let mut ruleset = match &auto {
+        Some(_) => match Subscription::nftables() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                crate::say_err!(
+                    "flowguard: cannot follow nftables ruleset changes ({e}): the flowtables are \
+                     read again on interface changes and on SIGHUP only"
+                );
+                None
+            }
+        },
+        None => None,
+    };
+    let mut flowtables_due: Option<tokio::time::Instant> = None;
+    let read_soon = |due: &mut Option<tokio::time::Instant>| {
+        due.get_or_insert_with(|| tokio::time::Instant::now() + AutoPorts::SETTLE);
+    };
     let mut reconcile_timer = tokio::time::interval(opts.reconcile);
     reconcile_timer.tick().await;
 
@@ -197,7 +235,33 @@ pub async fn run(
                     }
                     None => "not following the neighbour table (--no-neigh)".to_string(),
                 };
-                log::info!("SIGHUP: {neighbours}; {}", flowtable_summary(&guard.attachments));
+                if let Some(auto) = auto.as_mut() {
+                    flowtables_due = None;
+                    for line in auto.follow(guard) {
+                        crate::say!("{line}");
+                    }
+                }
+                log::info!("SIGHUP: {neighbours}; {}", flowtable_summary(guard, auto.is_some()));
+            }
+            notice = next_ruleset_change(&mut ruleset) => {
+                match notice {
+                    Ok(_) => read_soon(&mut flowtables_due),
+                    Err(e) => {
+                        crate::say_err!(
+                            "flowguard: following nftables ruleset changes failed ({e}): the \
+                             flowtables are read again on interface changes and on SIGHUP only"
+                        );
+                        ruleset = None;
+                    }
+                }
+            }
+            _ = sleep_until(flowtables_due) => {
+                flowtables_due = None;
+                if let Some(auto) = auto.as_mut() {
+                    for line in auto.follow(guard) {
+                        crate::say!("{line}");
+                    }
+                }
             }
             ready = ring.readable_mut() => {
                 let mut ready = ready.context("waiting for events")?;
@@ -292,7 +356,29 @@ pub async fn run(
                     c.children_removed += applied.removed;
                 })?;
             }
-            _ = link_timer.tick() => {
+            notice = next_links(&mut links) => {
+                match notice.context("following interface changes")? {
+                    Notice::Events(events) => {
+                        for ev in &events {
+                            if let LinkEvent::Gone { index, .. } = ev {
+                                for line in guard.interface_gone(*index) {
+                                    crate::say!("{line}");
+                                }
+                            }
+                        }
+                    }
+                    Notice::Lost => log::debug!("missed interface changes: looking the guarded interfaces up"),
+                }
+                // A port may have joined or left a bridge (or a flowtable's
+                // device come back): --auto reads the flowtables again.
+                if auto.is_some() {
+                    read_soon(&mut flowtables_due);
+                }
+                for line in guard.follow_interfaces() {
+                    crate::say!("{line}");
+                }
+            }
+            _ = link_timer.tick(), if links.is_none() || guard.retry_pending() => {
                 for line in guard.follow_interfaces() {
                     crate::say!("{line}");
                 }
@@ -319,18 +405,24 @@ pub async fn run(
 
 /// What the flowtables say now about where MACs are cached, against what is
 /// guarded: a bridge port added to a flowtable since the start is named.
-fn flowtable_summary(attachments: &[crate::loader::Attachment]) -> String {
+fn flowtable_summary(guard: &Guard, auto: bool) -> String {
     let ports = match crate::flowtable::auto_devices() {
         Ok(ports) => ports,
         Err(e) => return format!("flowtables: {e}"),
     };
     let unguarded: Vec<&str> = ports
         .iter()
-        .filter(|p| !attachments.iter().any(|a| &a.iface == *p))
+        .filter(|p| !guard.guards_egress(p))
         .map(String::as_str)
         .collect();
     if unguarded.is_empty() {
         format!("flowtables: bridge ports {}, all guarded", ports.join(", "))
+    } else if auto {
+        format!(
+            "flowtables: bridge ports {}; not guarded: {} (see the lines above)",
+            ports.join(", "),
+            unguarded.join(", ")
+        )
     } else {
         format!(
             "flowtables: bridge ports {}; not guarded: {} (restart with --auto or --egress to guard them)",
@@ -340,11 +432,100 @@ fn flowtable_summary(attachments: &[crate::loader::Attachment]) -> String {
     }
 }
 
+/// `--auto` while running: the flowtables' bridge ports as last read.
+struct AutoPorts {
+    ports: Vec<String>,
+    /// The last failure (reading, or attaching to a port), said once.
+    failures: std::collections::HashSet<String>,
+}
+
+impl AutoPorts {
+    /// How long a burst of changes may last before the flowtables are read.
+    const SETTLE: Duration = Duration::from_millis(500);
+
+    fn new(ports: Vec<String>) -> Self {
+        Self {
+            ports,
+            failures: Default::default(),
+        }
+    }
+
+    /// Reads the flowtables again: guards a bridge port that joined one,
+    /// names one that left. One sentence per change.
+    fn follow(&mut self, guard: &mut Guard) -> Vec<String> {
+        let mut said = Vec::new();
+        let ports = match crate::flowtable::auto_devices() {
+            Ok(ports) => ports,
+            Err(e) => {
+                let why = format!(
+                    "flowguard: reading the flowtables: {e}; the guarded ports stay guarded"
+                );
+                if self.failures.insert(why.clone()) {
+                    said.push(why);
+                }
+                return said;
+            }
+        };
+        self.failures
+            .retain(|f| !f.starts_with("flowguard: reading the flowtables"));
+        for port in &ports {
+            if guard.guards_egress(port) {
+                continue;
+            }
+            match guard.add_egress(port) {
+                Ok(how) => said.push(format!(
+                    "flowguard: {port} is a flowtable bridge port now: {how} attached"
+                )),
+                Err(e) => {
+                    let why = format!(
+                        "flowguard: {port} is a flowtable bridge port now, but cannot be guarded: {e}"
+                    );
+                    if self.failures.insert(why.clone()) {
+                        said.push(why);
+                    }
+                }
+            }
+        }
+        for old in &self.ports {
+            // A deleted port is named by the interface follower.
+            if !ports.contains(old) && crate::sys::ifindex(old).is_some() {
+                said.push(format!(
+                    "flowguard: {old} is no longer a flowtable bridge port: still guarded \
+                     (harmless; restart flowguard to leave it)"
+                ));
+            }
+        }
+        self.ports = ports;
+        said
+    }
+}
+
+async fn next_ruleset_change(sub: &mut Option<Subscription>) -> std::io::Result<Notice<()>> {
+    match sub {
+        Some(s) => s.next_change().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn kernel_log_ready(
     log: &mut Option<AsyncFd<KernelLogger>>,
 ) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, KernelLogger>> {
     match log {
         Some(l) => l.readable_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_links(links: &mut Option<Subscription>) -> std::io::Result<Notice<LinkEvent>> {
+    match links {
+        Some(s) => s.next_links().await,
         None => std::future::pending().await,
     }
 }

@@ -932,13 +932,26 @@ fn flowguard_check(pin_dir: &str, running: &Running) -> Check {
     match running {
         Running::Yes(st) => {
             let c = &st.counters;
+            let missing = st.missing_interfaces();
+            let (verdict, warning) = if missing.is_empty() {
+                (Verdict::Ok, String::new())
+            } else {
+                (
+                    Verdict::Warn,
+                    format!(
+                        "; NOT guarded now: {} (deleted; attached again when an interface of \
+                         that name comes back)",
+                        missing.join(", ")
+                    ),
+                )
+            };
             Check::new(
                 "flowguard",
-                Verdict::Ok,
+                verdict,
                 format!(
                     "running at {pin_dir} in {} mode: {} endpoints, {} frames to stale MACs \
                      seen, {} rewritten, {} conntrack entries evicted, {} probes sent, {} \
-                     moves found by probing (`flowguard status` for more)",
+                     moves found by probing (`flowguard status` for more){warning}",
                     st.mode,
                     st.endpoints.len(),
                     c.kernel.stale,

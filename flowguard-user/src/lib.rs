@@ -10,6 +10,7 @@ pub mod endpoints;
 pub mod events;
 pub mod flowtable;
 pub mod instances;
+pub mod links;
 pub mod loader;
 pub mod metrics;
 pub mod neigh;

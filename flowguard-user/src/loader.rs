@@ -162,6 +162,8 @@ pub struct Guard {
     pub own_macs: Vec<Mac>,
     /// Entries the endpoint map can hold.
     pub endpoint_capacity: u32,
+    /// The tc program the egress ports get (guarding, or learning too).
+    egress_program: &'static str,
 }
 
 #[cfg(not(flowguard_ebpf_missing))]
@@ -265,6 +267,11 @@ impl Guard {
             attachments: Vec::new(),
             own_macs: own_macs.to_vec(),
             endpoint_capacity: opts.max_endpoints,
+            egress_program: if opts.learn {
+                program_names::TC_LEARN
+            } else {
+                program_names::TC_GUARD
+            },
         };
         // Before any program is attached: an adopted link switches to the new
         // program at once, which must find the endpoints the killed
@@ -274,12 +281,7 @@ impl Guard {
             guard.attach_xdp(&opts.ingress, opts.xdp)?;
         }
         if !opts.egress.is_empty() {
-            let program = if opts.learn {
-                program_names::TC_LEARN
-            } else {
-                program_names::TC_GUARD
-            };
-            guard.attach_tc(program, &opts.egress, TcAttachType::Egress)?;
+            guard.attach_tc(guard.egress_program, &opts.egress, TcAttachType::Egress)?;
         }
         guard.pin_maps()?;
         guard.record_owner()?;
@@ -354,7 +356,7 @@ impl Guard {
         ifaces: &[String],
         direction: TcAttachType,
     ) -> Result<(), LoadError> {
-        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        let tcx = tcx_available();
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(name)
@@ -367,32 +369,14 @@ impl Guard {
             _ => "egress",
         };
         for iface in ifaces {
-            if !tcx {
-                // Before TCX, a clsact qdisc carries the filter; one may exist already.
-                if let Err(e) = tc::qdisc_add_clsact(iface) {
-                    log::debug!("clsact on {iface}: {e} (may already exist)");
-                }
-            }
             let pin = link_pin(&self.pin_dir, "tc", iface);
-            let attached = match adopt_link::<SchedClassifierLink>(&pin) {
-                Some(old) => prog.attach_to_link(old).or_else(|e| {
-                    log::debug!("replacing the program of {}: {e}", pin.display());
-                    let _ = fs::remove_file(&pin);
-                    prog.attach(iface, direction)
-                }),
-                None => prog.attach(iface, direction),
-            };
-            let id = attached.map_err(|source| LoadError::Attach {
-                what: "tc",
-                iface: iface.clone(),
-                source,
-            })?;
-            // clsact filters (before TCX) are not links: they stay unpinned.
-            if let Some(link) = prog
-                .take_link(id)
-                .ok()
-                .and_then(|l| FdLink::try_from(l).ok())
-            {
+            let link =
+                attach_tc_to(prog, iface, direction, &pin).map_err(|source| LoadError::Attach {
+                    what: "tc",
+                    iface: iface.clone(),
+                    source,
+                })?;
+            if let Some(link) = link {
                 keep_pinned(&mut self.links, &mut self.pinned, link, &pin)?;
             }
             let learning = if name == program_names::TC_LEARN {
@@ -428,6 +412,113 @@ impl Guard {
             })?;
         }
         Ok(())
+    }
+
+    /// Whether `iface` has the tc egress guard (attached or missing).
+    pub fn guards_egress(&self, iface: &str) -> bool {
+        self.attachments
+            .iter()
+            .any(|a| a.iface == iface && a.xdp_mode.is_none())
+    }
+
+    /// Attaches the tc egress guard to one more interface while running (a
+    /// port that joined a flowtable, for `--auto`): refused, like at start,
+    /// when another flowguard guards it. Says how it is attached.
+    pub fn add_egress(&mut self, iface: &str) -> Result<String, LoadError> {
+        let index = sys::ifindex(iface).ok_or_else(|| LoadError::UnknownInterface(iface.into()))?;
+        egress_free(&self.pin_dir, iface)?;
+        let name = self.egress_program;
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .expect("the object defines the tc guards");
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|source| refused(name, "tc classifiers", source))?;
+        }
+        self.reattach(iface, name, None)
+            .map_err(|source| LoadError::Attach {
+                what: "tc",
+                iface: iface.to_string(),
+                source,
+            })?;
+        let how = format!(
+            "tc egress ({}{})",
+            if tcx_available() { "tcx" } else { "clsact" },
+            if name == program_names::TC_LEARN {
+                ", learning"
+            } else {
+                ""
+            }
+        );
+        self.attachments.push(Attachment {
+            iface: iface.to_string(),
+            how: how.clone(),
+            ifindex: index,
+            missing: false,
+            program: name,
+            xdp_mode: None,
+        });
+        // Frames the router itself sends from that port are never learned.
+        match sys::if_mac(iface) {
+            Ok(mac) if mac.is_unicast() && !self.own_macs.contains(&mac) => {
+                if let Err(e) = self.add_own_mac(mac) {
+                    log::warn!("{iface}: its MAC {mac} is not known to the kernel side: {e}");
+                }
+            }
+            _ => {}
+        }
+        Ok(how)
+    }
+
+    fn add_own_mac(&mut self, mac: Mac) -> Result<(), LoadError> {
+        let map = self
+            .ebpf
+            .map_mut(map_names::CONFIG)
+            .expect("the object defines its maps");
+        let mut cfg: Array<&mut MapData, Config> =
+            Array::try_from(map).map_err(|e| LoadError::Map(map_names::CONFIG, e))?;
+        let mut config = cfg
+            .get(&0, 0)
+            .map_err(|e| LoadError::Map(map_names::CONFIG, e))?;
+        let n = config.own_mac_count as usize;
+        if let Some(slot) = config.own_macs.get_mut(n) {
+            slot.mac = mac.0;
+            config.own_mac_count += 1;
+            cfg.set(0, config, 0)
+                .map_err(|e| LoadError::Map(map_names::CONFIG, e))?;
+        }
+        self.own_macs.push(mac);
+        Ok(())
+    }
+
+    /// An interface was deleted (`RTM_DELLINK`): the attachments to that
+    /// index are missing from now on, even if an interface of the same name
+    /// (and index) is back by the time [`Guard::follow_interfaces`] looks.
+    pub fn interface_gone(&mut self, index: u32) -> Vec<String> {
+        let mut said = Vec::new();
+        for a in &mut self.attachments {
+            if a.ifindex == index && !a.missing {
+                a.missing = true;
+                let line = format!(
+                    "flowguard: {} went away: it is not guarded until an interface of that name comes back",
+                    a.iface
+                );
+                if !said.contains(&line) {
+                    said.push(line);
+                }
+            }
+        }
+        said
+    }
+
+    /// Whether an interface that came back could not be attached to yet:
+    /// [`Guard::follow_interfaces`] should try again in a while.
+    pub fn retry_pending(&self) -> bool {
+        self.attachments
+            .iter()
+            .any(|a| a.missing && a.ifindex != 0 && sys::ifindex(&a.iface) == Some(a.ifindex))
     }
 
     /// Follows the guarded interfaces by name: says when one goes away, and
@@ -499,12 +590,10 @@ impl Guard {
             }
             None => {
                 let tc: &mut SchedClassifier = prog.try_into()?;
-                if !KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
-                    let _ = tc::qdisc_add_clsact(iface);
-                }
-                let id = tc.attach(iface, TcAttachType::Egress)?;
-                let link = tc.take_link(id).ok().and_then(|l| FdLink::try_from(l).ok());
-                (link, link_pin(&self.pin_dir, "tc", iface))
+                let pin = link_pin(&self.pin_dir, "tc", iface);
+                // The old pin held the dead interface's link: nothing to adopt.
+                let _ = fs::remove_file(&pin);
+                (attach_tc_to(tc, iface, TcAttachType::Egress, &pin)?, pin)
             }
         };
         if let Some(link) = link {
@@ -610,18 +699,7 @@ impl Drop for Guard {
 /// running"), and an XDP port taken by any other program.
 fn ports_free(opts: &GuardOptions) -> Result<(), LoadError> {
     for iface in &opts.egress {
-        // A link this pin directory pinned is ours to adopt.
-        if link_pin(&opts.pin_dir, "tc", iface).exists() {
-            continue;
-        }
-        let mine = instances::tcx_programs(iface, TcAttachType::Egress);
-        if let Some(p) = mine.iter().find(|p| p.is_flowguard()) {
-            return Err(LoadError::AlreadyGuarded {
-                iface: iface.clone(),
-                hook: "tc egress",
-                by: instances::describe_holder(p),
-            });
-        }
+        egress_free(&opts.pin_dir, iface)?;
     }
     for iface in &opts.ingress {
         if link_pin(&opts.pin_dir, "xdp", iface).exists() {
@@ -646,6 +724,125 @@ fn ports_free(opts: &GuardOptions) -> Result<(), LoadError> {
         }
     }
     Ok(())
+}
+
+/// Refuses `iface` when another flowguard's tc program is on its egress.
+fn egress_free(pin_dir: &Path, iface: &str) -> Result<(), LoadError> {
+    if !tcx_available() {
+        // A clsact filter whose program no live process holds was left by
+        // a killed instance: it is adopted (see `attach_tc_to`).
+        let filters = instances::clsact_filters(iface, TcAttachType::Egress);
+        for f in filters.iter().filter(|f| f.program.is_flowguard()) {
+            if instances::holder_of(f.program.id).is_some() {
+                return Err(LoadError::AlreadyGuarded {
+                    iface: iface.to_string(),
+                    hook: "tc egress, clsact",
+                    by: instances::describe_holder(&f.program),
+                });
+            }
+        }
+        return Ok(());
+    }
+    // A link this pin directory pinned is ours to adopt.
+    if link_pin(pin_dir, "tc", iface).exists() {
+        return Ok(());
+    }
+    let mine = instances::tcx_programs(iface, TcAttachType::Egress);
+    if let Some(p) = mine.iter().find(|p| p.is_flowguard()) {
+        return Err(LoadError::AlreadyGuarded {
+            iface: iface.to_string(),
+            hook: "tc egress",
+            by: instances::describe_holder(p),
+        });
+    }
+    Ok(())
+}
+
+/// Set to `clsact` to attach tc programs as clsact filters even where TCX
+/// exists: how kernels before 6.6 attach, tested on newer ones.
+pub const TC_ATTACH_ENV: &str = "FLOWGUARD_TC_ATTACH";
+
+/// Whether tc programs attach through TCX links (Linux 6.6+) rather than
+/// clsact filters.
+fn tcx_available() -> bool {
+    if std::env::var_os(TC_ATTACH_ENV).is_some_and(|v| v == "clsact") {
+        return false;
+    }
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+/// Attaches `prog` to `iface`, replacing the program of what a killed
+/// instance left there: with TCX, the link pinned at `pin`, returned to be
+/// pinned again; before TCX, a clsact filter of flowguard's that no live
+/// process holds (filters are not links: one outlives its process until it
+/// is deleted). Either way the replacement is atomic, so that the port is
+/// never unguarded, nor guarded twice. A clsact filter stays owned by the
+/// program, which deletes it when flowguard stops.
+fn attach_tc_to(
+    prog: &mut SchedClassifier,
+    iface: &str,
+    direction: TcAttachType,
+    pin: &Path,
+) -> Result<Option<FdLink>, aya::programs::ProgramError> {
+    if !tcx_available() {
+        // A clsact qdisc carries the filter; one may exist already.
+        if let Err(e) = tc::qdisc_add_clsact(iface) {
+            log::debug!("clsact on {iface}: {e} (may already exist)");
+        }
+        let mut left: Vec<_> = instances::clsact_filters(iface, direction)
+            .into_iter()
+            .filter(|f| f.program.is_flowguard() && instances::holder_of(f.program.id).is_none())
+            .collect();
+        let filter = |f: &instances::ClsactFilter| {
+            SchedClassifierLink::attached(iface, direction, f.priority, f.handle.into(), None)
+        };
+        let mut adopted = false;
+        if let Some(first) = left.first() {
+            match filter(first).map(|old| prog.attach_to_link(old)) {
+                Ok(Ok(_)) => {
+                    log::info!(
+                        "{iface}: took over the clsact filter (priority {}) that a stopped \
+                         flowguard left, program {} (id {})",
+                        first.priority,
+                        first.program.name,
+                        first.program.id
+                    );
+                    adopted = true;
+                    left.remove(0);
+                }
+                Ok(Err(e)) => log::debug!("replacing the program of {iface}'s filter: {e}"),
+                Err(e) => log::debug!("{iface}: {e}"),
+            }
+        }
+        if !adopted {
+            prog.attach_with_options(
+                iface,
+                direction,
+                tc::TcAttachOptions::Netlink(tc::NlOptions::default()),
+            )?;
+        }
+        // More than one left behind: only one may guard.
+        for f in &left {
+            if let Ok(old) = filter(f) {
+                if let Err(e) = aya::programs::links::Link::detach(old) {
+                    log::warn!("{iface}: deleting a leftover flowguard filter failed: {e}");
+                }
+            }
+        }
+        return Ok(None);
+    }
+    let attached = match adopt_link::<SchedClassifierLink>(pin) {
+        Some(old) => prog.attach_to_link(old).or_else(|e| {
+            log::debug!("replacing the program of {}: {e}", pin.display());
+            let _ = fs::remove_file(pin);
+            prog.attach(iface, direction)
+        }),
+        None => prog.attach(iface, direction),
+    }?;
+    Ok(prog
+        .take_link(attached)
+        .ok()
+        .and_then(|l| FdLink::try_from(l).ok()))
 }
 
 /// The kernel's HZ: jiffies read twice by the kernel side, 100 ms apart,

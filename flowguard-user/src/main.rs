@@ -34,8 +34,11 @@ enum Command {
     /// Load, attach and guard until SIGINT, SIGTERM or SIGQUIT, then detach
     /// and unpin. SIGHUP re-reads the neighbour table and the flowtables.
     Run(RunArgs),
-    /// Show a running instance's counters and endpoints. Exits 1 when no
-    /// instance runs there (also when a killed one left its pins).
+    /// Show a running instance's counters and endpoints. Exit status: 0
+    /// when it runs with every guarded interface attached; 1 when no instance
+    /// runs there (also when a killed one left its pins); 3 when it runs but
+    /// a guarded interface is MISSING (deleted, not guarded until it comes
+    /// back).
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -90,7 +93,9 @@ struct RunArgs {
     #[arg(long, value_enum, default_value = "auto")]
     xdp_mode: XdpAttach,
     /// Router role: attach tc egress to every flowtable device that is a
-    /// bridge port (read from `nft -j list flowtables`).
+    /// bridge port (read from `nft -j list flowtables`), and keep doing so
+    /// while running: the flowtables are read again when the ruleset or an
+    /// interface changes, and on SIGHUP.
     #[arg(long)]
     auto: bool,
     /// Do not follow the kernel neighbour table (endpoints then come only
@@ -176,7 +181,10 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let result = match cli.command {
         Command::Run(args) => run(args),
-        Command::Status { json, pin_dir } => show_status(json, &pin_dir),
+        Command::Status { json, pin_dir } => match show_status(json, &pin_dir) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
         Command::Doctor { json, pin_dir } => {
             return ExitCode::from(doctor::run(json, &pin_dir));
         }
@@ -190,23 +198,41 @@ fn main() -> ExitCode {
     }
 }
 
-fn show_status(json: bool, pin_dir: &std::path::Path) -> anyhow::Result<()> {
+/// `flowguard status`'s exit status when the instance runs but a guarded
+/// interface is missing (1 is "not running").
+const STATUS_INTERFACE_MISSING: u8 = 3;
+
+fn show_status(json: bool, pin_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
     let st = status::read(pin_dir)?;
     if json {
         say!("{}", serde_json::to_string_pretty(&st)?);
     } else if st.running {
         say!("{}", status::render(&st).trim_end_matches('\n'));
     }
-    match st.not_running() {
-        Some(why) => bail!(why),
-        None => Ok(()),
+    if let Some(why) = st.not_running() {
+        bail!(why);
+    }
+    let missing = st.missing_interfaces();
+    if missing.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        say_err!(
+            "flowguard at {} runs, but {} {} not guarded now (deleted; attached again when \
+             an interface of that name comes back)",
+            st.pin_dir,
+            missing.join(", "),
+            if missing.len() == 1 { "is" } else { "are" }
+        );
+        Ok(ExitCode::from(STATUS_INTERFACE_MISSING))
     }
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut args = args;
+    let mut auto_ports = None;
     if args.auto {
         let found = flowtable::auto_devices()?;
+        auto_ports = Some(found.clone());
         say!(
             "flowguard: the flowtable caches MACs on bridge ports {}: attaching tc egress there",
             found.join(", ")
@@ -313,6 +339,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics,
         probe: probe_options(&args),
         children: (!args.no_children && !args.ingress.is_empty()).then(|| args.ingress.clone()),
+        auto: auto_ports,
     };
     match (args.evict, args.dry_run) {
         (EvictScope::Off, _) => say!("flowguard: eviction is off"),

@@ -114,6 +114,15 @@ fn interfaces(dir: &Path) -> Vec<InterfaceStatus> {
 }
 
 impl Status {
+    /// The guarded interfaces that are missing now, as `lan1 (tc)`.
+    pub fn missing_interfaces(&self) -> Vec<String> {
+        self.interfaces
+            .iter()
+            .filter(|i| !i.attached)
+            .map(|i| format!("{} ({})", i.name, i.hook))
+            .collect()
+    }
+
     /// Why these pins answer for no running instance, or `None` if one runs.
     pub fn not_running(&self) -> Option<String> {
         if self.running {

@@ -11,12 +11,15 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::netns::{run, Netns};
+use crate::netns::{run, try_run, Netns};
 
 /// How long flowguard may take to load, attach and pin before the test fails.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long flowguard may take to detach and exit after SIGINT.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// `flowguard status`'s exit code while it runs with a guarded interface
+/// missing (1: not running).
+pub const STATUS_INTERFACE_MISSING: i32 = 3;
 /// The line flowguard prints once it is attached and pinned.
 pub const READY_LINE: &str = "flowguard: ready";
 
@@ -168,7 +171,33 @@ impl Flowguard {
     /// namespace only: bpffs paths stay the host's) without waiting for it.
     /// With `echo`, its stdout and stderr are also printed as they arrive.
     pub fn spawn(bin: &Path, netns: &Netns, pin_dir: &Path, args: &[&str], echo: bool) -> Self {
+        Self::spawn_with_env(bin, netns, pin_dir, args, &[], echo)
+    }
+
+    /// [`Flowguard::start`] with extra environment variables.
+    pub fn start_with_env(
+        netns: &Netns,
+        pin_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let bin = require_flowguard_bin();
+        let mut flowguard = Self::spawn_with_env(&bin, netns, pin_dir, args, env, false);
+        flowguard.wait_ready();
+        flowguard
+    }
+
+    /// [`Flowguard::spawn`] with extra environment variables.
+    pub fn spawn_with_env(
+        bin: &Path,
+        netns: &Netns,
+        pin_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        echo: bool,
+    ) -> Self {
         let mut child = Command::new("nsenter")
+            .envs(env.iter().copied())
             .arg(format!("--net={}", netns.path().display()))
             .arg(bin)
             .arg("run")
@@ -370,11 +399,27 @@ impl Flowguard {
     }
 
     fn status_command(&self, extra: &[&str]) -> String {
+        let (code, stdout) = self.status_exit(extra);
+        assert!(
+            code == Some(0) || code == Some(STATUS_INTERFACE_MISSING),
+            "`flowguard status {}` exited {code:?}: {stdout}",
+            extra.join(" ")
+        );
+        stdout
+    }
+
+    /// `flowguard status <extra>` for this pin directory: its exit code and
+    /// stdout, whatever the code.
+    pub fn status_exit(&self, extra: &[&str]) -> (Option<i32>, String) {
         let pin_dir = self.pin_dir.to_string_lossy();
         let mut args = vec!["status"];
         args.extend_from_slice(extra);
         args.extend_from_slice(&["--pin-dir", &pin_dir]);
-        run(&self.bin.to_string_lossy(), &args)
+        let out = try_run(&self.bin.to_string_lossy(), &args);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
     }
 
     /// Polls `flowguard status --json` until `wanted` holds, for up to

@@ -12,7 +12,10 @@ use std::{
 };
 
 use flowguard_tests::{
-    flowguard_proc::{require_flowguard_bin, Flowguard, Status, READY_TIMEOUT, STOP_TIMEOUT},
+    flowguard_proc::{
+        require_flowguard_bin, Flowguard, Status, READY_TIMEOUT, STATUS_INTERFACE_MISSING,
+        STOP_TIMEOUT,
+    },
     netns::{BpffsMount, Netns},
     skip_unless_root,
 };
@@ -170,6 +173,16 @@ impl Drop for Daemon {
             let _ = self.wait_exit(STOP_TIMEOUT);
         }
     }
+}
+
+/// A directory on an ordinary filesystem for the files a test writes (ip
+/// batches, shims): the one that holds the private bpffs.
+fn scratch_dir(bpffs: &BpffsMount) -> PathBuf {
+    bpffs
+        .path()
+        .parent()
+        .expect("the bpffs has a parent")
+        .to_path_buf()
 }
 
 fn pins_in(dir: &Path) -> Vec<String> {
@@ -386,17 +399,22 @@ fn status_and_doctor_call_a_killed_instance_gone() {
 /// The flowguard programs attached to `lan1` in `ns`: TCX egress (which this
 /// Debian's bpftool does not list) and XDP.
 fn flowguard_programs_on_lan1(ns: &Netns) -> usize {
+    flowguard_programs_on(ns, "lan1")
+}
+
+/// The flowguard programs attached to `iface` in `ns` (TCX egress and XDP).
+fn flowguard_programs_on(ns: &Netns, iface: &str) -> usize {
     use aya::programs::{tc::SchedClassifier, TcAttachType};
     let tcx = ns.enter(|| {
         let (_, programs) =
-            SchedClassifier::query_tcx("lan1", TcAttachType::Egress).expect("query TCX of lan1");
+            SchedClassifier::query_tcx(iface, TcAttachType::Egress).expect("query TCX");
         programs
             .iter()
             .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("flowguard_")))
             .count()
     });
     let link: serde_json::Value =
-        serde_json::from_str(&ns.ip(&["-j", "-d", "link", "show", "dev", "lan1"])).expect("ip -j");
+        serde_json::from_str(&ns.ip(&["-j", "-d", "link", "show", "dev", iface])).expect("ip -j");
     let xdp = link[0]["xdp"]["attached"].as_array().map_or(0, |a| {
         a.iter()
             .filter(|p| {
@@ -562,11 +580,7 @@ fn rate_limited_evictions_are_deferred_not_dropped() {
     skip_unless_root!();
     let ns = namespace();
     let bpffs = BpffsMount::new();
-    let scratch = bpffs
-        .path()
-        .parent()
-        .expect("the bpffs has a parent")
-        .to_path_buf();
+    let scratch = scratch_dir(&bpffs);
     let fg = Flowguard::start(
         &ns,
         &bpffs.pin_dir(),
@@ -735,11 +749,7 @@ fn a_full_endpoint_map_never_stops_the_daemon() {
     skip_unless_root!();
     let ns = namespace();
     let bpffs = BpffsMount::new();
-    let scratch = bpffs
-        .path()
-        .parent()
-        .expect("the bpffs has a parent")
-        .to_path_buf();
+    let scratch = scratch_dir(&bpffs);
     let mut fg = Flowguard::start(
         &ns,
         &bpffs.pin_dir(),
@@ -871,6 +881,70 @@ fn under_ci_a_privileged_test_that_cannot_run_fails() {
     }
 }
 
+/// A generous bound for what follows an interface event at once (a
+/// functional outcome, not a measure of speed).
+const PROMPTLY: Duration = Duration::from_secs(5);
+
+/// lan1's interface index in `ns`.
+fn lan1_index(ns: &Netns) -> u32 {
+    let link: serde_json::Value =
+        serde_json::from_str(&ns.ip(&["-j", "link", "show", "dev", "lan1"])).expect("ip -j");
+    let index = link[0]["ifindex"].as_u64().expect("ifindex");
+    u32::try_from(index).expect("ifindex fits u32")
+}
+
+/// A guarded port deleted and created again at once with the same index
+/// (`ip link add ... index N`, as scripts that pin indexes do): looking the
+/// name up finds the same name and index, so only the link events tell that
+/// the new interface has none of the programs.
+#[test]
+fn a_port_recreated_at_the_same_index_is_guarded_again() {
+    skip_unless_root!();
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let scratch = scratch_dir(&bpffs);
+    let fg = Flowguard::start(
+        &ns,
+        &bpffs.pin_dir(),
+        &["--egress", "lan1", "--ingress", "lan1", "--prefix", PREFIX],
+    );
+    assert_eq!(flowguard_programs_on_lan1(&ns), 2, "tc and XDP on lan1");
+    let index = lan1_index(&ns);
+    let batch = scratch.join(format!("recreate-{}", std::process::id()));
+    std::fs::write(
+        &batch,
+        format!(
+            "link del lan1\n\
+             link add lan1 index {index} type veth peer name peer1\n\
+             link set lan1 up\n\
+             link set peer1 up\n"
+        ),
+    )
+    .expect("write the ip batch");
+    ns.ip(&["-batch", &batch.to_string_lossy()]);
+    let _ = std::fs::remove_file(&batch);
+    assert_eq!(lan1_index(&ns), index, "recreated with the same index");
+    let deadline = Instant::now() + PROMPTLY;
+    while flowguard_programs_on_lan1(&ns) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the recreated lan1 was not guarded again within {PROMPTLY:?} \
+             ({} flowguard programs on it):\n{}\nstderr:\n{}",
+            flowguard_programs_on_lan1(&ns),
+            fg.stdout_lines().join("\n"),
+            fg.stderr_text()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let lines = fg.stdout_lines();
+    assert!(
+        lines.iter().any(|l| l.contains("lan1 went away"))
+            && lines.iter().any(|l| l.contains("lan1 is back")),
+        "says it went away and came back:\n{}",
+        lines.join("\n")
+    );
+}
+
 /// A guarded port deleted and created again (veth and tap ports are
 /// recreated routinely, USB NICs replugged): flowguard says it went away and
 /// attaches again, tc and XDP, to the interface of that name.
@@ -886,7 +960,7 @@ fn a_recreated_port_is_guarded_again() {
     );
     assert_eq!(flowguard_programs_on_lan1(&ns), 2, "tc and XDP on lan1");
     ns.ip(&["link", "del", "lan1"]);
-    fg.wait_for_line(Duration::from_secs(10), |l| l.contains("lan1 went away"))
+    fg.wait_for_line(PROMPTLY, |l| l.contains("lan1 went away"))
         .unwrap_or_else(|| {
             panic!(
                 "no word about lan1 going away:\n{}",
@@ -914,18 +988,35 @@ fn a_recreated_port_is_guarded_again() {
     assert_eq!(states(&fg), missing, "status shows lan1 missing");
     let table = fg.status_table();
     assert!(table.contains("lan1 (tc) MISSING"), "{table}");
+    for extra in [&[][..], &["--json"]] {
+        let (code, _) = fg.status_exit(extra);
+        assert_eq!(
+            code,
+            Some(STATUS_INTERFACE_MISSING),
+            "`status {extra:?}` with lan1 missing"
+        );
+    }
     let doctor = flowguard_in(
         &ns,
         &["doctor", "--pin-dir", &bpffs.pin_dir().to_string_lossy()],
     );
     let text = String::from_utf8_lossy(&doctor.stdout);
     assert!(text.contains("lan1 (xdp): MISSING"), "doctor:\n{text}");
+    let doctor = doctor_check(&ns, &bpffs.pin_dir());
+    assert!(
+        doctor["verdict"] == "warn"
+            && doctor["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("NOT guarded now: lan1 (tc), lan1 (xdp)"),
+        "doctor warns while lan1 is missing: {doctor:#}"
+    );
 
     ns.ip(&[
         "link", "add", "lan1", "type", "veth", "peer", "name", "peer1",
     ]);
     ns.ip(&["link", "set", "lan1", "up"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + PROMPTLY;
     while fg
         .stdout_lines()
         .iter()
@@ -948,6 +1039,25 @@ fn a_recreated_port_is_guarded_again() {
     );
     let attached: Vec<_> = missing.into_iter().map(|(n, h, _)| (n, h, true)).collect();
     assert_eq!(states(&fg), attached, "status shows lan1 attached again");
+    assert_eq!(fg.status_exit(&[]).0, Some(0), "status exits 0 again");
+    assert_eq!(doctor_check(&ns, &bpffs.pin_dir())["verdict"], "ok");
+}
+
+/// The `flowguard` check of `doctor --json --pin-dir <pin_dir>` in `ns`.
+fn doctor_check(ns: &Netns, pin_dir: &Path) -> serde_json::Value {
+    let out = flowguard_in(
+        ns,
+        &["doctor", "--json", "--pin-dir", &pin_dir.to_string_lossy()],
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("doctor --json: {e}: {out:?}"));
+    report["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["check"] == "flowguard")
+        .expect("a flowguard check")
+        .clone()
 }
 
 /// After SIGKILL the kernel side keeps guarding (pinned links) with the map
@@ -1003,5 +1113,219 @@ fn a_killed_instance_keeps_guarding_and_a_restart_adopts_it() {
         !pin_dir.exists(),
         "and leaves no pins: {:?}",
         pins_in(&pin_dir)
+    );
+}
+
+/// `--auto` follows the flowtables while it runs: a bridge port added to a
+/// flowtable is guarded once the ruleset changes, a port that becomes a
+/// bridge port of a flowtable device is guarded once the link changes, and
+/// one that leaves is named (SIGHUP reads them too). This kernel has no
+/// nf_flow_table, so `nft -j list flowtables` is answered by a shim (in
+/// PATH, for the daemon only) from a file the test writes, in the format
+/// nft 1.0.6 prints; every other `nft` command, and the ruleset changes that
+/// announce a new flowtable, are the real nftables of the namespace.
+#[test]
+fn auto_follows_the_flowtables_while_it_runs() {
+    skip_unless_root!();
+    let ns = Netns::new("auto");
+    ns.ip(&["link", "add", "br-lan", "type", "bridge"]);
+    ns.ip(&["link", "set", "br-lan", "up"]);
+    for (port, peer) in [
+        ("wan", "peerw"),
+        ("lan1", "peer1"),
+        ("lan2", "peer2"),
+        ("lan3", "peer3"),
+    ] {
+        ns.ip(&["link", "add", port, "type", "veth", "peer", "name", peer]);
+        ns.ip(&["link", "set", port, "up"]);
+    }
+    for port in ["lan1", "lan2"] {
+        ns.ip(&["link", "set", port, "master", "br-lan"]);
+    }
+    let bpffs = BpffsMount::new();
+    let scratch = scratch_dir(&bpffs).join(format!("nft-shim-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).expect("shim directory");
+    let answer = scratch.join("flowtables.json");
+    let set_devices = |devices: &[&str]| {
+        let json = serde_json::json!({"nftables": [
+            {"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}},
+            {"flowtable": {"family": "inet", "name": "ft", "table": "fw4", "handle": 1,
+                           "hook": "ingress", "prio": 0, "dev": devices}}
+        ]});
+        let tmp = scratch.join("flowtables.tmp");
+        std::fs::write(&tmp, json.to_string()).expect("write the flowtables");
+        std::fs::rename(&tmp, &answer).expect("replace the flowtables");
+    };
+    let nft = scratch.join("nft");
+    std::fs::write(
+        &nft,
+        format!(
+            "#!/bin/sh\n\
+             if [ \"$*\" = \"-j list flowtables\" ]; then exec cat {}; fi\n\
+             exec /usr/sbin/nft \"$@\"\n",
+            answer.display()
+        ),
+    )
+    .expect("write the nft shim");
+    std::fs::set_permissions(&nft, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod the shim");
+    set_devices(&["wan", "lan1"]);
+    let path = format!(
+        "{}:{}",
+        scratch.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let fg = Flowguard::start_with_env(
+        &ns,
+        &bpffs.pin_dir(),
+        &["--auto", "--prefix", PREFIX],
+        &[("PATH", &path)],
+    );
+    let guarded = |port: &str| flowguard_programs_on(&ns, port);
+    assert_eq!((guarded("lan1"), guarded("lan2")), (1, 0), "lan1 only");
+
+    // A ruleset change that puts lan2 in the flowtable.
+    set_devices(&["wan", "lan1", "lan2"]);
+    ns.nsenter("/usr/sbin/nft", &["add", "table", "inet", "fgtrigger"]);
+    wait_until(&fg, "lan2 guarded after the ruleset changed", || {
+        guarded("lan2") == 1
+    });
+    assert!(
+        fg.stdout_lines()
+            .iter()
+            .any(|l| l.contains("lan2 is a flowtable bridge port now")),
+        "{}",
+        fg.stdout_lines().join("\n")
+    );
+
+    // lan3 is a flowtable device, not yet a bridge port: joining br-lan is
+    // a link change, with no ruleset change.
+    set_devices(&["wan", "lan1", "lan2", "lan3"]);
+    ns.ip(&["link", "set", "lan3", "master", "br-lan"]);
+    wait_until(&fg, "lan3 guarded once it joined the bridge", || {
+        guarded("lan3") == 1
+    });
+
+    // lan1 leaves the flowtable: named on SIGHUP, still guarded.
+    set_devices(&["wan", "lan2", "lan3"]);
+    fg.signal(libc::SIGHUP);
+    fg.wait_for_line(PROMPTLY, |l| {
+        l.contains("lan1 is no longer a flowtable bridge port")
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "lan1 leaving is not named:\n{}\nstderr:\n{}",
+            fg.stdout_lines().join("\n"),
+            fg.stderr_text()
+        )
+    });
+    assert_eq!(guarded("lan1"), 1, "lan1 stays guarded");
+    assert_eq!(guarded("wan"), 0, "wan is no bridge port");
+    let st = fg.status_json();
+    let names: Vec<&str> = st["interfaces"]
+        .as_array()
+        .expect("interfaces")
+        .iter()
+        .filter_map(|i| i["name"].as_str())
+        .collect();
+    assert_eq!(names, ["lan1", "lan2", "lan3"], "{st:#}");
+    drop(fg);
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// Waits up to [`PROMPTLY`] for `done`; panics with flowguard's output.
+fn wait_until(fg: &Flowguard, what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + PROMPTLY;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {PROMPTLY:?}:\n{}\nstderr:\n{}",
+            fg.stdout_lines().join("\n"),
+            fg.stderr_text()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The flowguard clsact filters on lan1's egress in `ns`.
+fn flowguard_clsact_filters_on_lan1(ns: &Netns) -> usize {
+    use aya::programs::TcAttachType;
+    ns.enter(|| {
+        flowguard_user::instances::clsact_filters("lan1", TcAttachType::Egress)
+            .iter()
+            .filter(|f| f.program.is_flowguard())
+            .count()
+    })
+}
+
+/// Before Linux 6.6 (no TCX) tc programs are clsact filters, not links
+/// (forced here with FLOWGUARD_TC_ATTACH=clsact): a filter outlives a
+/// killed daemon and keeps guarding; a second instance on the port is
+/// refused by name; a restart takes the filter over (one filter, not two);
+/// a clean stop deletes it.
+#[test]
+fn clsact_filters_are_kept_taken_over_and_removed() {
+    skip_unless_root!();
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let pin_dir = bpffs.pin_dir();
+    let env = [("FLOWGUARD_TC_ATTACH", "clsact")];
+    let args = ["--egress", "lan1", "--prefix", PREFIX];
+    let mut fg = Flowguard::start_with_env(&ns, &pin_dir, &args, &env);
+    assert!(
+        fg.stdout_lines()
+            .iter()
+            .any(|l| l.contains("tc egress (clsact)")),
+        "{}",
+        fg.stdout_lines().join("\n")
+    );
+    assert_eq!(flowguard_clsact_filters_on_lan1(&ns), 1, "one filter");
+    assert_eq!(flowguard_programs_on_lan1(&ns), 0, "and no TCX program");
+
+    let second_dir = bpffs.path().join("second");
+    let mut second = Flowguard::spawn_with_env(
+        &require_flowguard_bin(),
+        &ns,
+        &second_dir,
+        &args,
+        &env,
+        false,
+    );
+    let exit = second.wait_exit(READY_TIMEOUT);
+    let stderr = second.stderr_text();
+    assert!(
+        exit.is_some_and(|e| !e.success())
+            && stderr.contains("lan1 is already guarded")
+            && stderr.contains(&format!("PID {}", fg.pid()))
+            && stderr.contains(&pin_dir.display().to_string()),
+        "a second instance on lan1 is refused naming the first ({exit:?}): {stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "one sentence: {stderr}");
+    assert_eq!(flowguard_clsact_filters_on_lan1(&ns), 1, "still one filter");
+
+    fg.signal(libc::SIGKILL);
+    assert!(fg.wait_exit(STOP_TIMEOUT).is_some(), "SIGKILL");
+    assert_eq!(
+        flowguard_clsact_filters_on_lan1(&ns),
+        1,
+        "the filter keeps guarding after SIGKILL"
+    );
+
+    let mut again = Flowguard::start_with_env(&ns, &pin_dir, &args, &env);
+    assert_eq!(
+        flowguard_clsact_filters_on_lan1(&ns),
+        1,
+        "the restart took the filter over: not a second one"
+    );
+    assert!(
+        again.stderr_text().contains("took over the clsact filter"),
+        "{}",
+        again.stderr_text()
+    );
+    assert!(again.stop().success());
+    assert_eq!(
+        flowguard_clsact_filters_on_lan1(&ns),
+        0,
+        "a clean stop deletes the filter"
     );
 }

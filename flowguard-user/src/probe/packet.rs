@@ -24,6 +24,32 @@ pub struct Received {
     pub pkttype: u8,
 }
 
+fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: value is valid for size_of::<T>() bytes.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets the receive buffer to [`RECEIVE_BUFFER`]. Best effort: without
+/// CAP_NET_ADMIN the kernel caps the size, which only costs answers.
+fn grow_receive_buffer(fd: RawFd) {
+    let bytes: libc::c_int = RECEIVE_BUFFER;
+    if setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &bytes).is_err() {
+        let _ = setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &bytes);
+    }
+}
+
 /// A `SOCK_DGRAM` packet socket for ARP: the kernel builds and strips the
 /// Ethernet header. Bound to no interface, so one socket serves them all.
 pub struct ArpSocket {
@@ -48,24 +74,8 @@ impl ArpSocket {
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
         };
         // A round's answers arrive together (one per endpoint asked); the
-        // default buffer holds a few hundred of them. Best effort: without
-        // CAP_NET_ADMIN the kernel caps the size, which only costs answers.
-        let bytes: libc::c_int = RECEIVE_BUFFER;
-        for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
-            // SAFETY: setsockopt reads one c_int.
-            let rc = unsafe {
-                libc::setsockopt(
-                    socket.fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&bytes as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if rc == 0 {
-                break;
-            }
-        }
+        // default buffer holds a few hundred of them.
+        grow_receive_buffer(socket.fd.as_raw_fd());
         Ok(socket)
     }
 
@@ -191,31 +201,12 @@ impl Icmp6Socket {
         socket.set(libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_HOPS, &hops)?;
         let off: libc::c_int = 0;
         socket.set(libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_LOOP, &off)?;
-        let bytes: libc::c_int = RECEIVE_BUFFER;
-        if socket
-            .set(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &bytes)
-            .is_err()
-        {
-            let _ = socket.set(libc::SOL_SOCKET, libc::SO_RCVBUF, &bytes);
-        }
+        grow_receive_buffer(socket.fd.as_raw_fd());
         Ok(socket)
     }
 
     fn set<T>(&self, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
-        // SAFETY: value is valid for size_of::<T>() bytes.
-        let rc = unsafe {
-            libc::setsockopt(
-                self.fd.as_raw_fd(),
-                level,
-                name,
-                (value as *const T).cast(),
-                std::mem::size_of::<T>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        setsockopt(self.fd.as_raw_fd(), level, name, value)
     }
 
     pub fn fd(&self) -> RawFd {
