@@ -7,7 +7,8 @@
 //! instance had.
 
 use std::{
-    fs,
+    fs, io,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
@@ -690,6 +691,12 @@ impl Drop for Guard {
                 let _ = link.unpin();
             }
         }
+        // The programs pinned per clsact port (their filters go with `ebpf`).
+        for entry in fs::read_dir(&self.pin_dir).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with("clsact_") {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
         let _ = fs::remove_dir(&self.pin_dir);
     }
 }
@@ -829,6 +836,20 @@ fn attach_tc_to(
                 }
             }
         }
+        // A filter is not a link to pin: the program is pinned per port
+        // instead, so that status can tell whether the port still has it.
+        let program_pin = clsact_pin(pin);
+        let _ = fs::remove_file(&program_pin);
+        if let Err(e) = prog
+            .fd()
+            .map_err(io::Error::other)
+            .and_then(|fd| sys::pin_object(fd.as_fd(), &program_pin))
+        {
+            log::warn!(
+                "{iface}: pinning the program at {} failed, so status cannot show this port: {e}",
+                program_pin.display()
+            );
+        }
         return Ok(None);
     }
     let attached = match adopt_link::<SchedClassifierLink>(pin) {
@@ -887,6 +908,16 @@ pub fn nearest_hz(measured: f64) -> u32 {
 /// Where the link of `hook` (`tc` or `xdp`) on `iface` is pinned.
 pub fn link_pin(dir: &Path, hook: &str, iface: &str) -> PathBuf {
     dir.join(format!("link_{hook}_{iface}"))
+}
+
+/// Where the program of a clsact filter is pinned, beside where its link
+/// would be (`link_tc_lan1` → `clsact_tc_lan1`).
+pub fn clsact_pin(link_pin: &Path) -> PathBuf {
+    let name = link_pin.file_name().unwrap_or_default().to_string_lossy();
+    link_pin.with_file_name(format!(
+        "clsact_{}",
+        name.strip_prefix("link_").unwrap_or(&name)
+    ))
 }
 
 /// Pins `link` at `pin` (replacing a pin of the same name, whose link is

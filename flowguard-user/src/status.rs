@@ -10,6 +10,7 @@ use flowguard_common::{
 use serde::Serialize;
 
 use crate::{
+    instances,
     settings::{key_ip, Mac, Mode},
     sys,
 };
@@ -92,8 +93,9 @@ pub struct InterfaceStatus {
     pub attached: bool,
 }
 
-/// The guarded interfaces that pinned links name under `dir`.
-fn interfaces(dir: &Path) -> Vec<InterfaceStatus> {
+/// The guarded interfaces that pinned links name under `dir`; `pid`, the
+/// running instance whose network namespace holds its clsact ports.
+fn interfaces(dir: &Path, pid: Option<u32>) -> Vec<InterfaceStatus> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -101,11 +103,32 @@ fn interfaces(dir: &Path) -> Vec<InterfaceStatus> {
         .flatten()
         .filter_map(|e| {
             let file = e.file_name().to_string_lossy().into_owned();
-            let (hook, name) = file.strip_prefix("link_")?.split_once('_')?;
+            if let Some((hook, name)) = file.strip_prefix("link_").and_then(|f| f.split_once('_')) {
+                return Some(InterfaceStatus {
+                    name: name.to_string(),
+                    hook: hook.to_string(),
+                    attached: sys::pinned_link_ifindex(&e.path()).is_ok_and(|i| i != 0),
+                });
+            }
+            // Before TCX: the program pinned per port, attached while the
+            // port's clsact egress hook runs it.
+            let (hook, name) = file.strip_prefix("clsact_")?.split_once('_')?;
+            let attached = aya::programs::ProgramInfo::from_pin(e.path()).is_ok_and(|p| {
+                let runs_it = || {
+                    instances::clsact_filters(name, aya::programs::TcAttachType::Egress)
+                        .iter()
+                        .any(|f| f.program.id == p.id())
+                };
+                // Port names are looked up where the daemon runs.
+                match pid {
+                    Some(pid) => sys::in_netns_of(pid, runs_it).unwrap_or_else(|_| runs_it()),
+                    None => runs_it(),
+                }
+            });
             Some(InterfaceStatus {
                 name: name.to_string(),
                 hook: hook.to_string(),
-                attached: sys::pinned_link_ifindex(&e.path()).is_ok_and(|i| i != 0),
+                attached,
             })
         })
         .collect();
@@ -238,7 +261,7 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
         eviction_queue: user.eviction_queue,
         endpoint_capacity: capacity,
         endpoint_map_full: capacity != 0 && list_len >= capacity as usize,
-        interfaces: interfaces(dir),
+        interfaces: interfaces(dir, running.then_some(pid)),
     })
 }
 

@@ -165,6 +165,50 @@ fn flock_holder_in(locks: &str, id: &str) -> Option<u32> {
     })
 }
 
+/// Runs `f` in the network namespace of process `pid` (on a thread of its
+/// own, which ends with it: the caller's namespace never changes).
+pub fn in_netns_of<T: Send>(pid: u32, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                // SAFETY: `ns` is an open namespace file; setns changes only
+                // this thread's network namespace.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")))
+    })
+}
+
+/// Pins the BPF object `fd` at `path` (BPF_OBJ_PIN), for objects aya pins
+/// once at most (a program attached to several ports is pinned per port).
+pub fn pin_object(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    let path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // union bpf_attr, BPF_OBJ_PIN: pathname, bpf_fd, file_flags.
+    let mut attr = [0u64; 2];
+    attr[0] = path.as_ptr() as u64;
+    attr[1] = fd.as_raw_fd() as u64;
+    // SAFETY: the attr points at a NUL-terminated path that outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The interface index a pinned TCX or XDP link is attached to; 0 when its
 /// interface is gone (the kernel keeps the link, detached). Read with
 /// BPF_OBJ_GET and BPF_OBJ_GET_INFO_BY_FD, as aya keeps a link's fd private.

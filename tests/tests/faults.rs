@@ -967,20 +967,7 @@ fn a_recreated_port_is_guarded_again() {
                 fg.stdout_lines().join("\n")
             )
         });
-    let states = |fg: &Flowguard| -> Vec<(String, String, bool)> {
-        fg.status_json()["interfaces"]
-            .as_array()
-            .expect("interfaces in status")
-            .iter()
-            .map(|i| {
-                (
-                    i["name"].as_str().unwrap_or("").to_string(),
-                    i["hook"].as_str().unwrap_or("").to_string(),
-                    i["attached"] == true,
-                )
-            })
-            .collect()
-    };
+    let states = interface_states;
     let missing = vec![
         ("lan1".to_string(), "tc".to_string(), false),
         ("lan1".to_string(), "xdp".to_string(), false),
@@ -1041,6 +1028,22 @@ fn a_recreated_port_is_guarded_again() {
     assert_eq!(states(&fg), attached, "status shows lan1 attached again");
     assert_eq!(fg.status_exit(&[]).0, Some(0), "status exits 0 again");
     assert_eq!(doctor_check(&ns, &bpffs.pin_dir())["verdict"], "ok");
+}
+
+/// `(name, hook, attached)` of each interface `status --json` lists.
+fn interface_states(fg: &Flowguard) -> Vec<(String, String, bool)> {
+    fg.status_json()["interfaces"]
+        .as_array()
+        .expect("interfaces in status")
+        .iter()
+        .map(|i| {
+            (
+                i["name"].as_str().unwrap_or("").to_string(),
+                i["hook"].as_str().unwrap_or("").to_string(),
+                i["attached"] == true,
+            )
+        })
+        .collect()
 }
 
 /// The `flowguard` check of `doctor --json --pin-dir <pin_dir>` in `ns`.
@@ -1328,4 +1331,51 @@ fn clsact_filters_are_kept_taken_over_and_removed() {
         0,
         "a clean stop deletes the filter"
     );
+}
+
+/// Before TCX a port's filter is not a link that can be pinned: status still
+/// shows the port attached or MISSING (its program is pinned per port and
+/// looked up among the port's clsact filters), and exits 3 while it is gone.
+#[test]
+fn clsact_ports_show_in_status_attached_or_missing() {
+    skip_unless_root!();
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let env = [("FLOWGUARD_TC_ATTACH", "clsact")];
+    let fg = Flowguard::start_with_env(
+        &ns,
+        &bpffs.pin_dir(),
+        &["--egress", "lan1", "--prefix", PREFIX],
+        &env,
+    );
+    assert_eq!(flowguard_clsact_filters_on_lan1(&ns), 1, "one filter");
+    let lan1 = |attached| vec![("lan1".to_string(), "tc".to_string(), attached)];
+    assert_eq!(interface_states(&fg), lan1(true), "status shows lan1");
+    assert_eq!(fg.status_exit(&[]).0, Some(0));
+
+    ns.ip(&["link", "del", "lan1"]);
+    fg.wait_for_line(PROMPTLY, |l| l.contains("lan1 went away"))
+        .unwrap_or_else(|| panic!("no word about lan1:\n{}", fg.stdout_lines().join("\n")));
+    assert_eq!(
+        interface_states(&fg),
+        lan1(false),
+        "status shows lan1 missing"
+    );
+    assert_eq!(fg.status_exit(&[]).0, Some(STATUS_INTERFACE_MISSING));
+
+    ns.ip(&[
+        "link", "add", "lan1", "type", "veth", "peer", "name", "peer1",
+    ]);
+    ns.ip(&["link", "set", "lan1", "up"]);
+    fg.wait_for_line(PROMPTLY, |l| l.contains("lan1 is back"))
+        .unwrap_or_else(|| {
+            panic!(
+                "lan1 was not guarded again:\n{}\nstderr:\n{}",
+                fg.stdout_lines().join("\n"),
+                fg.stderr_text()
+            )
+        });
+    assert_eq!(flowguard_clsact_filters_on_lan1(&ns), 1, "one filter again");
+    assert_eq!(interface_states(&fg), lan1(true), "status shows lan1 again");
+    assert_eq!(fg.status_exit(&[]).0, Some(0), "status exits 0 again");
 }
