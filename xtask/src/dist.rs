@@ -336,6 +336,10 @@ impl CrossToolchain {
             .arg(subcommand)
             .args(["--profile", profile, "--target", self.arch.rust_target])
             .args(["-Z", "build-std=std,panic_abort"])
+            // std without its backtrace support (gimli, addr2line, object,
+            // rustc-demangle: ~80 KB on aarch64, useless in a stripped
+            // binary: nothing to symbolize), and its size-first algorithms.
+            .args(["-Z", "build-std-features=optimize_for_size"])
             // Apart from target/: Debian's 1.96 and rustup's 1.95 would
             // otherwise rebuild each other's host artifacts.
             .args(["--target-dir", "target/cross"]);
