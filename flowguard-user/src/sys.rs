@@ -184,29 +184,41 @@ pub fn in_netns_of<T: Send>(pid: u32, f: impl FnOnce() -> T + Send) -> io::Resul
     })
 }
 
-/// Pins the BPF object `fd` at `path` (BPF_OBJ_PIN), for objects aya pins
-/// once at most (a program attached to several ports is pinned per port).
-pub fn pin_object(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> io::Result<()> {
-    const BPF_OBJ_PIN: libc::c_long = 6;
-    let path = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    // union bpf_attr, BPF_OBJ_PIN: pathname, bpf_fd, file_flags.
-    let mut attr = [0u64; 2];
-    attr[0] = path.as_ptr() as u64;
-    attr[1] = fd.as_raw_fd() as u64;
-    // SAFETY: the attr points at a NUL-terminated path that outlives the call.
+/// The bpf(2) system call with `attr` (a `union bpf_attr` prefix).
+///
+/// # Safety
+/// Every pointer `attr` holds must be valid for the call (paths
+/// NUL-terminated, buffers as long as `attr` states).
+unsafe fn bpf(cmd: libc::c_long, attr: &mut [u64]) -> io::Result<libc::c_long> {
+    // SAFETY: the caller vouches for the pointers in `attr`.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_OBJ_PIN,
+            cmd,
             attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
+            std::mem::size_of_val(attr),
         )
     };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(())
+    Ok(rc)
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
+/// Pins the BPF object `fd` at `path` (BPF_OBJ_PIN), for objects aya pins
+/// once at most (a program attached to several ports is pinned per port).
+pub fn pin_object(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    let path = c_path(path)?;
+    // union bpf_attr, BPF_OBJ_PIN: pathname, bpf_fd, file_flags.
+    let mut attr = [path.as_ptr() as u64, fd.as_raw_fd() as u64];
+    // SAFETY: the attr points at a NUL-terminated path that outlives the call.
+    unsafe { bpf(BPF_OBJ_PIN, &mut attr) }.map(drop)
 }
 
 /// The interface index a pinned TCX or XDP link is attached to; 0 when its
@@ -215,44 +227,23 @@ pub fn pin_object(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> io::Result<()
 pub fn pinned_link_ifindex(pin: &Path) -> io::Result<u32> {
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    let path = CString::new(pin.as_os_str().as_encoded_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let path = c_path(pin)?;
     // union bpf_attr, BPF_OBJ_GET: pathname, bpf_fd, file_flags.
-    let mut get = [0u64; 2];
-    get[0] = path.as_ptr() as u64;
+    let mut get = [path.as_ptr() as u64, 0];
     // SAFETY: the attr points at a NUL-terminated path that outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            get.as_mut_ptr(),
-            std::mem::size_of_val(&get),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = unsafe { bpf(BPF_OBJ_GET, &mut get) }?;
     // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     // struct bpf_link_info: type, id, prog_id, then (8-aligned) the union
     // whose tcx and xdp members both start with the ifindex.
     let mut info = [0u64; 8];
     // BPF_OBJ_GET_INFO_BY_FD: bpf_fd, info_len, info.
-    let mut attr = [0u64; 2];
-    attr[0] = fd.as_raw_fd() as u64 | ((std::mem::size_of_val(&info) as u64) << 32);
-    attr[1] = info.as_mut_ptr() as u64;
+    let mut attr = [
+        fd.as_raw_fd() as u64 | ((std::mem::size_of_val(&info) as u64) << 32),
+        info.as_mut_ptr() as u64,
+    ];
     // SAFETY: the attr points at a buffer of the length it states.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     Ok(info[2] as u32)
 }
 
