@@ -47,6 +47,17 @@ const HOST_PACKAGES_ARM64: &[&str] = &[
     "lld-22",
 ];
 
+/// The same for `--arch s390x`, with qemu-system-s390x.
+const HOST_PACKAGES_S390X: &[&str] = &[
+    "qemu-system-misc",
+    "busybox-static",
+    "kmod",
+    "cpio",
+    "binutils",
+    "clang-22",
+    "lld-22",
+];
+
 /// Scenarios that reproduce the stale MAC (flowtable on a bridge port).
 const REPRODUCING: &[&str] = &["blog", "routed", "vlan"];
 /// Blog, but the recreated container announces nothing and no other flow
@@ -78,6 +89,10 @@ pub enum LabArch {
     /// qemu-system-aarch64 -M virt (TCG), Debian's arm64 kernel and tools, and
     /// the static aarch64 musl flowguard of `cargo xtask dist --arch aarch64`.
     Arm64,
+    /// qemu-system-s390x -M s390-ccw-virtio (TCG): Debian's s390x kernel, the
+    /// big-endian one, and tools, and the static s390x musl flowguard with the
+    /// bpfeb object (`cargo xtask dist --arch s390x`).
+    S390x,
 }
 
 impl LabArch {
@@ -85,13 +100,14 @@ impl LabArch {
         match self {
             LabArch::Amd64 => "amd64",
             LabArch::Arm64 => "arm64",
+            LabArch::S390x => "s390x",
         }
     }
 }
 
-/// What `--arch arm64` runs by default (one boot): the bug, and the roles
-/// that fix it, on the blog scenario.
-const ARM64_ROLES: &[&str] = &["none", "router", "host", "observe"];
+/// What `--arch arm64` and `--arch s390x` run by default (one boot): the
+/// bug, and the roles that fix it, on the blog scenario.
+const FOREIGN_ROLES: &[&str] = &["none", "router", "host", "observe"];
 
 /// Recovery time limits (ms, measured from the recreated container's start).
 const FIX_RECOVERY_MS: i64 = 2000;
@@ -103,16 +119,16 @@ const SILENT_HOST_MAX_LOST: i64 = 1;
 
 #[derive(clap::Args, Debug)]
 pub struct LabArgs {
-    /// The VM's architecture. arm64 runs the blog scenario without flowguard
-    /// and in the router, host and observe roles (one boot; --only picks
-    /// another scenario, with all its roles).
+    /// The VM's architecture. arm64 and s390x (big-endian) run the blog
+    /// scenario without flowguard and in the router, host and observe roles
+    /// (one boot; --only picks another scenario, with all its roles).
     #[arg(long, value_enum, default_value = "amd64")]
     arch: LabArch,
     /// Use this linux-image .deb (of --arch's architecture) instead of
     /// downloading one.
     #[arg(long, value_name = "PATH", conflicts_with = "suite")]
     kernel_deb: Option<PathBuf>,
-    /// The Debian suite whose linux-image-amd64 (or -arm64) to boot
+    /// The Debian suite whose linux-image-amd64 (or -arm64, -s390x) to boot
     /// (bookworm amd64 uses the host's apt lists; the others a private apt
     /// directory in the cache).
     #[arg(long, default_value = "bookworm")]
@@ -126,7 +142,7 @@ pub struct LabArgs {
     #[arg(long)]
     quick: bool,
     /// Put this flowguard binary into the VM instead of building one (for
-    /// arm64: a static aarch64 binary).
+    /// arm64 and s390x: a static binary of that architecture).
     #[arg(long, value_name = "PATH")]
     flowguard: Option<PathBuf>,
     /// Where the kernel, the initramfs and the logs go.
@@ -166,6 +182,10 @@ pub fn lab(args: &LabArgs) -> Result<()> {
                 crate::dist::ArchChoice::Aarch64,
             ))?;
             step::workspace_root().join("target/dist/aarch64/flowguard")
+        }
+        (None, LabArch::S390x) => {
+            crate::dist::dist(&crate::dist::DistArgs::one(crate::dist::ArchChoice::S390x))?;
+            step::workspace_root().join("target/dist/s390x/flowguard")
         }
     };
 
@@ -275,8 +295,8 @@ fn before_mac_caching(kver: &str, boots: Vec<(String, Vec<String>)>) -> Vec<(Str
 
 /// The VM boots to run: (name, ["scenario:role", ...]), one scenario per boot.
 fn plan(args: &LabArgs) -> Result<Vec<(String, Vec<String>)>> {
-    if args.arch == LabArch::Arm64 && args.only.is_none() {
-        let cases = ARM64_ROLES.iter().map(|r| format!("blog:{r}")).collect();
+    if args.arch != LabArch::Amd64 && args.only.is_none() {
+        let cases = FOREIGN_ROLES.iter().map(|r| format!("blog:{r}")).collect();
         return Ok(vec![("blog".to_string(), cases)]);
     }
     let mut scenarios: Vec<&str> = if args.quick {
@@ -328,6 +348,7 @@ fn ensure_host_packages(arch: LabArch) -> Result<()> {
     let packages = match arch {
         LabArch::Amd64 => HOST_PACKAGES,
         LabArch::Arm64 => HOST_PACKAGES_ARM64,
+        LabArch::S390x => HOST_PACKAGES_S390X,
     };
     let missing: Vec<&str> = packages
         .iter()
@@ -526,6 +547,13 @@ fn boot(
                 "cortex-a72",
             ]);
             "ttyAMA0"
+        }
+        // -serial is the SCLP VT220 console on this machine.
+        LabArch::S390x => {
+            command
+                .arg("qemu-system-s390x")
+                .args(["-machine", "s390-ccw-virtio,accel=tcg"]);
+            "ttysclp0"
         }
     };
     command
