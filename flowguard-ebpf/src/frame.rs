@@ -10,6 +10,10 @@ use aya_ebpf::{
 };
 
 pub const ETH_HLEN: usize = 14;
+/// Offsets in the Ethernet header.
+pub const ETH_DST: usize = 0;
+pub const ETH_SRC: usize = 6;
+const ETH_TYPE: usize = 12;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_ARP: u16 = 0x0806;
@@ -99,7 +103,7 @@ pub enum L3 {
 #[inline(always)]
 pub fn parse_l3(f: &impl Frame) -> Option<L3> {
     let mut off = ETH_HLEN;
-    let mut proto = load_be16(f, 12)?;
+    let mut proto = load_be16(f, ETH_TYPE)?;
     let mut i = 0;
     while i < MAX_VLAN_TAGS {
         if proto != ETH_P_8021Q && proto != ETH_P_8021AD {

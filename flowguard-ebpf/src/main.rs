@@ -16,8 +16,8 @@ use aya_ebpf::{
 };
 use flowguard_common::{
     endpoint_flags, event_action, event_kind, hook, mode, source, Config, Counters, Endpoint,
-    EndpointKey, Event, UserCounters, EVENT_RING_BYTES, MAX_ENDPOINTS, MAX_OWN_MACS,
-    MAX_V4_PREFIXES, MAX_V6_PREFIXES,
+    EndpointKey, Event, UserCounters, V4Place, EVENT_RING_BYTES, MAX_ENDPOINTS, MAX_OWN_MACS,
+    MAX_V6_PREFIXES,
 };
 
 use frame::{Frame, L3};
@@ -29,6 +29,12 @@ static CONFIG: Array<Config, 1> = Array::new();
 
 #[btf_map]
 static ENDPOINTS: HashMap<EndpointKey, Endpoint, { MAX_ENDPOINTS as usize }> = HashMap::new();
+
+/// IPv4 endpoints of the prefixes small enough to index directly (see
+/// `V4Prefix::slots`): a slot whose `source` is 0 holds no endpoint. Sized
+/// at load time to the slots the prefixes use.
+#[btf_map]
+static ENDPOINTS_V4: Array<Endpoint, 1> = Array::new();
 
 #[btf_map]
 static COUNTERS: PerCpuArray<Counters, 1> = PerCpuArray::new();
@@ -50,14 +56,30 @@ enum Verdict {
 
 #[xdp]
 pub fn flowguard_xdp(ctx: XdpContext) -> u32 {
-    if let Verdict::Rewrite(mac) = guard(&ctx, hook::XDP, ctx.ingress_ifindex() as u32) {
-        // SAFETY: guard returns Rewrite only after reading the 14-byte
-        // Ethernet header, so the first six bytes are inside the frame.
-        if let Some(p) = frame::ptr_at::<[u8; 6]>(&ctx, 0) {
-            unsafe { (p as *mut [u8; 6]).write_unaligned(mac) };
-        }
-    }
+    xdp_guard(&ctx);
     xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn xdp_guard(ctx: &XdpContext) {
+    if let Verdict::Rewrite(mac) = guard(ctx, hook::XDP, ctx.ingress_ifindex() as u32) {
+        xdp_set_dst(ctx, mac);
+    }
+}
+
+#[inline(always)]
+fn xdp_set_dst(ctx: &XdpContext, mac: [u8; 6]) {
+    if let Some(p) = frame::ptr_at::<[u8; 6]>(ctx, frame::ETH_DST) {
+        // SAFETY: ptr_at checked that the six bytes are inside the frame.
+        unsafe { (p as *mut [u8; 6]).write_unaligned(mac) };
+    }
+}
+
+#[inline(always)]
+fn tc_set_dst(ctx: &TcContext, mac: [u8; 6]) {
+    // bpf_skb_store_bytes unclones a shared skb first; direct writes
+    // would make the verifier add that work to every packet.
+    let _ = ctx.store(frame::ETH_DST, &mac, 0);
 }
 
 #[classifier]
@@ -97,31 +119,13 @@ fn tc_guard(ctx: &TcContext) {
     // SAFETY: reading a field of the context the program was given.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     if let Verdict::Rewrite(mac) = guard(ctx, hook::TC, ifindex) {
-        // bpf_skb_store_bytes unclones a shared skb first; direct writes
-        // would make the verifier add that work to every packet.
-        let _ = ctx.store(0, &mac, 0);
+        tc_set_dst(ctx, mac);
     }
 }
 
 #[inline(always)]
 fn config() -> Option<&'static Config> {
     CONFIG.get(0)
-}
-
-#[inline(always)]
-fn v4_watched(cfg: &Config, addr: u32) -> bool {
-    let mut i = 0;
-    while i < MAX_V4_PREFIXES {
-        if i as u32 >= cfg.v4_count {
-            return false;
-        }
-        let p = &cfg.v4[i];
-        if addr & p.mask == p.addr {
-            return true;
-        }
-        i += 1;
-    }
-    false
 }
 
 #[inline(always)]
@@ -144,7 +148,15 @@ fn v6_watched(cfg: &Config, addr: &[u32; 4]) -> bool {
     false
 }
 
-/// The endpoint key of an address at `off` if it lies in a watched prefix.
+/// Where the endpoint of a watched address is kept.
+#[derive(Clone, Copy)]
+enum Place {
+    Hash,
+    Slot(u32),
+}
+
+/// The endpoint key of the address at `v4_field`/`v6_field` of the IP
+/// header, and where its endpoint is kept, if it lies in a watched prefix.
 #[inline(always)]
 fn watched_key(
     f: &impl Frame,
@@ -152,7 +164,7 @@ fn watched_key(
     l3: L3,
     v4_field: usize,
     v6_field: usize,
-) -> Option<EndpointKey> {
+) -> Option<(EndpointKey, Place)> {
     match l3 {
         L3::V4 { off, dst, .. } => {
             let addr: u32 = if v4_field == frame::V4_DST {
@@ -160,14 +172,71 @@ fn watched_key(
             } else {
                 frame::load(f, off + v4_field)?
             };
-            v4_watched(cfg, addr).then(|| EndpointKey::from_v4_raw(addr))
+            v4_key(cfg, addr)
         }
         L3::V6 { off } => {
             let addr = frame::load_v6_addr(f, off + v6_field)?;
-            v6_watched(cfg, &addr).then_some(EndpointKey { addr })
+            v6_watched(cfg, &addr).then_some((EndpointKey { addr }, Place::Hash))
         }
         L3::Arp { .. } => None,
     }
+}
+
+#[inline(always)]
+fn v4_key(cfg: &Config, addr: u32) -> Option<(EndpointKey, Place)> {
+    let place = match cfg.v4_place(addr) {
+        V4Place::Outside => return None,
+        V4Place::Hash => Place::Hash,
+        V4Place::Slot(i) => Place::Slot(i),
+    };
+    Some((EndpointKey::from_v4_raw(addr), place))
+}
+
+/// What a reader needs of an endpoint at once: its MAC, source and flags,
+/// read with one 8-byte load so that a writer's single 8-byte store is
+/// never seen half done (a MAC from one write, a source from another).
+#[derive(Clone, Copy)]
+struct Head {
+    mac: [u8; 6],
+    source: u8,
+    flags: u8,
+}
+
+impl Head {
+    #[inline(always)]
+    fn read(ep: *const Endpoint) -> Self {
+        // SAFETY: `ep` is a live map value; the first 8 bytes are mac,
+        // source and flags (checked in flowguard-common), 8-aligned.
+        let b = unsafe { (ep as *const u64).read_volatile() }.to_ne_bytes();
+        Head {
+            mac: [b[0], b[1], b[2], b[3], b[4], b[5]],
+            source: b[6],
+            flags: b[7],
+        }
+    }
+
+    #[inline(always)]
+    fn write(self, ep: *mut Endpoint) {
+        let [m0, m1, m2, m3, m4, m5] = self.mac;
+        let word = u64::from_ne_bytes([m0, m1, m2, m3, m4, m5, self.source, self.flags]);
+        // SAFETY: as in `read`.
+        unsafe { (ep as *mut u64).write_volatile(word) };
+    }
+}
+
+/// The endpoint kept for `key` at `place`, if there is one.
+#[inline(always)]
+fn endpoint(key: &EndpointKey, place: Place) -> Option<(*mut Endpoint, Head)> {
+    let ep = match place {
+        Place::Hash => ENDPOINTS.get_ptr_mut(key)?,
+        Place::Slot(i) => ENDPOINTS_V4.get_ptr_mut(i)?,
+    };
+    let head = Head::read(ep);
+    // An empty array slot (a hash entry always has a source).
+    if head.source == 0 {
+        return None;
+    }
+    Some((ep, head))
 }
 
 #[inline(always)]
@@ -210,18 +279,19 @@ fn try_guard(f: &impl Frame, hook: u8, ifindex: u32) -> Option<Verdict> {
     }
     let l3 = frame::parse_l3(f)?;
     let cfg = config()?;
-    let key = watched_key(f, cfg, l3, frame::V4_DST, frame::V6_DST)?;
+    let (key, place) = watched_key(f, cfg, l3, frame::V4_DST, frame::V6_DST)?;
     // One per-CPU lookup serves every counter this frame touches.
     let c = counters()?;
     c.checked += 1;
-    let ep = ENDPOINTS.get_ptr_mut(key)?;
-    // SAFETY: a live hash map value; concurrent updates can at worst lose an
-    // increment of the per-endpoint evidence, never corrupt the frame.
-    let ep = unsafe { &mut *ep };
+    let (ep, head) = endpoint(&key, place)?;
     let dst_mac: [u8; 6] = frame::load(f, 0)?;
-    if ep.mac == dst_mac {
+    if head.mac == dst_mac {
         return None;
     }
+    // SAFETY: a live map value; concurrent updates can at worst lose an
+    // increment of the per-endpoint evidence. The MAC and flags the
+    // decision uses are `head`, read once.
+    let ep = unsafe { &mut *ep };
     let seen = Sighting {
         key,
         l3,
@@ -229,20 +299,19 @@ fn try_guard(f: &impl Frame, hook: u8, ifindex: u32) -> Option<Verdict> {
         hook,
         ifindex,
     };
-    if ep.source == source::NEIGHBOUR {
+    if head.source == source::NEIGHBOUR {
         // The map follows the neighbour table a moment late. Ask the
         // kernel's table itself: rewrite only toward the MAC it holds now,
         // and never when it holds none or agrees with the frame.
         return match neighbour_mac(f, l3, ifindex) {
-            Some(mac) if mac != dst_mac => Some(stale(f, cfg, c, ep, mac, &seen)),
+            Some(mac) if mac != dst_mac => Some(stale(f, cfg, c, ep, head.flags, mac, &seen)),
             _ => {
                 c.unconfirmed += 1;
                 None
             }
         };
     }
-    let current = ep.mac;
-    Some(stale(f, cfg, c, ep, current, &seen))
+    Some(stale(f, cfg, c, ep, head.flags, head.mac, &seen))
 }
 
 /// What the guard saw of a frame to a known endpoint with another MAC.
@@ -299,6 +368,7 @@ fn stale(
     cfg: &Config,
     c: &mut Counters,
     ep: &mut Endpoint,
+    flags: u8,
     current: [u8; 6],
     seen: &Sighting,
 ) -> Verdict {
@@ -319,7 +389,7 @@ fn stale(
             "an endpoint holds a zero or group MAC: its frames are left untouched"
         );
     }
-    let (action, verdict) = if ep.flags & endpoint_flags::AMBIGUOUS != 0 || unusable {
+    let (action, verdict) = if flags & endpoint_flags::AMBIGUOUS != 0 || unusable {
         (event_action::AMBIGUOUS, Verdict::Pass)
     } else if cfg.mode == mode::FIX {
         ep.rewritten += 1;
@@ -389,16 +459,16 @@ fn watched_peer(f: &impl Frame, l3: L3) -> Option<EndpointKey> {
 /// or ARP sender), so that the endpoint map follows a recreated container.
 #[inline(always)]
 fn learn(f: &impl Frame) -> Option<()> {
-    let src_mac: [u8; 6] = frame::load(f, 6)?;
+    let src_mac: [u8; 6] = frame::load(f, frame::ETH_SRC)?;
     if src_mac[0] & 1 != 0 || src_mac == [0; 6] {
         return None;
     }
     let l3 = frame::parse_l3(f)?;
     let cfg = config()?;
-    let key = match l3 {
+    let (key, place) = match l3 {
         L3::Arp { off } => {
             let spa = frame::arp_sender(f, off, &src_mac)?;
-            v4_watched(cfg, spa).then(|| EndpointKey::from_v4_raw(spa))?
+            v4_key(cfg, spa)?
         }
         _ => watched_key(f, cfg, l3, frame::V4_SRC, frame::V6_SRC)?,
     };
@@ -413,20 +483,44 @@ fn learn(f: &impl Frame) -> Option<()> {
         i += 1;
     }
     let now = now_ns();
-    let old_mac = match ENDPOINTS.get_ptr_mut(key) {
+    let learned = Head {
+        mac: src_mac,
+        source: source::LEARNED,
+        flags: 0,
+    };
+    let found = match place {
+        Place::Hash => ENDPOINTS.get_ptr_mut(&key),
+        // Always found: an empty slot is a new endpoint, written in place.
+        Place::Slot(i) => Some(ENDPOINTS_V4.get_ptr_mut(i)?),
+    };
+    let old_mac = match found {
         Some(ep) => {
-            // SAFETY: a live hash map value.
-            let ep = unsafe { &mut *ep };
-            if ep.mac == src_mac || ep.source == source::STATIC {
+            let head = Head::read(ep);
+            if head.source != 0 && (head.mac == src_mac || head.source == source::STATIC) {
                 return None;
             }
-            let old = ep.mac;
-            ep.mac = src_mac;
-            ep.source = source::LEARNED;
-            ep.updated_ns = now;
+            // SAFETY: a live map value (see try_guard).
+            let value = unsafe { &mut *ep };
+            if head.source == 0 {
+                // An empty slot: whatever evidence it holds belongs to
+                // no one.
+                *value = Endpoint::default();
+            }
+            value.updated_ns = now;
             // A new MAC starts a new story: the next stale frame is reported at once.
-            ep.last_event_jiffies = 0;
-            old
+            value.last_event_jiffies = 0;
+            // Last, in one store: readers never see the new MAC without
+            // its source.
+            Head {
+                flags: head.flags,
+                ..learned
+            }
+            .write(ep);
+            if head.source == 0 {
+                [0; 6]
+            } else {
+                head.mac
+            }
         }
         None => {
             let ep = Endpoint {
@@ -435,7 +529,7 @@ fn learn(f: &impl Frame) -> Option<()> {
                 updated_ns: now,
                 ..Endpoint::default()
             };
-            if ENDPOINTS.insert(key, ep, BPF_NOEXIST).is_err() {
+            if ENDPOINTS.insert(&key, &ep, BPF_NOEXIST).is_err() {
                 // Full, or another CPU learned it first.
                 if let Some(c) = counters() {
                     c.learn_failed += 1;

@@ -493,6 +493,19 @@ pub fn diagnose(f: &Facts) -> Report {
     checks.push(conntrack_check(&f.conntrack));
     checks.push(probing_check(&f.probing));
     checks.push(flowguard_check(&f.pin_dir, &f.flowguard));
+    if let Running::Yes(st) = &f.flowguard {
+        if !st.hashed_prefixes.is_empty() {
+            checks.push(
+                Check::new(
+                    "endpoint lookup",
+                    Verdict::Info,
+                    "some IPv4 prefixes keep their endpoints in the hash map, not the \
+                     direct-indexed array: frames to them cost more",
+                )
+                .with_details(st.hashed_prefixes.iter().cloned()),
+            );
+        }
+    }
     let kernel = KernelReport {
         version: f.kernel.as_ref().ok().map(ToString::to_string),
         tcx: f.kernel.as_ref().is_ok_and(|v| *v >= TCX_KERNEL),
@@ -1409,6 +1422,7 @@ mod tests {
             endpoint_capacity: 16_384,
             endpoint_map_full: false,
             interfaces: Vec::new(),
+            hashed_prefixes: Vec::new(),
         };
         let r = diagnose(&Facts {
             flowguard: Running::Yes(Box::new(st.clone())),

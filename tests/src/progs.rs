@@ -9,12 +9,13 @@ use std::{path::PathBuf, time::Duration};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{ProgramError, SchedClassifier, Xdp},
-    Ebpf, TestRun as _, TestRunOptions,
+    Ebpf, EbpfLoader, TestRun as _, TestRunOptions,
 };
 use flowguard_common::{
     map_names, mode, program_names, source, Config, Counters, Endpoint, EndpointKey, Event, OwnMac,
-    V4Prefix, V6Prefix, MAX_OWN_MACS, MAX_V4_PREFIXES, MAX_V6_PREFIXES,
+    V4Prefix, V6Prefix, MAX_ARRAY_SLOTS, MAX_OWN_MACS, MAX_V4_PREFIXES, MAX_V6_PREFIXES,
 };
+use flowguard_user::{endpoints::EndpointMaps, neigh::EndpointStore as _};
 
 /// `XDP_PASS` from `enum xdp_action`.
 pub const XDP_PASS: u32 = 2;
@@ -127,7 +128,9 @@ pub fn errno(e: &Error) -> Option<i32> {
 pub struct Guard {
     ebpf: Ebpf,
     config: Array<MapData, Config>,
-    endpoints: HashMap<MapData, EndpointKey, Endpoint>,
+    /// The endpoint maps, written where the last configuration set puts
+    /// each endpoint (as the daemon does).
+    endpoints: EndpointMaps<MapData, MapData>,
     counters: PerCpuArray<MapData, Counters>,
     events: RingBuf<MapData>,
 }
@@ -145,9 +148,12 @@ impl Guard {
         Self::load_bytes(&bytes)
     }
 
-    /// Loads the object from memory and every program in it.
+    /// Loads the object from memory and every program in it. The
+    /// direct-indexed array gets every slot it may have.
     pub fn load_bytes(bytes: &[u8]) -> Result<Self> {
-        let mut ebpf = Ebpf::load(bytes)?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map_names::ENDPOINTS_V4, MAX_ARRAY_SLOTS)
+            .load(bytes)?;
         for prog in Prog::ALL {
             let p = ebpf
                 .program_mut(prog.name())
@@ -164,7 +170,11 @@ impl Guard {
                 .ok_or_else(|| format!("map {name} not in the object"))
         };
         let config = Array::try_from(take(map_names::CONFIG)?)?;
-        let endpoints = HashMap::try_from(take(map_names::ENDPOINTS)?)?;
+        let endpoints = EndpointMaps {
+            hash: HashMap::try_from(take(map_names::ENDPOINTS)?)?,
+            v4: Some(Array::try_from(take(map_names::ENDPOINTS_V4)?)?),
+            config: Config::default(),
+        };
         let counters = PerCpuArray::try_from(take(map_names::COUNTERS)?)?;
         let events = RingBuf::try_from(take(map_names::EVENTS)?)?;
         Ok(Self {
@@ -181,9 +191,11 @@ impl Guard {
         Ok(flowguard_user::loader::kernel_hz(&mut self.ebpf)?)
     }
 
-    /// Writes the configuration (element 0 of CONFIG).
+    /// Writes the configuration (element 0 of CONFIG). Endpoints written
+    /// from now on go where it puts them; those already written stay.
     pub fn set_config(&mut self, cfg: &Config) -> Result<()> {
         self.config.set(0, cfg, 0)?;
+        self.endpoints.config = *cfg;
         Ok(())
     }
 
@@ -192,24 +204,38 @@ impl Guard {
         Ok(self.config.get(&0, 0)?)
     }
 
-    /// Inserts or replaces an endpoint.
+    /// Inserts or replaces an endpoint (in the array or the hash map, as
+    /// the configuration says).
     pub fn insert_endpoint(&mut self, key: EndpointKey, ep: &Endpoint) -> Result<()> {
-        self.endpoints.insert(key, ep, 0)?;
+        self.endpoints.insert(key, *ep)?;
+        Ok(())
+    }
+
+    /// Removes an endpoint.
+    pub fn remove_endpoint(&mut self, key: &EndpointKey) -> Result<()> {
+        self.endpoints.remove(key)?;
         Ok(())
     }
 
     /// The endpoint stored under `key`, if any.
     pub fn endpoint(&self, key: &EndpointKey) -> Option<Endpoint> {
-        self.endpoints.get(key, 0).ok()
+        self.endpoints.get(key).ok().flatten()
     }
 
-    /// Every endpoint in the map.
+    /// Every endpoint in the maps.
     pub fn endpoints(&self) -> Result<Vec<(EndpointKey, Endpoint)>> {
-        let mut all = Vec::new();
-        for item in self.endpoints.iter() {
-            all.push(item?);
-        }
-        Ok(all)
+        Ok(self.endpoints.entries()?)
+    }
+
+    /// Entries in the hash map alone.
+    pub fn hash_len(&self) -> usize {
+        self.endpoints.hash_len()
+    }
+
+    /// The raw value of slot `i` of the direct-indexed array.
+    pub fn slot(&self, i: u32) -> Result<Endpoint> {
+        let v4 = self.endpoints.v4.as_ref().expect("loaded with the array");
+        Ok(v4.get(&i, 0)?)
     }
 
     /// The counters, summed over all CPUs.
@@ -274,7 +300,8 @@ impl Guard {
 }
 
 /// An IPv4 prefix as the program compares it: `addr & mask == prefix`, both
-/// words as a native load of the network-order bytes gives them.
+/// words as a native load of the network-order bytes gives them. Its
+/// endpoints are in the hash map.
 pub fn v4_prefix(octets: [u8; 4], len: u32) -> V4Prefix {
     assert!(len <= 32, "IPv4 prefix length {len}");
     let mask_be: u32 = if len == 0 { 0 } else { u32::MAX << (32 - len) };
@@ -282,6 +309,20 @@ pub fn v4_prefix(octets: [u8; 4], len: u32) -> V4Prefix {
     V4Prefix {
         addr: u32::from_ne_bytes(octets) & mask,
         mask,
+        slot_base: 0,
+        slots: 0,
+    }
+}
+
+/// An IPv4 prefix whose endpoints are in the direct-indexed array, from
+/// slot `slot_base` on (one slot per address).
+pub fn v4_array_prefix(octets: [u8; 4], len: u32, slot_base: u32) -> V4Prefix {
+    let slots = 1u32 << (32 - len);
+    assert!(slot_base + slots <= MAX_ARRAY_SLOTS, "array prefix /{len}");
+    V4Prefix {
+        slot_base,
+        slots,
+        ..v4_prefix(octets, len)
     }
 }
 
