@@ -25,6 +25,12 @@ pub const TC_ACT_OK: u32 = 0;
 /// Baseline program names (empty programs, for the benchmark).
 pub const BENCH_EMPTY_XDP: &str = "bench_empty_xdp";
 pub const BENCH_EMPTY_TC: &str = "bench_empty_tc";
+/// The guard in fix mode with the stale MAC put back after it, and the
+/// putting back alone (for the benchmark's stale-fix rows).
+pub const BENCH_FIX_XDP: &str = "bench_fix_xdp";
+pub const BENCH_BACK_XDP: &str = "bench_back_xdp";
+pub const BENCH_FIX_TC: &str = "bench_fix_tc";
+pub const BENCH_BACK_TC: &str = "bench_back_tc";
 
 /// Where the eBPF object is: `$FLOWGUARD_EBPF_OBJ`, else the path the
 /// workspace's eBPF build writes it to.
@@ -53,7 +59,7 @@ pub fn have_root() -> bool {
 }
 
 /// The programs of the object.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Prog {
     /// `flowguard_xdp`.
     Xdp,
@@ -65,15 +71,27 @@ pub enum Prog {
     EmptyXdp,
     /// `bench_empty_tc`.
     EmptyTc,
+    /// `bench_fix_xdp`.
+    FixXdp,
+    /// `bench_back_xdp`.
+    BackXdp,
+    /// `bench_fix_tc`.
+    FixTc,
+    /// `bench_back_tc`.
+    BackTc,
 }
 
 impl Prog {
-    pub const ALL: [Prog; 5] = [
+    pub const ALL: [Prog; 9] = [
         Prog::Xdp,
         Prog::Tc,
         Prog::TcLearn,
         Prog::EmptyXdp,
         Prog::EmptyTc,
+        Prog::FixXdp,
+        Prog::BackXdp,
+        Prog::FixTc,
+        Prog::BackTc,
     ];
 
     /// The program's name in the object.
@@ -84,11 +102,18 @@ impl Prog {
             Prog::TcLearn => program_names::TC_LEARN,
             Prog::EmptyXdp => BENCH_EMPTY_XDP,
             Prog::EmptyTc => BENCH_EMPTY_TC,
+            Prog::FixXdp => BENCH_FIX_XDP,
+            Prog::BackXdp => BENCH_BACK_XDP,
+            Prog::FixTc => BENCH_FIX_TC,
+            Prog::BackTc => BENCH_BACK_TC,
         }
     }
 
     pub fn is_xdp(self) -> bool {
-        matches!(self, Prog::Xdp | Prog::EmptyXdp)
+        matches!(
+            self,
+            Prog::Xdp | Prog::EmptyXdp | Prog::FixXdp | Prog::BackXdp
+        )
     }
 
     /// The return value that lets the frame go on (XDP_PASS or TC_ACT_OK).
