@@ -46,6 +46,11 @@ static USER_COUNTERS: Array<UserCounters, 1> = Array::new();
 #[btf_map]
 static EVENTS: RingBuf<Event, { EVENT_RING_BYTES as usize }> = RingBuf::new();
 
+/// Per CPU, the jiffies of the last "could not learn" warning: a full map
+/// fails every frame, and the log is rate-limited like events.
+#[btf_map]
+static LEARN_WARNED: PerCpuArray<u64, 1> = PerCpuArray::new();
+
 /// What the guard decided about a frame.
 enum Verdict {
     /// Leave the frame as it is.
@@ -102,15 +107,31 @@ fn xdp_put_back(ctx: &XdpContext, mac: [u8; 6]) {
 
 #[classifier]
 pub fn flowguard_tc(ctx: TcContext) -> i32 {
+    tc_linear_headers(&ctx);
     tc_guard(&ctx);
     TC_ACT_OK
 }
 
 #[classifier]
 pub fn flowguard_tc_learn(ctx: TcContext) -> i32 {
+    tc_linear_headers(&ctx);
     learn(&ctx);
     tc_guard(&ctx);
     TC_ACT_OK
+}
+
+/// Makes the headers parsing reads part of the skb's linear data, which is
+/// all a program can read directly: a driver or a GRO path may leave only
+/// part of them there, and the frame would pass unchecked. Costs a
+/// comparison for the usual skb, whose headers are linear already.
+#[inline(always)]
+fn tc_linear_headers(ctx: &TcContext) {
+    let linear = ctx.data_end().saturating_sub(ctx.data());
+    let len = ctx.len() as usize;
+    if linear < len && linear < frame::MAX_HEADERS {
+        // A failure leaves the skb as it was: parsing then lets it pass.
+        let _ = ctx.pull_data(len.min(frame::MAX_HEADERS) as u32);
+    }
 }
 
 /// Baselines for `cargo xtask bench`: the cost of running any program at
@@ -251,7 +272,7 @@ fn v4_key(cfg: &Config, addr: u32) -> Option<(EndpointKey, Place)> {
 /// What a reader needs of an endpoint at once: its MAC, source and flags,
 /// read with one 8-byte load so that a writer's single 8-byte store is
 /// never seen half done (a MAC from one write, a source from another).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 struct Head {
     mac: [u8; 6],
     source: u8,
@@ -329,7 +350,7 @@ fn try_guard(f: &impl Frame, hook: u8, ifindex: u32) -> Option<Verdict> {
     let eth = frame::ptr_at::<[u8; frame::ETH_HLEN]>(f, 0)?;
     // SAFETY: ptr_at checked that the header lies inside the frame.
     let first = unsafe { *(eth as *const u8) };
-    if first & 1 != 0 {
+    if first & frame::ETH_GROUP_BIT != 0 {
         // Broadcast and multicast frames are never the flowtable's doing.
         return None;
     }
@@ -340,13 +361,29 @@ fn try_guard(f: &impl Frame, hook: u8, ifindex: u32) -> Option<Verdict> {
     let c = counters()?;
     c.checked += 1;
     let (ep, head) = endpoint(&key, place)?;
-    let dst_mac: [u8; 6] = frame::load(f, 0)?;
+    let dst_mac: [u8; 6] = frame::load(f, frame::ETH_DST)?;
     if head.mac == dst_mac {
         return None;
     }
-    // SAFETY: a live map value; concurrent updates can at worst lose an
-    // increment of the per-endpoint evidence. The MAC and flags the
-    // decision uses are `head`, read once.
+    if let Place::Hash = place {
+        // The hash map's elements are preallocated and recycled: when user
+        // space updates an endpoint, its old element becomes the updating
+        // CPU's spare, which its next update fills with another endpoint's
+        // value, even while this program still holds a pointer to it. So,
+        // before acting on `head` (evidence, a rewrite), look again: the
+        // key must still lead to this element, holding the same head. A
+        // slot of the array is never anyone else's.
+        let again = ENDPOINTS.get_ptr_mut(key)?;
+        if again != ep || Head::read(again) != head {
+            return None;
+        }
+    }
+    // SAFETY: a live map value, this endpoint's when `head` was read (the
+    // check above for the hash map). Concurrent writers can at worst lose
+    // or misplace an increment of per-endpoint evidence; the frame is only
+    // ever rewritten toward `head`'s MAC (or the neighbour table's), a
+    // local copy taken in one 8-byte load: a misdirected rewrite would need
+    // the element recycled again between the lookup and the load just above.
     let ep = unsafe { &mut *ep };
     let seen = Sighting {
         key,
@@ -437,9 +474,13 @@ fn stale(
     } = *seen;
     ep.stale_packets += 1;
     ep.last_stale_mac = dst_mac;
+    let now = jiffies();
+    let send = ep.last_event_jiffies == 0
+        || now.wrapping_sub(ep.last_event_jiffies) >= cfg.event_interval_jiffies;
     // Never rewrite toward a MAC that cannot be an endpoint's, whoever wrote it.
-    let unusable = current[0] & 1 != 0 || current == [0; 6];
-    if unusable {
+    let unusable = !usable_mac(&current);
+    if unusable && send {
+        // With the event: once per event interval and endpoint.
         aya_log_ebpf::warn!(
             f,
             "an endpoint holds a zero or group MAC: its frames are left untouched"
@@ -453,9 +494,6 @@ fn stale(
     } else {
         (event_action::OBSERVED, Verdict::Pass)
     };
-    let now = jiffies();
-    let send = ep.last_event_jiffies == 0
-        || now.wrapping_sub(ep.last_event_jiffies) >= cfg.event_interval_jiffies;
     if send {
         ep.last_event_jiffies = now;
         ep.last_stale_ns = now_ns();
@@ -496,6 +534,29 @@ fn stale(
     verdict
 }
 
+/// Whether a MAC can be an endpoint's: unicast and not all-zero.
+#[inline(always)]
+fn usable_mac(mac: &[u8; 6]) -> bool {
+    mac[0] & frame::ETH_GROUP_BIT == 0 && *mac != [0; 6]
+}
+
+/// Whether this CPU may log another learning failure: at most once per
+/// event interval, like events.
+#[inline(always)]
+fn learn_warning_due(cfg: &Config) -> bool {
+    let Some(last) = LEARN_WARNED.get_ptr_mut(0) else {
+        return false;
+    };
+    let now = jiffies();
+    // SAFETY: the per-CPU slot is this CPU's own while the program runs.
+    let last = unsafe { &mut *last };
+    if *last != 0 && now.wrapping_sub(*last) < cfg.event_interval_jiffies {
+        return false;
+    }
+    *last = now;
+    true
+}
+
 /// The source address of an IP frame as an endpoint key (any address).
 #[inline(always)]
 fn watched_peer(f: &impl Frame, l3: L3) -> Option<EndpointKey> {
@@ -516,7 +577,7 @@ fn watched_peer(f: &impl Frame, l3: L3) -> Option<EndpointKey> {
 #[inline(always)]
 fn learn(f: &impl Frame) -> Option<()> {
     let src_mac: [u8; 6] = frame::load(f, frame::ETH_SRC)?;
-    if src_mac[0] & 1 != 0 || src_mac == [0; 6] {
+    if !usable_mac(&src_mac) {
         return None;
     }
     let l3 = frame::parse_l3(f)?;
@@ -545,7 +606,7 @@ fn learn(f: &impl Frame) -> Option<()> {
         flags: 0,
     };
     let found = match place {
-        Place::Hash => ENDPOINTS.get_ptr_mut(&key),
+        Place::Hash => ENDPOINTS.get_ptr_mut(key),
         // Always found: an empty slot is a new endpoint, written in place.
         Place::Slot(i) => Some(ENDPOINTS_V4.get_ptr_mut(i)?),
     };
@@ -585,16 +646,18 @@ fn learn(f: &impl Frame) -> Option<()> {
                 updated_ns: now,
                 ..Endpoint::default()
             };
-            if ENDPOINTS.insert(&key, &ep, BPF_NOEXIST).is_err() {
+            if ENDPOINTS.insert(key, ep, BPF_NOEXIST).is_err() {
                 // Full, or another CPU learned it first.
                 if let Some(c) = counters() {
                     c.learn_failed += 1;
                 }
                 // The map's size is set at load time (--max-endpoints).
-                aya_log_ebpf::warn!(
-                    f,
-                    "could not learn an endpoint: the endpoint map is full or busy"
-                );
+                if learn_warning_due(cfg) {
+                    aya_log_ebpf::warn!(
+                        f,
+                        "could not learn an endpoint: the endpoint map is full or busy"
+                    );
+                }
                 return None;
             }
             [0; 6]
