@@ -126,6 +126,14 @@ impl Prog {
     }
 }
 
+/// A loaded program's size in the kernel (0 where the kernel does not say).
+#[derive(Clone, Copy, Debug)]
+pub struct Footprint {
+    pub xlated: u32,
+    pub jited: u32,
+    pub verified_insns: u32,
+}
+
 /// What one test run gave back.
 #[derive(Clone, Debug)]
 pub struct RunOutput {
@@ -208,6 +216,22 @@ impl Guard {
             endpoints,
             counters,
             events,
+        })
+    }
+
+    /// What the kernel made of `prog`: its size translated (after the
+    /// verifier's rewrites) and JITed, in bytes, and the instructions the
+    /// verifier processed to accept it (bpf_prog_info).
+    pub fn footprint(&self, prog: Prog) -> Result<Footprint> {
+        let info = self
+            .ebpf
+            .program(prog.name())
+            .ok_or_else(|| format!("program {} not in the object", prog.name()))?
+            .info()?;
+        Ok(Footprint {
+            xlated: info.size_translated().unwrap_or(0),
+            jited: info.size_jitted(),
+            verified_insns: info.verified_instruction_count().unwrap_or(0),
         })
     }
 

@@ -41,10 +41,13 @@ struct Args {
     repeat: u32,
     rounds: usize,
     out: PathBuf,
+    /// Only the footprint of the guard programs of this object (any
+    /// build, also one without this bench's programs or maps).
+    footprint_of: Option<PathBuf>,
 }
 
 fn usage() -> &'static str {
-    "usage: flowguard-bench [--repeat N] [--rounds R] [--out PATH]\n\
+    "usage: flowguard-bench [--repeat N] [--rounds R] [--out PATH] | --footprint-of OBJECT\n\
      defaults: --repeat 1000000 --rounds 7 --out target/bench/programs.txt (workspace root)"
 }
 
@@ -53,6 +56,7 @@ fn parse_args() -> Result<Args, String> {
         repeat: 1_000_000,
         rounds: 7,
         out: progs::workspace_root().join("target/bench/programs.txt"),
+        footprint_of: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -69,6 +73,7 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|e| format!("--rounds: {e}"))?;
             }
             "--out" => args.out = PathBuf::from(value("--out")?),
+            "--footprint-of" => args.footprint_of = Some(PathBuf::from(value("--footprint-of")?)),
             "-h" | "--help" => {
                 println!("{}", usage());
                 std::process::exit(0);
@@ -334,6 +339,9 @@ fn setup() -> Result<(Guard, u64), progs::Error> {
 
 fn run() -> Result<String, progs::Error> {
     let args = parse_args().map_err(|e| format!("{e}\n{}", usage()))?;
+    if let Some(path) = &args.footprint_of {
+        return footprint_of(path);
+    }
     let (mut g, one_second) = setup()?;
     let mut cases = cases();
     let mut layout = (true, true);
@@ -371,7 +379,7 @@ fn run() -> Result<String, progs::Error> {
         g.drain_events();
         eprintln!("round {}/{} done", round + 1, args.rounds);
     }
-    report(&args, &cases)
+    report(&args, &cases, &g)
 }
 
 /// Per round: this case's ns and its difference to the empty program of
@@ -402,7 +410,7 @@ fn per_round(cases: &[Case], case: &Case) -> (Vec<f64>, Vec<f64>) {
     (ns, delta)
 }
 
-fn report(args: &Args, cases: &[Case]) -> Result<String, progs::Error> {
+fn report(args: &Args, cases: &[Case], g: &Guard) -> Result<String, progs::Error> {
     let mut report = String::new();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     writeln!(
@@ -529,11 +537,94 @@ fn report(args: &Args, cases: &[Case]) -> Result<String, progs::Error> {
          with the rewrite (XDP: one direct store; tc: bpf_skb_store_bytes) and the `rewritten` \
          increments (checked: they grow by `repeat`)."
     )?;
+    footprint(&mut report, g)?;
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::write(&args.out, &report)?;
     Ok(format!("{report}\nwritten to {}", args.out.display()))
+}
+
+/// The kernel side's size: per guard program as the kernel holds it, and
+/// the object file's (with and without DWARF, when both are there).
+fn footprint(report: &mut String, g: &Guard) -> Result<(), progs::Error> {
+    writeln!(report)?;
+    writeln!(
+        report,
+        "footprint (bpf_prog_info): {:<20} {:>12} {:>12} {:>16}",
+        "program", "xlated B", "jited B", "verifier insns"
+    )?;
+    for prog in [Prog::Xdp, Prog::Tc, Prog::TcLearn] {
+        let f = g.footprint(prog)?;
+        writeln!(
+            report,
+            "                           {:<20} {:>12} {:>12} {:>16}",
+            prog.name(),
+            f.xlated,
+            f.jited,
+            f.verified_insns
+        )?;
+    }
+    let path = progs::object_path();
+    let bytes = std::fs::read(&path)?;
+    let has = |name: &[u8]| bytes.windows(name.len()).any(|w| w == name);
+    writeln!(
+        report,
+        "object: {} bytes ({}); .BTF {}, .BTF.ext {}, DWARF {}",
+        bytes.len(),
+        path.display(),
+        if has(b".BTF\0") { "kept" } else { "MISSING" },
+        if has(b".BTF.ext\0") {
+            "kept"
+        } else {
+            "MISSING"
+        },
+        if has(b".debug_info\0") {
+            "present"
+        } else {
+            "stripped"
+        },
+    )?;
+    if let Some(full) = path
+        .to_str()
+        .and_then(|p| p.strip_suffix(".stripped"))
+        .and_then(|p| std::fs::metadata(p).ok())
+    {
+        writeln!(
+            report,
+            "        (the object before stripping DWARF: {} bytes)",
+            full.len()
+        )?;
+    }
+    Ok(())
+}
+
+/// The guard programs' footprint in any object: loaded with aya alone.
+fn footprint_of(path: &std::path::Path) -> Result<String, progs::Error> {
+    use aya::programs::{SchedClassifier, Xdp};
+    let bytes = std::fs::read(path)?;
+    let mut ebpf = aya::Ebpf::load(&bytes)?;
+    let mut out = format!("{} ({} bytes)\n", path.display(), bytes.len());
+    for prog in [Prog::Xdp, Prog::Tc, Prog::TcLearn] {
+        let p = ebpf
+            .program_mut(prog.name())
+            .ok_or_else(|| format!("no {} in the object", prog.name()))?;
+        if prog.is_xdp() {
+            <&mut Xdp>::try_from(p)?.load()?;
+        } else {
+            <&mut SchedClassifier>::try_from(p)?.load()?;
+        }
+        let info = ebpf.program(prog.name()).expect("just loaded").info()?;
+        writeln!(
+            out,
+            "  {:<20} xlated {:>6} B, jited {:>6} B, verifier insns {:>7}",
+            prog.name(),
+            info.size_translated().unwrap_or(0),
+            info.size_jitted(),
+            info.verified_instruction_count().unwrap_or(0)
+        )?;
+    }
+    Ok(out)
 }
 
 /// Checks that a case took the path it is named after, on every repeat.
