@@ -159,6 +159,13 @@ fn bench(args: &[String]) -> Result<()> {
             .arg("--flowguard")
             .arg(release_binary("flowguard")?)
             .env("FLOWGUARD_EBPF_OBJ", &object),
+    )?;
+    step::run(
+        "Forwarding through a router namespace with and without flowguard (flowguard-fwd-bench)",
+        Command::new(release_binary("flowguard-fwd-bench")?)
+            .arg("--flowguard")
+            .arg(release_binary("flowguard")?)
+            .env("FLOWGUARD_EBPF_OBJ", &object),
     )
 }
 
