@@ -1431,6 +1431,21 @@ mod tests {
         assert_eq!(the(&r, "flowguard")[0].verdict, Verdict::Ok);
         assert!(r.flowguard.running);
         assert_eq!(r.flowguard.mode.as_deref(), Some("fix"));
+        assert!(
+            the(&r, "endpoint lookup").is_empty(),
+            "every prefix indexed"
+        );
+        let note = "prefix 10.0.0.0/16: its endpoints are kept in the hash map, because ...";
+        let r = diagnose(&Facts {
+            flowguard: Running::Yes(Box::new(Status {
+                hashed_prefixes: vec![note.into()],
+                ..st.clone()
+            })),
+            ..facts()
+        });
+        let c = the(&r, "endpoint lookup")[0];
+        assert_eq!(c.verdict, Verdict::Info);
+        assert!(render(&r).contains("prefix 10.0.0.0/16"), "{}", render(&r));
 
         let r = diagnose(&Facts {
             flowguard: Running::Dead(Box::new(Status {
