@@ -6,8 +6,18 @@
 
 use bytemuck::{Pod, Zeroable};
 
-/// Capacity of the endpoint map.
+/// Capacity of the endpoint hash map (IPv6, and IPv4 outside the array).
 pub const MAX_ENDPOINTS: u32 = 16_384;
+/// Largest IPv4 prefix whose endpoints live in the direct-indexed array
+/// (ENDPOINTS_V4), in addresses: a /20. A slot costs 56 bytes of kernel
+/// memory whether it holds an endpoint or not, so a /20 is 224 KiB while a
+/// /16 would be 3.5 MiB: too much of a 64 MB router for a prefix that is
+/// mostly empty. Larger prefixes use the hash map.
+pub const MAX_ARRAY_PREFIX_ADDRS: u32 = 4096;
+/// Slots of the direct-indexed array, all prefixes together (896 KiB at
+/// most, less than the hash map's 2.2 MiB preallocated at its default
+/// size). Prefixes that no longer fit use the hash map.
+pub const MAX_ARRAY_SLOTS: u32 = 16_384;
 /// Most IPv4 prefixes one instance can watch.
 pub const MAX_V4_PREFIXES: usize = 16;
 /// Most IPv6 prefixes one instance can watch.
@@ -21,6 +31,7 @@ pub const EVENT_RING_BYTES: u32 = 256 * 1024;
 pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     pub const ENDPOINTS: &str = "ENDPOINTS";
+    pub const ENDPOINTS_V4: &str = "ENDPOINTS_V4";
     pub const COUNTERS: &str = "COUNTERS";
     pub const EVENTS: &str = "EVENTS";
     pub const USER_COUNTERS: &str = "USER_COUNTERS";
@@ -30,12 +41,16 @@ pub mod map_names {
 pub mod pin_names {
     pub const CONFIG: &str = "config";
     pub const ENDPOINTS: &str = "endpoints";
+    /// The direct-indexed IPv4 endpoints: slot `V4Prefix::slot_base + host
+    /// part` of the prefix that holds the address.
+    pub const ENDPOINTS_V4: &str = "endpoints_v4";
     pub const COUNTERS: &str = "counters";
     pub const USER_COUNTERS: &str = "user_counters";
     /// Every pinned map, for pinning and cleanup.
-    pub const ALL: [(&str, &str); 4] = [
+    pub const ALL: [(&str, &str); 5] = [
         (super::map_names::CONFIG, CONFIG),
         (super::map_names::ENDPOINTS, ENDPOINTS),
+        (super::map_names::ENDPOINTS_V4, ENDPOINTS_V4),
         (super::map_names::COUNTERS, COUNTERS),
         (super::map_names::USER_COUNTERS, USER_COUNTERS),
     ];
@@ -166,12 +181,29 @@ pub struct Endpoint {
     pub _pad: [u8; 2],
 }
 
-/// One watched IPv4 prefix; both words in network order as loaded from a packet.
+/// One watched IPv4 prefix; `addr` and `mask` in network order as loaded
+/// from a packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct V4Prefix {
     pub addr: u32,
     pub mask: u32,
+    /// The first slot of this prefix in ENDPOINTS_V4.
+    pub slot_base: u32,
+    /// Slots of this prefix in ENDPOINTS_V4 (its number of addresses), or 0:
+    /// its endpoints are in the hash map.
+    pub slots: u32,
+}
+
+/// Where the endpoint of an IPv4 address is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum V4Place {
+    /// In no watched prefix.
+    Outside,
+    /// In the hash map.
+    Hash,
+    /// In this slot of ENDPOINTS_V4.
+    Slot(u32),
 }
 
 /// One watched IPv6 prefix; words in network order as loaded from a packet.
@@ -214,6 +246,41 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Zeroable::zeroed()
+    }
+}
+
+impl Config {
+    /// Where the endpoint of the IPv4 address `raw` (network order, as
+    /// loaded from a packet) is kept: the first watched prefix that holds
+    /// it decides. Both sides use this, so they always agree.
+    #[inline(always)]
+    pub fn v4_place(&self, raw: u32) -> V4Place {
+        let mut i = 0;
+        while i < MAX_V4_PREFIXES {
+            if i as u32 >= self.v4_count {
+                break;
+            }
+            let p = &self.v4[i];
+            if raw & p.mask == p.addr {
+                let host = u32::from_be(raw & !p.mask);
+                return if host < p.slots {
+                    V4Place::Slot(p.slot_base + host)
+                } else {
+                    V4Place::Hash
+                };
+            }
+            i += 1;
+        }
+        V4Place::Outside
+    }
+
+    /// Slots of ENDPOINTS_V4 that the prefixes use.
+    pub fn v4_slots(&self) -> u32 {
+        self.v4[..(self.v4_count as usize).min(MAX_V4_PREFIXES)]
+            .iter()
+            .map(|p| p.slot_base.saturating_add(p.slots))
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -376,6 +443,34 @@ pub struct Event {
     pub count: u64,
 }
 
+// The eBPF side and user space must agree byte for byte; a layout change
+// fails the build of both sides here rather than a map update at run time
+// ("invalid value size").
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<EndpointKey>() == 16);
+    assert!(size_of::<Endpoint>() == 56);
+    assert!(size_of::<V4Prefix>() == 16);
+    assert!(size_of::<V6Prefix>() == 32);
+    assert!(size_of::<OwnMac>() == 8);
+    assert!(size_of::<Event>() == 72);
+    assert!(size_of::<Counters>() == 80);
+    assert!(size_of::<UserCounters>() == 8 * 20);
+    assert!(
+        size_of::<Config>()
+            == 24
+                + size_of::<V4Prefix>() * MAX_V4_PREFIXES
+                + size_of::<V6Prefix>() * MAX_V6_PREFIXES
+                + size_of::<OwnMac>() * MAX_OWN_MACS
+    );
+    // The kernel side reads an endpoint's MAC, source and flags with one
+    // 8-byte load: they must be the value's first 8 bytes.
+    assert!(core::mem::offset_of!(Endpoint, source) == 6);
+    assert!(core::mem::offset_of!(Endpoint, flags) == 7);
+    assert!(core::mem::offset_of!(Endpoint, updated_ns) == 8);
+    assert!(core::mem::align_of::<Endpoint>() == 8);
+};
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -423,7 +518,38 @@ mod tests {
         assert_eq!(core::mem::size_of::<Counters>(), 80);
         assert_eq!(
             core::mem::size_of::<Config>(),
-            24 + 8 * MAX_V4_PREFIXES + 32 * MAX_V6_PREFIXES + 8 * MAX_OWN_MACS
+            24 + 16 * MAX_V4_PREFIXES + 32 * MAX_V6_PREFIXES + 8 * MAX_OWN_MACS
         );
+    }
+
+    fn prefix(octets: [u8; 4], len: u32, slot_base: u32, slots: u32) -> V4Prefix {
+        let mask = u32::from_ne_bytes((u32::MAX << (32 - len)).to_be_bytes());
+        V4Prefix {
+            addr: u32::from_ne_bytes(octets) & mask,
+            mask,
+            slot_base,
+            slots,
+        }
+    }
+
+    #[test]
+    fn v4_place_follows_the_first_prefix_that_holds_the_address() {
+        let mut cfg = Config {
+            v4_count: 3,
+            ..Config::default()
+        };
+        cfg.v4[0] = prefix([192, 168, 1, 0], 24, 0, 256);
+        cfg.v4[1] = prefix([192, 168, 0, 0], 16, 0, 0);
+        cfg.v4[2] = prefix([10, 0, 0, 0], 30, 256, 4);
+        let raw = |o: [u8; 4]| u32::from_ne_bytes(o);
+        assert_eq!(cfg.v4_place(raw([192, 168, 1, 0])), V4Place::Slot(0));
+        assert_eq!(cfg.v4_place(raw([192, 168, 1, 255])), V4Place::Slot(255));
+        assert_eq!(cfg.v4_place(raw([192, 168, 2, 1])), V4Place::Hash);
+        assert_eq!(cfg.v4_place(raw([10, 0, 0, 3])), V4Place::Slot(259));
+        assert_eq!(cfg.v4_place(raw([10, 0, 0, 4])), V4Place::Outside);
+        assert_eq!(cfg.v4_slots(), 260);
+        // A prefix given fewer slots than addresses never indexes past them.
+        cfg.v4[2].slots = 2;
+        assert_eq!(cfg.v4_place(raw([10, 0, 0, 3])), V4Place::Hash);
     }
 }

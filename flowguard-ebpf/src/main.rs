@@ -16,8 +16,8 @@ use aya_ebpf::{
 };
 use flowguard_common::{
     endpoint_flags, event_action, event_kind, hook, mode, source, Config, Counters, Endpoint,
-    EndpointKey, Event, UserCounters, EVENT_RING_BYTES, MAX_ENDPOINTS, MAX_OWN_MACS,
-    MAX_V4_PREFIXES, MAX_V6_PREFIXES,
+    EndpointKey, Event, UserCounters, V4Place, EVENT_RING_BYTES, MAX_ENDPOINTS, MAX_OWN_MACS,
+    MAX_V6_PREFIXES,
 };
 
 use frame::{Frame, L3};
@@ -30,6 +30,12 @@ static CONFIG: Array<Config, 1> = Array::new();
 #[btf_map]
 static ENDPOINTS: HashMap<EndpointKey, Endpoint, { MAX_ENDPOINTS as usize }> = HashMap::new();
 
+/// IPv4 endpoints of the prefixes small enough to index directly (see
+/// `V4Prefix::slots`): a slot whose `source` is 0 holds no endpoint. Sized
+/// at load time to the slots the prefixes use.
+#[btf_map]
+static ENDPOINTS_V4: Array<Endpoint, 1> = Array::new();
+
 #[btf_map]
 static COUNTERS: PerCpuArray<Counters, 1> = PerCpuArray::new();
 
@@ -39,6 +45,11 @@ static USER_COUNTERS: Array<UserCounters, 1> = Array::new();
 
 #[btf_map]
 static EVENTS: RingBuf<Event, { EVENT_RING_BYTES as usize }> = RingBuf::new();
+
+/// Per CPU, the jiffies of the last "could not learn" warning: a full map
+/// fails every frame, and the log is rate-limited like events.
+#[btf_map]
+static LEARN_WARNED: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 /// What the guard decided about a frame.
 enum Verdict {
@@ -50,27 +61,77 @@ enum Verdict {
 
 #[xdp]
 pub fn flowguard_xdp(ctx: XdpContext) -> u32 {
-    if let Verdict::Rewrite(mac) = guard(&ctx, hook::XDP, ctx.ingress_ifindex() as u32) {
-        // SAFETY: guard returns Rewrite only after reading the 14-byte
-        // Ethernet header, so the first six bytes are inside the frame.
-        if let Some(p) = frame::ptr_at::<[u8; 6]>(&ctx, 0) {
-            unsafe { (p as *mut [u8; 6]).write_unaligned(mac) };
-        }
-    }
+    xdp_guard(&ctx);
     xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn xdp_guard(ctx: &XdpContext) {
+    if let Verdict::Rewrite(mac) = guard(ctx, hook::XDP, ctx.ingress_ifindex() as u32) {
+        xdp_set_dst(ctx, mac);
+    }
+}
+
+#[inline(always)]
+fn xdp_set_dst(ctx: &XdpContext, mac: [u8; 6]) {
+    if let Some(p) = frame::ptr_at::<[u8; 6]>(ctx, frame::ETH_DST) {
+        // SAFETY: ptr_at checked that the six bytes are inside the frame.
+        unsafe { (p as *mut [u8; 6]).write_unaligned(mac) };
+    }
+}
+
+#[inline(always)]
+fn tc_set_dst(ctx: &TcContext, mac: [u8; 6]) {
+    // bpf_skb_store_bytes unclones a shared skb first; direct writes
+    // would make the verifier add that work to every packet.
+    let _ = ctx.store(frame::ETH_DST, &mac, 0);
+}
+
+/// The frame's destination MAC, read so that writing it back is never
+/// optimised away.
+#[inline(always)]
+fn dst_mac_volatile(f: &impl Frame) -> Option<[u8; 6]> {
+    let p = frame::ptr_at::<[u8; 6]>(f, frame::ETH_DST)?;
+    // SAFETY: ptr_at checked that the six bytes are inside the frame.
+    Some(unsafe { p.read_volatile() })
+}
+
+/// Writes the destination MAC back (XDP) with a store the compiler keeps.
+#[inline(always)]
+fn xdp_put_back(ctx: &XdpContext, mac: [u8; 6]) {
+    if let Some(p) = frame::ptr_at::<[u8; 6]>(ctx, frame::ETH_DST) {
+        // SAFETY: ptr_at checked that the six bytes are inside the frame.
+        unsafe { (p as *mut [u8; 6]).write_volatile(mac) };
+    }
 }
 
 #[classifier]
 pub fn flowguard_tc(ctx: TcContext) -> i32 {
+    tc_linear_headers(&ctx);
     tc_guard(&ctx);
     TC_ACT_OK
 }
 
 #[classifier]
 pub fn flowguard_tc_learn(ctx: TcContext) -> i32 {
+    tc_linear_headers(&ctx);
     learn(&ctx);
     tc_guard(&ctx);
     TC_ACT_OK
+}
+
+/// Makes the headers parsing reads part of the skb's linear data, which is
+/// all a program can read directly: a driver or a GRO path may leave only
+/// part of them there, and the frame would pass unchecked. Costs a
+/// comparison for the usual skb, whose headers are linear already.
+#[inline(always)]
+fn tc_linear_headers(ctx: &TcContext) {
+    let linear = ctx.data_end().saturating_sub(ctx.data());
+    let len = ctx.len() as usize;
+    if linear < len && linear < frame::MAX_HEADERS {
+        // A failure leaves the skb as it was: parsing then lets it pass.
+        let _ = ctx.pull_data(len.min(frame::MAX_HEADERS) as u32);
+    }
 }
 
 /// Baselines for `cargo xtask bench`: the cost of running any program at
@@ -82,6 +143,44 @@ pub fn bench_empty_xdp(_ctx: XdpContext) -> u32 {
 
 #[classifier]
 pub fn bench_empty_tc(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
+/// For `cargo xtask bench`: the guard in fix mode on a stale frame, whose
+/// stale MAC is then put back so that every repeat of BPF_PROG_TEST_RUN
+/// (which reuses one buffer) takes the stale path and rewrites. The
+/// bench subtracts `bench_back_*`, the putting back alone. Never attached.
+#[xdp]
+pub fn bench_fix_xdp(ctx: XdpContext) -> u32 {
+    if let Some(stale) = dst_mac_volatile(&ctx) {
+        xdp_guard(&ctx);
+        xdp_put_back(&ctx, stale);
+    }
+    xdp_action::XDP_PASS
+}
+
+#[xdp]
+pub fn bench_back_xdp(ctx: XdpContext) -> u32 {
+    if let Some(stale) = dst_mac_volatile(&ctx) {
+        xdp_put_back(&ctx, stale);
+    }
+    xdp_action::XDP_PASS
+}
+
+#[classifier]
+pub fn bench_fix_tc(ctx: TcContext) -> i32 {
+    if let Some(stale) = dst_mac_volatile(&ctx) {
+        tc_guard(&ctx);
+        tc_set_dst(&ctx, stale);
+    }
+    TC_ACT_OK
+}
+
+#[classifier]
+pub fn bench_back_tc(ctx: TcContext) -> i32 {
+    if let Some(stale) = dst_mac_volatile(&ctx) {
+        tc_set_dst(&ctx, stale);
+    }
     TC_ACT_OK
 }
 
@@ -97,31 +196,13 @@ fn tc_guard(ctx: &TcContext) {
     // SAFETY: reading a field of the context the program was given.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     if let Verdict::Rewrite(mac) = guard(ctx, hook::TC, ifindex) {
-        // bpf_skb_store_bytes unclones a shared skb first; direct writes
-        // would make the verifier add that work to every packet.
-        let _ = ctx.store(0, &mac, 0);
+        tc_set_dst(ctx, mac);
     }
 }
 
 #[inline(always)]
 fn config() -> Option<&'static Config> {
     CONFIG.get(0)
-}
-
-#[inline(always)]
-fn v4_watched(cfg: &Config, addr: u32) -> bool {
-    let mut i = 0;
-    while i < MAX_V4_PREFIXES {
-        if i as u32 >= cfg.v4_count {
-            return false;
-        }
-        let p = &cfg.v4[i];
-        if addr & p.mask == p.addr {
-            return true;
-        }
-        i += 1;
-    }
-    false
 }
 
 #[inline(always)]
@@ -144,7 +225,15 @@ fn v6_watched(cfg: &Config, addr: &[u32; 4]) -> bool {
     false
 }
 
-/// The endpoint key of an address at `off` if it lies in a watched prefix.
+/// Where the endpoint of a watched address is kept.
+#[derive(Clone, Copy)]
+enum Place {
+    Hash,
+    Slot(u32),
+}
+
+/// The endpoint key of the address at `v4_field`/`v6_field` of the IP
+/// header, and where its endpoint is kept, if it lies in a watched prefix.
 #[inline(always)]
 fn watched_key(
     f: &impl Frame,
@@ -152,7 +241,7 @@ fn watched_key(
     l3: L3,
     v4_field: usize,
     v6_field: usize,
-) -> Option<EndpointKey> {
+) -> Option<(EndpointKey, Place)> {
     match l3 {
         L3::V4 { off, dst, .. } => {
             let addr: u32 = if v4_field == frame::V4_DST {
@@ -160,14 +249,71 @@ fn watched_key(
             } else {
                 frame::load(f, off + v4_field)?
             };
-            v4_watched(cfg, addr).then(|| EndpointKey::from_v4_raw(addr))
+            v4_key(cfg, addr)
         }
         L3::V6 { off } => {
             let addr = frame::load_v6_addr(f, off + v6_field)?;
-            v6_watched(cfg, &addr).then_some(EndpointKey { addr })
+            v6_watched(cfg, &addr).then_some((EndpointKey { addr }, Place::Hash))
         }
         L3::Arp { .. } => None,
     }
+}
+
+#[inline(always)]
+fn v4_key(cfg: &Config, addr: u32) -> Option<(EndpointKey, Place)> {
+    let place = match cfg.v4_place(addr) {
+        V4Place::Outside => return None,
+        V4Place::Hash => Place::Hash,
+        V4Place::Slot(i) => Place::Slot(i),
+    };
+    Some((EndpointKey::from_v4_raw(addr), place))
+}
+
+/// What a reader needs of an endpoint at once: its MAC, source and flags,
+/// read with one 8-byte load so that a writer's single 8-byte store is
+/// never seen half done (a MAC from one write, a source from another).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Head {
+    mac: [u8; 6],
+    source: u8,
+    flags: u8,
+}
+
+impl Head {
+    #[inline(always)]
+    fn read(ep: *const Endpoint) -> Self {
+        // SAFETY: `ep` is a live map value; the first 8 bytes are mac,
+        // source and flags (checked in flowguard-common), 8-aligned.
+        let b = unsafe { (ep as *const u64).read_volatile() }.to_ne_bytes();
+        Head {
+            mac: [b[0], b[1], b[2], b[3], b[4], b[5]],
+            source: b[6],
+            flags: b[7],
+        }
+    }
+
+    #[inline(always)]
+    fn write(self, ep: *mut Endpoint) {
+        let [m0, m1, m2, m3, m4, m5] = self.mac;
+        let word = u64::from_ne_bytes([m0, m1, m2, m3, m4, m5, self.source, self.flags]);
+        // SAFETY: as in `read`.
+        unsafe { (ep as *mut u64).write_volatile(word) };
+    }
+}
+
+/// The endpoint kept for `key` at `place`, if there is one.
+#[inline(always)]
+fn endpoint(key: &EndpointKey, place: Place) -> Option<(*mut Endpoint, Head)> {
+    let ep = match place {
+        Place::Hash => ENDPOINTS.get_ptr_mut(key)?,
+        Place::Slot(i) => ENDPOINTS_V4.get_ptr_mut(i)?,
+    };
+    let head = Head::read(ep);
+    // An empty array slot (a hash entry always has a source).
+    if head.source == 0 {
+        return None;
+    }
+    Some((ep, head))
 }
 
 #[inline(always)]
@@ -204,24 +350,41 @@ fn try_guard(f: &impl Frame, hook: u8, ifindex: u32) -> Option<Verdict> {
     let eth = frame::ptr_at::<[u8; frame::ETH_HLEN]>(f, 0)?;
     // SAFETY: ptr_at checked that the header lies inside the frame.
     let first = unsafe { *(eth as *const u8) };
-    if first & 1 != 0 {
+    if first & frame::ETH_GROUP_BIT != 0 {
         // Broadcast and multicast frames are never the flowtable's doing.
         return None;
     }
     let l3 = frame::parse_l3(f)?;
     let cfg = config()?;
-    let key = watched_key(f, cfg, l3, frame::V4_DST, frame::V6_DST)?;
+    let (key, place) = watched_key(f, cfg, l3, frame::V4_DST, frame::V6_DST)?;
     // One per-CPU lookup serves every counter this frame touches.
     let c = counters()?;
     c.checked += 1;
-    let ep = ENDPOINTS.get_ptr_mut(key)?;
-    // SAFETY: a live hash map value; concurrent updates can at worst lose an
-    // increment of the per-endpoint evidence, never corrupt the frame.
-    let ep = unsafe { &mut *ep };
-    let dst_mac: [u8; 6] = frame::load(f, 0)?;
-    if ep.mac == dst_mac {
+    let (ep, head) = endpoint(&key, place)?;
+    let dst_mac: [u8; 6] = frame::load(f, frame::ETH_DST)?;
+    if head.mac == dst_mac {
         return None;
     }
+    if let Place::Hash = place {
+        // The hash map's elements are preallocated and recycled: when user
+        // space updates an endpoint, its old element becomes the updating
+        // CPU's spare, which its next update fills with another endpoint's
+        // value, even while this program still holds a pointer to it. So,
+        // before acting on `head` (evidence, a rewrite), look again: the
+        // key must still lead to this element, holding the same head. A
+        // slot of the array is never anyone else's.
+        let again = ENDPOINTS.get_ptr_mut(key)?;
+        if again != ep || Head::read(again) != head {
+            return None;
+        }
+    }
+    // SAFETY: a live map value, this endpoint's when `head` was read (the
+    // check above for the hash map). Concurrent writers can at worst lose
+    // or misplace an increment of per-endpoint evidence; the frame is only
+    // ever rewritten toward `head`'s MAC (or the neighbour table's), a
+    // local copy taken in one 8-byte load: a misdirected rewrite would need
+    // the element recycled again between the lookup and the load just above.
+    let ep = unsafe { &mut *ep };
     let seen = Sighting {
         key,
         l3,
@@ -229,20 +392,19 @@ fn try_guard(f: &impl Frame, hook: u8, ifindex: u32) -> Option<Verdict> {
         hook,
         ifindex,
     };
-    if ep.source == source::NEIGHBOUR {
+    if head.source == source::NEIGHBOUR {
         // The map follows the neighbour table a moment late. Ask the
         // kernel's table itself: rewrite only toward the MAC it holds now,
         // and never when it holds none or agrees with the frame.
         return match neighbour_mac(f, l3, ifindex) {
-            Some(mac) if mac != dst_mac => Some(stale(f, cfg, c, ep, mac, &seen)),
+            Some(mac) if mac != dst_mac => Some(stale(f, cfg, c, ep, head.flags, mac, &seen)),
             _ => {
                 c.unconfirmed += 1;
                 None
             }
         };
     }
-    let current = ep.mac;
-    Some(stale(f, cfg, c, ep, current, &seen))
+    Some(stale(f, cfg, c, ep, head.flags, head.mac, &seen))
 }
 
 /// What the guard saw of a frame to a known endpoint with another MAC.
@@ -299,6 +461,7 @@ fn stale(
     cfg: &Config,
     c: &mut Counters,
     ep: &mut Endpoint,
+    flags: u8,
     current: [u8; 6],
     seen: &Sighting,
 ) -> Verdict {
@@ -311,15 +474,19 @@ fn stale(
     } = *seen;
     ep.stale_packets += 1;
     ep.last_stale_mac = dst_mac;
+    let now = jiffies();
+    let send = ep.last_event_jiffies == 0
+        || now.wrapping_sub(ep.last_event_jiffies) >= cfg.event_interval_jiffies;
     // Never rewrite toward a MAC that cannot be an endpoint's, whoever wrote it.
-    let unusable = current[0] & 1 != 0 || current == [0; 6];
-    if unusable {
+    let unusable = !usable_mac(&current);
+    if unusable && send {
+        // With the event: once per event interval and endpoint.
         aya_log_ebpf::warn!(
             f,
             "an endpoint holds a zero or group MAC: its frames are left untouched"
         );
     }
-    let (action, verdict) = if ep.flags & endpoint_flags::AMBIGUOUS != 0 || unusable {
+    let (action, verdict) = if flags & endpoint_flags::AMBIGUOUS != 0 || unusable {
         (event_action::AMBIGUOUS, Verdict::Pass)
     } else if cfg.mode == mode::FIX {
         ep.rewritten += 1;
@@ -327,9 +494,6 @@ fn stale(
     } else {
         (event_action::OBSERVED, Verdict::Pass)
     };
-    let now = jiffies();
-    let send = ep.last_event_jiffies == 0
-        || now.wrapping_sub(ep.last_event_jiffies) >= cfg.event_interval_jiffies;
     if send {
         ep.last_event_jiffies = now;
         ep.last_stale_ns = now_ns();
@@ -370,6 +534,29 @@ fn stale(
     verdict
 }
 
+/// Whether a MAC can be an endpoint's: unicast and not all-zero.
+#[inline(always)]
+fn usable_mac(mac: &[u8; 6]) -> bool {
+    mac[0] & frame::ETH_GROUP_BIT == 0 && *mac != [0; 6]
+}
+
+/// Whether this CPU may log another learning failure: at most once per
+/// event interval, like events.
+#[inline(always)]
+fn learn_warning_due(cfg: &Config) -> bool {
+    let Some(last) = LEARN_WARNED.get_ptr_mut(0) else {
+        return false;
+    };
+    let now = jiffies();
+    // SAFETY: the per-CPU slot is this CPU's own while the program runs.
+    let last = unsafe { &mut *last };
+    if *last != 0 && now.wrapping_sub(*last) < cfg.event_interval_jiffies {
+        return false;
+    }
+    *last = now;
+    true
+}
+
 /// The source address of an IP frame as an endpoint key (any address).
 #[inline(always)]
 fn watched_peer(f: &impl Frame, l3: L3) -> Option<EndpointKey> {
@@ -389,16 +576,16 @@ fn watched_peer(f: &impl Frame, l3: L3) -> Option<EndpointKey> {
 /// or ARP sender), so that the endpoint map follows a recreated container.
 #[inline(always)]
 fn learn(f: &impl Frame) -> Option<()> {
-    let src_mac: [u8; 6] = frame::load(f, 6)?;
-    if src_mac[0] & 1 != 0 || src_mac == [0; 6] {
+    let src_mac: [u8; 6] = frame::load(f, frame::ETH_SRC)?;
+    if !usable_mac(&src_mac) {
         return None;
     }
     let l3 = frame::parse_l3(f)?;
     let cfg = config()?;
-    let key = match l3 {
+    let (key, place) = match l3 {
         L3::Arp { off } => {
             let spa = frame::arp_sender(f, off, &src_mac)?;
-            v4_watched(cfg, spa).then(|| EndpointKey::from_v4_raw(spa))?
+            v4_key(cfg, spa)?
         }
         _ => watched_key(f, cfg, l3, frame::V4_SRC, frame::V6_SRC)?,
     };
@@ -413,20 +600,44 @@ fn learn(f: &impl Frame) -> Option<()> {
         i += 1;
     }
     let now = now_ns();
-    let old_mac = match ENDPOINTS.get_ptr_mut(key) {
+    let learned = Head {
+        mac: src_mac,
+        source: source::LEARNED,
+        flags: 0,
+    };
+    let found = match place {
+        Place::Hash => ENDPOINTS.get_ptr_mut(key),
+        // Always found: an empty slot is a new endpoint, written in place.
+        Place::Slot(i) => Some(ENDPOINTS_V4.get_ptr_mut(i)?),
+    };
+    let old_mac = match found {
         Some(ep) => {
-            // SAFETY: a live hash map value.
-            let ep = unsafe { &mut *ep };
-            if ep.mac == src_mac || ep.source == source::STATIC {
+            let head = Head::read(ep);
+            if head.source != 0 && (head.mac == src_mac || head.source == source::STATIC) {
                 return None;
             }
-            let old = ep.mac;
-            ep.mac = src_mac;
-            ep.source = source::LEARNED;
-            ep.updated_ns = now;
+            // SAFETY: a live map value (see try_guard).
+            let value = unsafe { &mut *ep };
+            if head.source == 0 {
+                // An empty slot: whatever evidence it holds belongs to
+                // no one.
+                *value = Endpoint::default();
+            }
+            value.updated_ns = now;
             // A new MAC starts a new story: the next stale frame is reported at once.
-            ep.last_event_jiffies = 0;
-            old
+            value.last_event_jiffies = 0;
+            // Last, in one store: readers never see the new MAC without
+            // its source.
+            Head {
+                flags: head.flags,
+                ..learned
+            }
+            .write(ep);
+            if head.source == 0 {
+                [0; 6]
+            } else {
+                head.mac
+            }
         }
         None => {
             let ep = Endpoint {
@@ -441,10 +652,12 @@ fn learn(f: &impl Frame) -> Option<()> {
                     c.learn_failed += 1;
                 }
                 // The map's size is set at load time (--max-endpoints).
-                aya_log_ebpf::warn!(
-                    f,
-                    "could not learn an endpoint: the endpoint map is full or busy"
-                );
+                if learn_warning_due(cfg) {
+                    aya_log_ebpf::warn!(
+                        f,
+                        "could not learn an endpoint: the endpoint map is full or busy"
+                    );
+                }
                 return None;
             }
             [0; 6]

@@ -550,15 +550,17 @@ fn reconcile(
         .filter_map(Result::ok)
         .map(|k| key_ip(&k))
         .collect();
+    // Only the hash map can be full: the array has a slot for every address.
+    let hash_len = map.hash_len();
     let mut dropped = 0;
-    if in_map.len() >= full.capacity {
+    if hash_len >= full.capacity {
         for ip in cache.ips() {
             if !in_map.contains(&ip) && !matches!(cache.desired(ip), neigh::Desired::Absent) {
                 dropped += u64::from(full.left_out(ip));
             }
         }
     } else {
-        full.room(in_map.len());
+        full.room(hash_len);
     }
     if dropped > 0 {
         bump(guard, |c| c.endpoints_dropped += dropped)?;

@@ -507,6 +507,19 @@ pub fn diagnose(f: &Facts) -> Report {
     checks.push(conntrack_check(&f.conntrack));
     checks.push(probing_check(&f.probing));
     checks.push(flowguard_check(&f.pin_dir, &f.flowguard));
+    if let Running::Yes(st) = &f.flowguard {
+        if !st.hashed_prefixes.is_empty() {
+            checks.push(
+                Check::new(
+                    "endpoint lookup",
+                    Verdict::Info,
+                    "some IPv4 prefixes keep their endpoints in the hash map, not the \
+                     direct-indexed array: frames to them cost more",
+                )
+                .with_details(st.hashed_prefixes.iter().cloned()),
+            );
+        }
+    }
     let kernel = KernelReport {
         version: f.kernel.as_ref().ok().map(ToString::to_string),
         tcx: f.kernel.as_ref().is_ok_and(|v| *v >= TCX_KERNEL),
@@ -1530,6 +1543,7 @@ mod tests {
             endpoint_capacity: 16_384,
             endpoint_map_full: false,
             interfaces: Vec::new(),
+            hashed_prefixes: Vec::new(),
         };
         let r = diagnose(&Facts {
             flowguard: Running::Yes(Box::new(st.clone())),
@@ -1538,6 +1552,21 @@ mod tests {
         assert_eq!(the(&r, "flowguard")[0].verdict, Verdict::Ok);
         assert!(r.flowguard.running);
         assert_eq!(r.flowguard.mode.as_deref(), Some("fix"));
+        assert!(
+            the(&r, "endpoint lookup").is_empty(),
+            "every prefix indexed"
+        );
+        let note = "prefix 10.0.0.0/16: its endpoints are kept in the hash map, because ...";
+        let r = diagnose(&Facts {
+            flowguard: Running::Yes(Box::new(Status {
+                hashed_prefixes: vec![note.into()],
+                ..st.clone()
+            })),
+            ..facts()
+        });
+        let c = the(&r, "endpoint lookup")[0];
+        assert_eq!(c.verdict, Verdict::Info);
+        assert!(render(&r).contains("prefix 10.0.0.0/16"), "{}", render(&r));
 
         let r = diagnose(&Facts {
             flowguard: Running::Dead(Box::new(Status {

@@ -28,7 +28,9 @@ use flowguard_common::{
 };
 
 use crate::{
+    endpoints::EndpointMaps,
     instances,
+    neigh::EndpointStore as _,
     settings::{self, Mac},
     sys,
 };
@@ -165,6 +167,8 @@ pub struct Guard {
     pub endpoint_capacity: u32,
     /// The tc program the egress ports get (guarding, or learning too).
     egress_program: &'static str,
+    /// The kernel side's settings, as written to CONFIG.
+    config: Config,
 }
 
 #[cfg(not(flowguard_ebpf_missing))]
@@ -228,7 +232,7 @@ impl Guard {
         lock: fs::File,
         kept: KeptEndpoints,
     ) -> Result<Self, LoadError> {
-        let mut ebpf = load_without_kernel_btf(object, opts.max_endpoints)?;
+        let mut ebpf = load_without_kernel_btf(object, opts.max_endpoints, opts.config.v4_slots())?;
         // The kernel side logs only on rare paths; forward those lines to `log`.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -273,6 +277,7 @@ impl Guard {
             } else {
                 program_names::TC_GUARD
             },
+            config,
         };
         // Before any program is attached: an adopted link switches to the new
         // program at once, which must find the endpoints the killed
@@ -618,7 +623,7 @@ impl Guard {
         };
         let mut restored = 0;
         for (k, v) in kept {
-            if map.insert(k, v, 0).is_ok() {
+            if map.insert(k, v).is_ok() {
                 restored += 1;
             }
         }
@@ -639,13 +644,23 @@ impl Guard {
             .map_err(|e| LoadError::Map(map_names::USER_COUNTERS, e))
     }
 
-    /// The endpoint map, for user space to keep in sync.
-    pub fn endpoints(&mut self) -> Result<HashMap<&mut MapData, EndpointKey, Endpoint>, LoadError> {
-        let map = self
-            .ebpf
-            .map_mut(map_names::ENDPOINTS)
-            .expect("the object defines its maps");
-        HashMap::try_from(map).map_err(|e| LoadError::Map(map_names::ENDPOINTS, e))
+    /// The endpoint maps, for user space to keep in sync.
+    pub fn endpoints(&mut self) -> Result<EndpointMaps<&mut MapData, &mut MapData>, LoadError> {
+        let (mut hash, mut v4) = (None, None);
+        for (name, map) in self.ebpf.maps_mut() {
+            match name {
+                map_names::ENDPOINTS => hash = Some(map),
+                map_names::ENDPOINTS_V4 => v4 = Some(map),
+                _ => {}
+            }
+        }
+        let hash = hash.expect("the object defines its maps");
+        let v4 = v4.expect("the object defines its maps");
+        Ok(EndpointMaps {
+            hash: HashMap::try_from(hash).map_err(|e| LoadError::Map(map_names::ENDPOINTS, e))?,
+            v4: Some(Array::try_from(v4).map_err(|e| LoadError::Map(map_names::ENDPOINTS_V4, e))?),
+            config: self.config,
+        })
     }
 
     /// The counters user space keeps.
@@ -959,20 +974,36 @@ fn adopt_link<T: TryFrom<FdLink>>(pin: &Path) -> Option<T> {
 /// Endpoints read from a killed instance's pinned map.
 type KeptEndpoints = Vec<(EndpointKey, Endpoint)>;
 
-/// The endpoints in the pinned endpoint map under `dir`, if its layout is
-/// this build's.
+/// The endpoints in the pinned endpoint maps under `dir`, if their layout
+/// is this build's (the array's slots are read with the pinned settings).
 fn pinned_endpoints(dir: &Path) -> KeptEndpoints {
     let path = dir.join(pin_names::ENDPOINTS);
     let Ok(data) = MapData::from_pin(&path) else {
         return Vec::new();
     };
-    match HashMap::<MapData, EndpointKey, Endpoint>::try_from(Map::HashMap(data)) {
-        Ok(map) => map.iter().flatten().collect(),
+    let hash = match HashMap::<MapData, EndpointKey, Endpoint>::try_from(Map::HashMap(data)) {
+        Ok(map) => map,
         Err(e) => {
             log::info!("not keeping the endpoints in {}: {e}", path.display());
-            Vec::new()
+            return Vec::new();
         }
-    }
+    };
+    let config = MapData::from_pin(dir.join(pin_names::CONFIG))
+        .ok()
+        .and_then(|d| Array::<MapData, Config>::try_from(Map::Array(d)).ok())
+        .and_then(|a| a.get(&0, 0).ok());
+    let v4 = MapData::from_pin(dir.join(pin_names::ENDPOINTS_V4))
+        .ok()
+        .and_then(|d| Array::<MapData, Endpoint>::try_from(Map::Array(d)).ok());
+    let maps = EndpointMaps {
+        hash,
+        v4: v4.filter(|_| config.is_some()),
+        config: config.unwrap_or_default(),
+    };
+    maps.entries().unwrap_or_else(|e| {
+        log::info!("not keeping the endpoints of the array: {e}");
+        maps.hash.iter().flatten().collect()
+    })
 }
 
 /// Creates (if needed) and locks the pin directory. Leftover map pins of an
@@ -1035,7 +1066,11 @@ mod tests {
 /// ~30 MB at peak, a lot on a router. `.btf(None)` only drops it after the
 /// parse, so the file is hidden while the loader is made. The maps still get
 /// the object's own BTF (named fields in `bpftool map dump`).
-fn load_without_kernel_btf(object: &[u8], max_endpoints: u32) -> Result<Ebpf, aya::EbpfError> {
+fn load_without_kernel_btf(
+    object: &[u8],
+    max_endpoints: u32,
+    v4_slots: u32,
+) -> Result<Ebpf, aya::EbpfError> {
     let mut loader = match KernelBtfHidden::new() {
         Ok(hidden) => {
             let loader = EbpfLoader::new();
@@ -1050,6 +1085,8 @@ fn load_without_kernel_btf(object: &[u8], max_endpoints: u32) -> Result<Ebpf, ay
     loader
         .btf(None)
         .map_max_entries(map_names::ENDPOINTS, max_endpoints)
+        // An array map needs at least one entry.
+        .map_max_entries(map_names::ENDPOINTS_V4, v4_slots.max(1))
         .load(object)
 }
 

@@ -144,7 +144,9 @@ struct RunArgs {
     /// addresses are guarded before the endpoint sends a frame.
     #[arg(long)]
     no_children: bool,
-    /// Size of the endpoint map: the most endpoints guarded at once. When it
+    /// Size of the endpoint hash map: the most IPv6 endpoints, and IPv4
+    /// endpoints of prefixes larger than a /20, guarded at once (IPv4
+    /// prefixes of a /20 or smaller have a slot for every address). When it
     /// is full, the endpoints that fit stay guarded and the rest are counted
     /// as dropped.
     #[arg(long, value_name = "N", default_value_t = flowguard_common::MAX_ENDPOINTS,
@@ -304,6 +306,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Mode::Observe => "observe mode: stale frames are counted, not changed",
     };
     say!("flowguard: watching {} in {mode}", prefixes.join(", "));
+    for note in settings::hash_path_notes(&opts.config) {
+        say!("flowguard: {note}");
+    }
     for a in &guard.attachments {
         say!("flowguard: {} on {}", a.how, a.iface);
     }

@@ -612,6 +612,7 @@ mod tests {
             endpoint_capacity: 16_384,
             endpoint_map_full: false,
             interfaces: Vec::new(),
+            hashed_prefixes: Vec::new(),
         }
     }
 

@@ -5,8 +5,8 @@
 use std::{fmt, net::IpAddr, str::FromStr, time::Duration};
 
 use flowguard_common::{
-    mode, Config, EndpointKey, OwnMac, V4Prefix, V6Prefix, MAX_OWN_MACS, MAX_V4_PREFIXES,
-    MAX_V6_PREFIXES,
+    mode, Config, EndpointKey, OwnMac, V4Prefix, V6Prefix, MAX_ARRAY_PREFIX_ADDRS, MAX_ARRAY_SLOTS,
+    MAX_OWN_MACS, MAX_V4_PREFIXES, MAX_V6_PREFIXES,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -232,6 +232,45 @@ pub fn interval_jiffies(d: Duration, hz: u32) -> u64 {
     j.min(u64::MAX as u128) as u64
 }
 
+/// Slots a direct-indexed IPv4 prefix of this length needs, if it is small
+/// enough for the array.
+fn array_slots(len: u8) -> Option<u32> {
+    let addrs = 1u64 << (32 - u32::from(len.min(32)));
+    (addrs <= u64::from(MAX_ARRAY_PREFIX_ADDRS)).then_some(addrs as u32)
+}
+
+/// Sentences for the operator about IPv4 prefixes whose endpoints are kept
+/// in the hash map rather than the direct-indexed array (each frame to them
+/// costs a hash lookup): one per such prefix of `cfg`.
+pub fn hash_path_notes(cfg: &Config) -> Vec<String> {
+    let mut notes = Vec::new();
+    let mut used = 0u64;
+    for p in &cfg.v4[..(cfg.v4_count as usize).min(MAX_V4_PREFIXES)] {
+        let len = u32::from_be(p.mask).count_ones();
+        let prefix = format!("{}/{len}", std::net::Ipv4Addr::from(p.addr.to_ne_bytes()));
+        if p.slots != 0 {
+            used += u64::from(p.slots);
+            continue;
+        }
+        let why = if array_slots(len as u8).is_none() {
+            format!(
+                "it is larger than {MAX_ARRAY_PREFIX_ADDRS} addresses (a /20), the largest \
+                 prefix kept in the direct-indexed array"
+            )
+        } else {
+            format!(
+                "the direct-indexed array has room for {MAX_ARRAY_SLOTS} addresses in all, \
+                 {used} of them taken by the prefixes before it"
+            )
+        };
+        notes.push(format!(
+            "prefix {prefix}: its endpoints are kept in the hash map, because {why}; frames to \
+             it cost a hash lookup (split it into /20s or smaller to index them directly)"
+        ));
+    }
+    notes
+}
+
 /// Builds the kernel side's settings (the event interval is set by the
 /// loader, which knows the kernel's HZ).
 pub fn build_config(
@@ -262,14 +301,22 @@ pub fn build_config(
             max: MAX_V6_PREFIXES,
         });
     }
+    let mut used = 0;
     for (slot, p) in cfg.v4.iter_mut().zip(&v4) {
         let IpAddr::V4(a) = p.addr else {
             unreachable!()
         };
+        let slots = match array_slots(p.len) {
+            Some(n) if used + n <= MAX_ARRAY_SLOTS => n,
+            _ => 0,
+        };
         *slot = V4Prefix {
             addr: u32::from_ne_bytes(a.octets()),
             mask: u32::from_ne_bytes(v4_mask(p.len).to_be_bytes()),
+            slot_base: if slots == 0 { 0 } else { used },
+            slots,
         };
+        used += slots;
     }
     for (slot, p) in cfg.v6.iter_mut().zip(&v6) {
         let IpAddr::V6(a) = p.addr else {
@@ -410,6 +457,49 @@ mod tests {
         for i in 0..4 {
             assert_eq!(v6.addr[i] & cfg.v6[0].mask[i], cfg.v6[0].addr[i]);
         }
+    }
+
+    #[test]
+    fn small_ipv4_prefixes_are_indexed_and_large_ones_hashed() {
+        let prefixes: Vec<Prefix> = [
+            "192.168.1.0/24",
+            "10.0.0.0/16",
+            "172.16.0.0/20",
+            "172.17.0.0/20",
+            "172.18.0.0/20",
+            "172.19.0.0/20",
+            "172.20.0.0/30",
+        ]
+        .iter()
+        .map(|p| p.parse().unwrap())
+        .collect();
+        let cfg = build_config(Mode::Fix, &prefixes, &[]).unwrap();
+        let placed: Vec<(u32, u32)> = cfg.v4[..7].iter().map(|p| (p.slot_base, p.slots)).collect();
+        // The fourth /20 would pass the 16,384 slots: hashed, and the /30
+        // after it still fits.
+        assert_eq!(
+            placed,
+            [
+                (0, 256),
+                (0, 0),
+                (256, 4096),
+                (4352, 4096),
+                (8448, 4096),
+                (0, 0),
+                (12544, 4)
+            ]
+        );
+        assert_eq!(cfg.v4_slots(), 12548);
+        let notes = hash_path_notes(&cfg);
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].starts_with("prefix 10.0.0.0/16:"), "{}", notes[0]);
+        assert!(notes[0].contains("larger than 4096"), "{}", notes[0]);
+        assert!(
+            notes[1].starts_with("prefix 172.19.0.0/20:"),
+            "{}",
+            notes[1]
+        );
+        assert!(notes[1].contains("12544 of them taken"), "{}", notes[1]);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use flowguard_common::{
 use serde::Serialize;
 
 use crate::{
+    endpoints::EndpointMaps,
     instances,
     settings::{key_ip, Mac, Mode},
     sys,
@@ -81,6 +82,10 @@ pub struct Status {
     pub endpoint_map_full: bool,
     /// The guarded interfaces, from the links pinned in the pin directory.
     pub interfaces: Vec<InterfaceStatus>,
+    /// Why each IPv4 prefix whose endpoints are in the hash map rather
+    /// than the direct-indexed array is there (empty when none is).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hashed_prefixes: Vec<String>,
 }
 
 /// One guarded interface: attached, or missing (deleted; it is attached
@@ -240,28 +245,37 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
         Map::HashMap(data) => data.info().map(|i| i.max_entries()).unwrap_or(0),
         _ => 0,
     };
-    let endpoints: HashMap<MapData, EndpointKey, Endpoint> =
+    let hash: HashMap<MapData, EndpointKey, Endpoint> =
         HashMap::try_from(endpoints).map_err(err(pin_names::ENDPOINTS))?;
+    // The direct-indexed IPv4 endpoints (pinned by every build that has them).
+    let v4 = match dir.join(pin_names::ENDPOINTS_V4).exists() {
+        true => Some(
+            Array::try_from(open(dir, pin_names::ENDPOINTS_V4)?)
+                .map_err(err(pin_names::ENDPOINTS_V4))?,
+        ),
+        false => None,
+    };
+    let maps = EndpointMaps { hash, v4, config };
     let now = sys::monotonic_ns();
     let mut list = Vec::new();
-    // An entry deleted while we iterate is simply skipped.
-    for (k, v) in endpoints.iter().flatten() {
+    for (k, v) in maps.entries().map_err(err(pin_names::ENDPOINTS_V4))? {
         list.push((key_ip(&k), endpoint_status(&k, &v, now)));
     }
     list.sort_by_key(|e| e.0);
-    let list_len = list.len();
+    let hash_len = maps.hash_len();
     let (running, pid) = liveness(dir, user.owner_pid);
     Ok(Status {
         pin_dir: dir.display().to_string(),
-        mode: Mode::from_config(config.mode),
+        mode: Mode::from_config(maps.config.mode),
         counters: CounterTotals::new(per_cpu.iter(), user),
         endpoints: list.into_iter().map(|(_, s)| s).collect(),
         running,
         pid,
         eviction_queue: user.eviction_queue,
         endpoint_capacity: capacity,
-        endpoint_map_full: capacity != 0 && list_len >= capacity as usize,
+        endpoint_map_full: capacity != 0 && hash_len >= capacity as usize,
         interfaces: interfaces(dir, running.then_some(pid)),
+        hashed_prefixes: crate::settings::hash_path_notes(&maps.config),
     })
 }
 
@@ -333,9 +347,7 @@ pub fn render(st: &Status) -> String {
             out,
             "endpoint map FULL: {} of {} entries; {} endpoints left out so far \
              (the rest stay guarded; raise --max-endpoints)",
-            st.endpoints.len(),
-            st.endpoint_capacity,
-            u.endpoints_dropped
+            st.endpoint_capacity, st.endpoint_capacity, u.endpoints_dropped
         );
     }
     if st.endpoints.is_empty() {
@@ -453,6 +465,7 @@ mod tests {
                 hook: "tc".into(),
                 attached: false,
             }],
+            hashed_prefixes: Vec::new(),
         };
         let text = render(&st);
         assert!(

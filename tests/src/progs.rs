@@ -9,12 +9,13 @@ use std::{path::PathBuf, time::Duration};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{ProgramError, SchedClassifier, Xdp},
-    Ebpf, TestRun as _, TestRunOptions,
+    Ebpf, EbpfLoader, TestRun as _, TestRunOptions,
 };
 use flowguard_common::{
     map_names, mode, program_names, source, Config, Counters, Endpoint, EndpointKey, Event, OwnMac,
-    V4Prefix, V6Prefix, MAX_OWN_MACS, MAX_V4_PREFIXES, MAX_V6_PREFIXES,
+    V4Prefix, V6Prefix, MAX_ARRAY_SLOTS, MAX_OWN_MACS, MAX_V4_PREFIXES, MAX_V6_PREFIXES,
 };
+use flowguard_user::{endpoints::EndpointMaps, neigh::EndpointStore as _};
 
 /// `XDP_PASS` from `enum xdp_action`.
 pub const XDP_PASS: u32 = 2;
@@ -24,6 +25,12 @@ pub const TC_ACT_OK: u32 = 0;
 /// Baseline program names (empty programs, for the benchmark).
 pub const BENCH_EMPTY_XDP: &str = "bench_empty_xdp";
 pub const BENCH_EMPTY_TC: &str = "bench_empty_tc";
+/// The guard in fix mode with the stale MAC put back after it, and the
+/// putting back alone (for the benchmark's stale-fix rows).
+pub const BENCH_FIX_XDP: &str = "bench_fix_xdp";
+pub const BENCH_BACK_XDP: &str = "bench_back_xdp";
+pub const BENCH_FIX_TC: &str = "bench_fix_tc";
+pub const BENCH_BACK_TC: &str = "bench_back_tc";
 
 /// Where the eBPF object is: `$FLOWGUARD_EBPF_OBJ`, else the path the
 /// workspace's eBPF build writes it to.
@@ -52,7 +59,7 @@ pub fn have_root() -> bool {
 }
 
 /// The programs of the object.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Prog {
     /// `flowguard_xdp`.
     Xdp,
@@ -64,15 +71,27 @@ pub enum Prog {
     EmptyXdp,
     /// `bench_empty_tc`.
     EmptyTc,
+    /// `bench_fix_xdp`.
+    FixXdp,
+    /// `bench_back_xdp`.
+    BackXdp,
+    /// `bench_fix_tc`.
+    FixTc,
+    /// `bench_back_tc`.
+    BackTc,
 }
 
 impl Prog {
-    pub const ALL: [Prog; 5] = [
+    pub const ALL: [Prog; 9] = [
         Prog::Xdp,
         Prog::Tc,
         Prog::TcLearn,
         Prog::EmptyXdp,
         Prog::EmptyTc,
+        Prog::FixXdp,
+        Prog::BackXdp,
+        Prog::FixTc,
+        Prog::BackTc,
     ];
 
     /// The program's name in the object.
@@ -83,11 +102,18 @@ impl Prog {
             Prog::TcLearn => program_names::TC_LEARN,
             Prog::EmptyXdp => BENCH_EMPTY_XDP,
             Prog::EmptyTc => BENCH_EMPTY_TC,
+            Prog::FixXdp => BENCH_FIX_XDP,
+            Prog::BackXdp => BENCH_BACK_XDP,
+            Prog::FixTc => BENCH_FIX_TC,
+            Prog::BackTc => BENCH_BACK_TC,
         }
     }
 
     pub fn is_xdp(self) -> bool {
-        matches!(self, Prog::Xdp | Prog::EmptyXdp)
+        matches!(
+            self,
+            Prog::Xdp | Prog::EmptyXdp | Prog::FixXdp | Prog::BackXdp
+        )
     }
 
     /// The return value that lets the frame go on (XDP_PASS or TC_ACT_OK).
@@ -98,6 +124,14 @@ impl Prog {
             TC_ACT_OK
         }
     }
+}
+
+/// A loaded program's size in the kernel (0 where the kernel does not say).
+#[derive(Clone, Copy, Debug)]
+pub struct Footprint {
+    pub xlated: u32,
+    pub jited: u32,
+    pub verified_insns: u32,
 }
 
 /// What one test run gave back.
@@ -127,7 +161,9 @@ pub fn errno(e: &Error) -> Option<i32> {
 pub struct Guard {
     ebpf: Ebpf,
     config: Array<MapData, Config>,
-    endpoints: HashMap<MapData, EndpointKey, Endpoint>,
+    /// The endpoint maps, written where the last configuration set puts
+    /// each endpoint (as the daemon does).
+    endpoints: EndpointMaps<MapData, MapData>,
     counters: PerCpuArray<MapData, Counters>,
     events: RingBuf<MapData>,
 }
@@ -145,9 +181,12 @@ impl Guard {
         Self::load_bytes(&bytes)
     }
 
-    /// Loads the object from memory and every program in it.
+    /// Loads the object from memory and every program in it. The
+    /// direct-indexed array gets every slot it may have.
     pub fn load_bytes(bytes: &[u8]) -> Result<Self> {
-        let mut ebpf = Ebpf::load(bytes)?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map_names::ENDPOINTS_V4, MAX_ARRAY_SLOTS)
+            .load(bytes)?;
         for prog in Prog::ALL {
             let p = ebpf
                 .program_mut(prog.name())
@@ -164,7 +203,11 @@ impl Guard {
                 .ok_or_else(|| format!("map {name} not in the object"))
         };
         let config = Array::try_from(take(map_names::CONFIG)?)?;
-        let endpoints = HashMap::try_from(take(map_names::ENDPOINTS)?)?;
+        let endpoints = EndpointMaps {
+            hash: HashMap::try_from(take(map_names::ENDPOINTS)?)?,
+            v4: Some(Array::try_from(take(map_names::ENDPOINTS_V4)?)?),
+            config: Config::default(),
+        };
         let counters = PerCpuArray::try_from(take(map_names::COUNTERS)?)?;
         let events = RingBuf::try_from(take(map_names::EVENTS)?)?;
         Ok(Self {
@@ -176,14 +219,32 @@ impl Guard {
         })
     }
 
+    /// What the kernel made of `prog`: its size translated (after the
+    /// verifier's rewrites) and JITed, in bytes, and the instructions the
+    /// verifier processed to accept it (bpf_prog_info).
+    pub fn footprint(&self, prog: Prog) -> Result<Footprint> {
+        let info = self
+            .ebpf
+            .program(prog.name())
+            .ok_or_else(|| format!("program {} not in the object", prog.name()))?
+            .info()?;
+        Ok(Footprint {
+            xlated: info.size_translated().unwrap_or(0),
+            jited: info.size_jitted(),
+            verified_insns: info.verified_instruction_count().unwrap_or(0),
+        })
+    }
+
     /// The kernel's HZ, measured with the object's jiffies probe.
     pub fn hz(&mut self) -> Result<u32> {
         Ok(flowguard_user::loader::kernel_hz(&mut self.ebpf)?)
     }
 
-    /// Writes the configuration (element 0 of CONFIG).
+    /// Writes the configuration (element 0 of CONFIG). Endpoints written
+    /// from now on go where it puts them; those already written stay.
     pub fn set_config(&mut self, cfg: &Config) -> Result<()> {
         self.config.set(0, cfg, 0)?;
+        self.endpoints.config = *cfg;
         Ok(())
     }
 
@@ -192,24 +253,38 @@ impl Guard {
         Ok(self.config.get(&0, 0)?)
     }
 
-    /// Inserts or replaces an endpoint.
+    /// Inserts or replaces an endpoint (in the array or the hash map, as
+    /// the configuration says).
     pub fn insert_endpoint(&mut self, key: EndpointKey, ep: &Endpoint) -> Result<()> {
-        self.endpoints.insert(key, ep, 0)?;
+        self.endpoints.insert(key, *ep)?;
+        Ok(())
+    }
+
+    /// Removes an endpoint.
+    pub fn remove_endpoint(&mut self, key: &EndpointKey) -> Result<()> {
+        self.endpoints.remove(key)?;
         Ok(())
     }
 
     /// The endpoint stored under `key`, if any.
     pub fn endpoint(&self, key: &EndpointKey) -> Option<Endpoint> {
-        self.endpoints.get(key, 0).ok()
+        self.endpoints.get(key).ok().flatten()
     }
 
-    /// Every endpoint in the map.
+    /// Every endpoint in the maps.
     pub fn endpoints(&self) -> Result<Vec<(EndpointKey, Endpoint)>> {
-        let mut all = Vec::new();
-        for item in self.endpoints.iter() {
-            all.push(item?);
-        }
-        Ok(all)
+        Ok(self.endpoints.entries()?)
+    }
+
+    /// Entries in the hash map alone.
+    pub fn hash_len(&self) -> usize {
+        self.endpoints.hash_len()
+    }
+
+    /// The raw value of slot `i` of the direct-indexed array.
+    pub fn slot(&self, i: u32) -> Result<Endpoint> {
+        let v4 = self.endpoints.v4.as_ref().expect("loaded with the array");
+        Ok(v4.get(&i, 0)?)
     }
 
     /// The counters, summed over all CPUs.
@@ -274,7 +349,8 @@ impl Guard {
 }
 
 /// An IPv4 prefix as the program compares it: `addr & mask == prefix`, both
-/// words as a native load of the network-order bytes gives them.
+/// words as a native load of the network-order bytes gives them. Its
+/// endpoints are in the hash map.
 pub fn v4_prefix(octets: [u8; 4], len: u32) -> V4Prefix {
     assert!(len <= 32, "IPv4 prefix length {len}");
     let mask_be: u32 = if len == 0 { 0 } else { u32::MAX << (32 - len) };
@@ -282,6 +358,20 @@ pub fn v4_prefix(octets: [u8; 4], len: u32) -> V4Prefix {
     V4Prefix {
         addr: u32::from_ne_bytes(octets) & mask,
         mask,
+        slot_base: 0,
+        slots: 0,
+    }
+}
+
+/// An IPv4 prefix whose endpoints are in the direct-indexed array, from
+/// slot `slot_base` on (one slot per address).
+pub fn v4_array_prefix(octets: [u8; 4], len: u32, slot_base: u32) -> V4Prefix {
+    let slots = 1u32 << (32 - len);
+    assert!(slot_base + slots <= MAX_ARRAY_SLOTS, "array prefix /{len}");
+    V4Prefix {
+        slot_base,
+        slots,
+        ..v4_prefix(octets, len)
     }
 }
 

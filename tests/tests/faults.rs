@@ -756,8 +756,10 @@ fn a_full_endpoint_map_never_stops_the_daemon() {
         &[
             "--egress",
             "lan1",
+            // Larger than a /20: its endpoints are in the hash map, the
+            // one --max-endpoints sizes (a /24 has a slot for each address).
             "--prefix",
-            PREFIX,
+            "192.168.0.0/16",
             "--max-endpoints",
             "100",
             "--reconcile-secs",
@@ -1069,26 +1071,26 @@ fn doctor_check(ns: &Netns, pin_dir: &Path) -> serde_json::Value {
 /// instance had learned; a clean stop then detaches everything.
 #[test]
 fn a_killed_instance_keeps_guarding_and_a_restart_adopts_it() {
-    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-    use flowguard_common::{source, Endpoint, EndpointKey};
+    use aya::maps::{Array, Map, MapData};
+    use flowguard_common::{source, Endpoint};
     skip_unless_root!();
     let ns = namespace();
     let bpffs = BpffsMount::new();
     let pin_dir = bpffs.pin_dir();
     let args = ["--egress", "lan1", "--ingress", "lan1", "--prefix", PREFIX];
     let mut fg = Flowguard::start(&ns, &pin_dir, &args);
-    // An endpoint only the map knows (as learning leaves it).
+    // An endpoint only the map knows (as learning leaves it): PREFIX is a
+    // /24, direct-indexed, so 192.168.1.77 is slot 77 of endpoints_v4.
     {
-        let data = MapData::from_pin(pin_dir.join("endpoints")).expect("pinned endpoints");
-        let mut map: BpfHashMap<MapData, EndpointKey, Endpoint> =
-            BpfHashMap::try_from(Map::HashMap(data)).expect("endpoint map");
+        let data = MapData::from_pin(pin_dir.join("endpoints_v4")).expect("pinned endpoints_v4");
+        let mut map: Array<MapData, Endpoint> =
+            Array::try_from(Map::Array(data)).expect("endpoint array");
         let ep = Endpoint {
             mac: [2, 0, 0, 0, 0, 0x77],
             source: source::LEARNED,
             ..Endpoint::default()
         };
-        map.insert(EndpointKey::from_v4_bytes([192, 168, 1, 77]), ep, 0)
-            .expect("insert a learned endpoint");
+        map.set(77, ep, 0).expect("write a learned endpoint");
     }
     fg.signal(libc::SIGKILL);
     assert!(fg.wait_exit(STOP_TIMEOUT).is_some());

@@ -39,9 +39,10 @@ fn kernel_side_warnings_reach_the_log() {
         ],
     );
     // Nothing in flowguard writes an all-zero MAC; an operator with bpftool
-    // can. The kernel side refuses to rewrite toward it, and says so.
-    let endpoints = bpffs.pin_dir().join("endpoints");
-    let key = "00 00 00 00 00 00 00 00 00 00 ff ff c0 a8 01 f0";
+    // can. The kernel side refuses to rewrite toward it, and says so. A /24
+    // is direct-indexed: 192.168.1.240 is slot 240 of endpoints_v4.
+    let endpoints = bpffs.pin_dir().join("endpoints_v4");
+    let key = "f0 00 00 00";
     let mut value = vec!["00"; 56];
     value[6] = "01"; // source: static
     let mut args = vec![

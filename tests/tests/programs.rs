@@ -6,14 +6,17 @@
 //!
 //! Run: `cargo test -p flowguard-tests --release --test programs -- --test-threads=1`
 
-use std::collections::HashMap;
+use std::{cell::Cell, collections::HashMap};
 
 use flowguard_common::{
     endpoint_flags, event_action, event_kind, hook, source, Counters, Endpoint, EndpointKey, Event,
 };
 use flowguard_tests::{
     frames::{self, Mac, Vlan, BROADCAST, L2},
-    progs::{self, config, endpoint, errno, have_root, v4_prefix, v6_prefix, Guard, Prog},
+    progs::{
+        self, config, endpoint, errno, have_root, v4_array_prefix, v4_prefix, v6_prefix, Guard,
+        Prog,
+    },
 };
 
 // The watched prefixes.
@@ -66,6 +69,35 @@ fn hook_of(prog: Prog) -> u8 {
     }
 }
 
+/// Where the IPv4 endpoints of PFX4 are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// The direct-indexed array (what flowguard does for a /24).
+    Array,
+    /// The hash map (what it does for prefixes larger than a /20).
+    Hash,
+}
+
+thread_local! {
+    /// The layout `setup` uses on this test's thread.
+    static LAYOUT: Cell<Layout> = const { Cell::new(Layout::Array) };
+}
+
+/// Runs `body` with PFX4's endpoints in the hash map.
+fn with_hash_layout(body: impl FnOnce()) {
+    LAYOUT.with(|l| l.set(Layout::Hash));
+    body();
+    LAYOUT.with(|l| l.set(Layout::Array));
+}
+
+/// PFX4, in the current layout (array: from slot 0).
+fn pfx4() -> flowguard_common::V4Prefix {
+    match LAYOUT.with(Cell::get) {
+        Layout::Array => v4_array_prefix(PFX4, PFX4_LEN, 0),
+        Layout::Hash => v4_prefix(PFX4, PFX4_LEN),
+    }
+}
+
 /// A fresh instance: prefixes 192.168.1.0/24 and fd00:0:0:1::/64, endpoints
 /// EP4 → CUR4 and EP6 → CUR6, events not rate-limited.
 fn setup(fix: bool) -> Guard {
@@ -76,7 +108,7 @@ fn setup_with(fix: bool, event_interval_jiffies: u64, own_macs: &[Mac]) -> Guard
     let mut g = Guard::load().expect("loading the flowguard object");
     g.set_config(&config(
         fix,
-        &[v4_prefix(PFX4, PFX4_LEN)],
+        &[pfx4()],
         &[v6_prefix(PFX6, PFX6_LEN)],
         own_macs,
         event_interval_jiffies,
@@ -1348,6 +1380,10 @@ fn learning_counts_failure_when_the_map_is_full() {
     if !have_root() {
         return;
     }
+    with_hash_layout(learning_into_a_full_hash_map);
+}
+
+fn learning_into_a_full_hash_map() {
     let mut g = learning_setup();
     // Fill the map (two endpoints are already in it).
     let cap = flowguard_common::MAX_ENDPOINTS;
@@ -1395,6 +1431,36 @@ fn learning_counts_failure_when_the_map_is_full() {
     );
     assert_learned(&g, key4(EP4), M1, "EP4 moved");
     assert_eq!(counters(&g).learned_moved, 1, "learned_moved");
+}
+
+#[test]
+fn learning_into_the_array_needs_no_room_in_the_hash_map() {
+    if !have_root() {
+        return;
+    }
+    let mut g = learning_setup();
+    let cap = flowguard_common::MAX_ENDPOINTS;
+    // EP6 is in the hash map already.
+    for i in 0..cap - 1 {
+        let [_, b, c, d] = i.to_be_bytes();
+        g.insert_endpoint(key4([10, b, c, d]), &endpoint([0x02, 0x10, 0, b, c, d]))
+            .expect("filling ENDPOINTS");
+    }
+    assert_eq!(g.hash_len(), cap as usize, "hash map full");
+    run_pass(
+        &g,
+        Prog::TcLearn,
+        &from_host4(M1, HOST4),
+        "learning into the array",
+    );
+    assert_learned(&g, key4(HOST4), M1, "HOST4 learned into its slot");
+    assert_eq!(
+        g.slot(u32::from(HOST4[3])).expect("reading the slot").mac,
+        M1,
+        "slot = host part"
+    );
+    assert_eq!(counters(&g).learned_new, 1, "learned_new");
+    assert_eq!(counters(&g).learn_failed, 0, "learn_failed");
 }
 
 #[test]
@@ -1579,4 +1645,174 @@ fn prefix_helpers_match_the_program_encoding() {
     assert_eq!(&m[8..], &[0; 8]);
     assert_eq!(EndpointKey { addr: p.addr }.bytes(), PFX6);
     let _ = progs::object_path();
+}
+
+// ---- the direct-indexed array against the hash map ----
+
+/// The guard and learning tests again with PFX4's endpoints in the hash map
+/// (every other test runs them in the array): both layouts must behave
+/// alike frame for frame.
+#[test]
+fn the_hash_layout_passes_the_same_tests() {
+    if !have_root() {
+        return;
+    }
+    with_hash_layout(|| {
+        unrelated_frames_pass_untouched();
+        current_mac_passes_untouched();
+        stale_fix_mode_rewrites_destination_mac();
+        stale_observe_mode_counts_but_keeps_frame();
+        vlan_tagged_stale_frames_are_rewritten_at_bytes_0_to_6();
+        ipv4_options_and_fragments_are_guarded_with_correct_ports();
+        events_are_rate_limited_per_endpoint();
+        ambiguous_endpoint_is_counted_never_rewritten();
+        endpoint_with_an_unusable_mac_is_never_rewritten_toward();
+        every_truncation_of_a_stale_frame_passes_untouched();
+        random_frames_are_passed_and_either_untouched_or_correctly_rewritten();
+        learning_new_and_moved_endpoint();
+        learning_a_move_restarts_the_event_rate_limit();
+        learning_from_arp();
+        learning_skips_own_multicast_static_and_outside();
+        checked_counts_in_prefix_lookups();
+    });
+}
+
+/// A MAC that names the address it belongs to, so a frame rewritten toward
+/// the wrong slot's endpoint shows.
+fn mac_of(a: [u8; 4]) -> Mac {
+    [0x02, 0x4e, a[0], a[1], a[2], a[3]]
+}
+
+fn offset4(a: [u8; 4], by: i64) -> [u8; 4] {
+    ((i64::from(u32::from_be_bytes(a)) + by) as u32).to_be_bytes()
+}
+
+#[test]
+fn array_slots_cover_every_prefix_boundary_exactly() {
+    if !have_root() {
+        return;
+    }
+    // (prefix, length, first slot): bases that are not multiples of the
+    // prefix size, a host part that spans two bytes (the /20), a /31 and a
+    // /32, and a hash-map /16 after them for the addresses beyond.
+    let prefixes: [([u8; 4], u32, u32); 5] = [
+        ([192, 168, 1, 0], 24, 0),
+        ([10, 9, 8, 4], 30, 256),
+        ([172, 16, 0, 0], 20, 260),
+        ([100, 64, 0, 6], 31, 4356),
+        ([100, 64, 0, 9], 32, 4358),
+    ];
+    for prog in [Prog::Xdp, Prog::Tc] {
+        let mut g = Guard::load().expect("loading the flowguard object");
+        let v4: Vec<_> = prefixes
+            .iter()
+            .map(|&(a, len, base)| v4_array_prefix(a, len, base))
+            .collect();
+        g.set_config(&config(true, &v4, &[], &[], 0))
+            .expect("writing CONFIG");
+        for &(net, len, base) in &prefixes {
+            let size = 1i64 << (32 - len);
+            let last = size - 1;
+            // Network, first host, a host across a byte boundary, last host,
+            // broadcast (deduplicated for the small prefixes).
+            let mut inside: Vec<i64> = vec![0, 1, 255, 256, last - 1, last];
+            inside.retain(|&h| h >= 0 && h < size);
+            inside.sort_unstable();
+            inside.dedup();
+            for &h in &inside {
+                let a = offset4(net, h);
+                g.insert_endpoint(key4(a), &endpoint(mac_of(a)))
+                    .expect("inserting an endpoint");
+                let slot = g.slot(base + h as u32).expect("reading the slot");
+                assert_eq!(slot.mac, mac_of(a), "{a:?} must be in slot {base} + {h}");
+            }
+            for &h in &inside {
+                let a = offset4(net, h);
+                let what = format!("{prog:?} stale frame to {a:?} (/{len}, host {h})");
+                let before = g.counters().expect("COUNTERS");
+                let out = run_pass(&g, prog, &udp4_to(STALE4, a), &what);
+                assert_eq!(out[..6], mac_of(a), "{what}: rewritten to its own MAC");
+                let after = g.counters().expect("COUNTERS");
+                assert_eq!(after.checked - before.checked, 1, "{what}: checked");
+                assert_eq!(after.rewritten - before.rewritten, 1, "{what}: rewritten");
+                let current = udp4_to(mac_of(a), a);
+                let out = run_pass(&g, prog, &current, &what);
+                assert_eq!(out, current, "{what}: current MAC untouched");
+            }
+            // Just outside: not looked up, so not even counted as checked
+            // (unless another prefix holds it: none of these do).
+            for a in [offset4(net, -1), offset4(net, size)] {
+                let what = format!("{prog:?} frame to {a:?}, just outside /{len}");
+                if prefixes
+                    .iter()
+                    .any(|&(n, l, _)| v4_prefix(n, l).addr == v4_prefix(a, l).addr)
+                {
+                    continue;
+                }
+                let before = g.counters().expect("COUNTERS");
+                let f = udp4_to(STALE4, a);
+                let out = run_pass(&g, prog, &f, &what);
+                assert_eq!(out, f, "{what}: untouched");
+                let after = g.counters().expect("COUNTERS");
+                assert_eq!(after.checked, before.checked, "{what}: not looked up");
+            }
+        }
+        // An empty slot inside a prefix: looked up, no endpoint, untouched.
+        let a = offset4([172, 16, 0, 0], 2);
+        let f = udp4_to(STALE4, a);
+        let before = g.counters().expect("COUNTERS");
+        assert_eq!(
+            run_pass(&g, prog, &f, "empty slot"),
+            f,
+            "empty slot untouched"
+        );
+        let after = g.counters().expect("COUNTERS");
+        assert_eq!(after.checked - before.checked, 1, "empty slot checked");
+        assert_eq!(actions(after), actions(before), "empty slot: no action");
+        // A removed endpoint's slot is empty again.
+        let a = offset4([192, 168, 1, 0], 255);
+        g.remove_endpoint(&key4(a)).expect("removing");
+        assert!(g.endpoint(&key4(a)).is_none(), "removed");
+        let f = udp4_to(STALE4, a);
+        assert_eq!(run_pass(&g, prog, &f, "removed"), f, "removed: untouched");
+        // Every endpoint reads back under its own address.
+        let all = g.endpoints().expect("reading the endpoints");
+        assert!(!all.is_empty());
+        for (k, v) in all {
+            let b = k.bytes();
+            assert_eq!(v.mac, mac_of([b[12], b[13], b[14], b[15]]), "{k:?}");
+        }
+    }
+}
+
+#[test]
+fn the_first_prefix_that_holds_an_address_decides_its_place() {
+    if !have_root() {
+        return;
+    }
+    // 192.168.1.0/24 in the array, and 192.168.0.0/16 in the hash map after
+    // it: 192.168.1.x is in the array, 192.168.2.x in the hash map.
+    let mut g = Guard::load().expect("loading the flowguard object");
+    g.set_config(&config(
+        true,
+        &[
+            v4_array_prefix([192, 168, 1, 0], 24, 0),
+            v4_prefix([192, 168, 0, 0], 16),
+        ],
+        &[],
+        &[],
+        0,
+    ))
+    .expect("writing CONFIG");
+    let (a, b) = ([192, 168, 1, 9], [192, 168, 2, 9]);
+    g.insert_endpoint(key4(a), &endpoint(mac_of(a))).unwrap();
+    g.insert_endpoint(key4(b), &endpoint(mac_of(b))).unwrap();
+    assert_eq!(g.hash_len(), 1, "only 192.168.2.9 is in the hash map");
+    assert_eq!(g.slot(9).unwrap().mac, mac_of(a), "192.168.1.9 in slot 9");
+    for prog in GUARDS {
+        for x in [a, b] {
+            let out = run_pass(&g, prog, &udp4_to(STALE4, x), "stale");
+            assert_eq!(out[..6], mac_of(x), "{prog:?} {x:?} rewritten to its MAC");
+        }
+    }
 }

@@ -305,20 +305,10 @@ fn report_and_check_sizes(built: &[Built]) -> Result<()> {
 }
 
 /// The eBPF object for `arch`'s kernel (byte order and `bpf_target_arch`),
-/// without DWARF: `--strip-debug` keeps `.BTF` and `.BTF.ext`, so maps keep
-/// their named fields in `bpftool map dump`, and drops ~540 KB.
+/// without DWARF (see `ebpf::strip_debug`).
 fn build_stripped_ebpf(tools: &setup::Tools, arch: &Arch) -> Result<PathBuf> {
     let object = ebpf::build_ebpf_for(tools, arch.bpf_target, arch.bpf_arch)?;
-    let stripped = object.with_file_name("flowguard.stripped");
-    step::run(
-        "Stripping DWARF from the eBPF object (BTF stays)",
-        Command::new("llvm-strip-22")
-            .arg("--strip-debug")
-            .arg(&object)
-            .arg("-o")
-            .arg(&stripped),
-    )?;
-    Ok(stripped)
+    ebpf::strip_debug(&object)
 }
 
 /// clang/lld and a musl sysroot for one target, with a linker script that

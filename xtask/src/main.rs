@@ -111,11 +111,11 @@ fn build_ebpf(debug: bool) -> Result<()> {
     ebpf::build_ebpf(&tools, profile).map(drop)
 }
 
-/// Builds everything the run, demo and bench verbs start; returns the eBPF
-/// object's path.
+/// Builds everything the run, demo and bench verbs start; returns the path
+/// of the eBPF object they use (and flowguard embeds): without DWARF.
 fn build() -> Result<PathBuf> {
     let tools = setup::setup()?;
-    let object = ebpf::build_ebpf(&tools, Profile::Release)?;
+    let object = ebpf::strip_debug(&ebpf::build_ebpf(&tools, Profile::Release)?)?;
     build_user_and_test_binaries(&object)?;
     Ok(object)
 }
@@ -159,6 +159,13 @@ fn bench(args: &[String]) -> Result<()> {
             .arg("--flowguard")
             .arg(release_binary("flowguard")?)
             .env("FLOWGUARD_EBPF_OBJ", &object),
+    )?;
+    step::run(
+        "Forwarding through a router namespace with and without flowguard (flowguard-fwd-bench)",
+        Command::new(release_binary("flowguard-fwd-bench")?)
+            .arg("--flowguard")
+            .arg(release_binary("flowguard")?)
+            .env("FLOWGUARD_EBPF_OBJ", &object),
     )
 }
 
@@ -167,7 +174,8 @@ const LINT_HINT: &str =
 
 fn test(no_lint: bool) -> Result<()> {
     let tools = setup::setup()?;
-    let object = ebpf::build_ebpf(&tools, Profile::Release)?;
+    // The tests load the object flowguard ships: without DWARF.
+    let object = ebpf::strip_debug(&ebpf::build_ebpf(&tools, Profile::Release)?)?;
 
     if no_lint {
         println!("Skipping rustfmt and clippy (--no-lint).");

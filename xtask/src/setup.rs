@@ -28,6 +28,8 @@ const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "iputils-ping",
     "iputils-arping",
+    // flowguard-fwd-bench's traffic.
+    "iperf3",
     "shellcheck",
     // `cargo xtask dist` and the qemu-user tests: clang/lld link the static
     // musl builds, llvm-22 strips the eBPF object, musl-dev is the x86_64

@@ -129,8 +129,8 @@ impl EndpointStore for std::collections::HashMap<EndpointKey, Endpoint> {
 /// Makes the map's entry for `ip` agree with the cache, if that entry is
 /// (or would be) the neighbour table's: a `STATIC` or `LEARNED` entry (any
 /// source other than `NEIGHBOUR`) is left alone. Returns what changed.
-pub fn sync_ip<T: BorrowMut<MapData>>(
-    map: &mut HashMap<T, EndpointKey, Endpoint>,
+pub fn sync_ip<S: EndpointStore + ?Sized>(
+    map: &mut S,
     cache: &NeighCache,
     ip: IpAddr,
 ) -> Result<Option<MapChange>, MapError> {
@@ -141,8 +141,8 @@ pub fn sync_ip<T: BorrowMut<MapData>>(
 /// moves, flags and removes (also entries whose IP left the cache or the
 /// prefixes). A failure to write one entry (say, a full map) is logged and
 /// the others are still synced; only failing to read the map is an error.
-pub fn reconcile<T: BorrowMut<MapData>>(
-    map: &mut HashMap<T, EndpointKey, Endpoint>,
+pub fn reconcile<S: EndpointStore + ?Sized>(
+    map: &mut S,
     cache: &NeighCache,
 ) -> Result<Vec<MapChange>, MapError> {
     reconcile_store(map, cache)
