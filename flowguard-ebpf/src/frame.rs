@@ -43,6 +43,8 @@ const IPPROTO_UDP: u8 = 17;
 /// Ports at the start of a TCP or UDP header.
 const L4_SRC_PORT: usize = 0;
 const L4_DST_PORT: usize = 2;
+/// Both ports, read at once from `L4_SRC_PORT`.
+const L4_PORTS_LEN: usize = 4;
 /// Ethernet/IPv4 ARP: the fixed part (htype 1, ptype 0x0800, hlen 6, plen
 /// 4), and the offsets of the sender's hardware and protocol addresses.
 const ARP_FIXED: [u8; 6] = [0, 1, 0x08, 0x00, 6, 4];
@@ -233,12 +235,17 @@ pub fn transport(f: &impl Frame, l3: L3) -> (u8, u16, u16) {
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return (proto, 0, 0);
     }
-    match (
-        load_be16(f, l4 + L4_SRC_PORT),
-        load_be16(f, l4 + L4_DST_PORT),
-    ) {
-        (Some(s), Some(d)) => (proto, s, d),
-        _ => (proto, 0, 0),
+    // Both ports through one bounds-checked load: with two, LLVM (bpfeb)
+    // computed the second load's pointer apart from the checked one, and the
+    // verifier refused the XDP program ("invalid access to packet", seen on
+    // s390x: the same code is in the mips object).
+    match load::<[u8; L4_PORTS_LEN]>(f, l4 + L4_SRC_PORT) {
+        Some(p) => (
+            proto,
+            u16::from_be_bytes([p[0], p[1]]),
+            u16::from_be_bytes([p[L4_DST_PORT], p[L4_DST_PORT + 1]]),
+        ),
+        None => (proto, 0, 0),
     }
 }
 
