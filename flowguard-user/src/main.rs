@@ -92,7 +92,7 @@ struct RunArgs {
     learn: bool,
     /// fix: rewrite stale destination MACs; observe: only count and report.
     #[arg(long, value_enum, default_value = "fix")]
-    mode: Mode,
+    mode: ModeArg,
     /// Where to pin the maps (on a bpffs).
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
@@ -101,7 +101,7 @@ struct RunArgs {
     event_interval_ms: u64,
     /// How to attach XDP: driver mode with a fallback to skb mode, or only one of them.
     #[arg(long, value_enum, default_value = "auto")]
-    xdp_mode: XdpAttach,
+    xdp_mode: XdpModeArg,
     /// Router role: attach tc egress to every flowtable device that is a
     /// bridge port (read from `nft -j list flowtables`), and keep doing so
     /// while running: the flowtables are read again when the ruleset or an
@@ -119,7 +119,7 @@ struct RunArgs {
     /// or frames to it carry a stale MAC: offloaded ones (OFFLOAD or
     /// HW_OFFLOAD), all, or none.
     #[arg(long, value_enum, default_value = "offloaded")]
-    evict: EvictScope,
+    evict: EvictArg,
     /// Say which conntrack entries would be evicted; delete nothing.
     #[arg(long)]
     dry_run: bool,
@@ -160,6 +160,67 @@ struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = flowguard_common::MAX_ENDPOINTS,
           value_parser = clap::value_parser!(u32).range(1..=MAX_ENDPOINTS_LIMIT))]
     max_endpoints: u32,
+}
+
+// The command line's names for the library's choices: the library types
+// know nothing of clap.
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ModeArg {
+    /// Rewrite the destination MAC of stale frames.
+    Fix,
+    /// Count and report stale frames, change nothing.
+    Observe,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(arg: ModeArg) -> Self {
+        match arg {
+            ModeArg::Fix => Mode::Fix,
+            ModeArg::Observe => Mode::Observe,
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum XdpModeArg {
+    /// Driver (native) mode, falling back to skb (generic) mode.
+    Auto,
+    /// Driver mode only.
+    Driver,
+    /// Generic (skb) mode only.
+    Skb,
+}
+
+impl From<XdpModeArg> for XdpAttach {
+    fn from(arg: XdpModeArg) -> Self {
+        match arg {
+            XdpModeArg::Auto => XdpAttach::Auto,
+            XdpModeArg::Driver => XdpAttach::Driver,
+            XdpModeArg::Skb => XdpAttach::Skb,
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum EvictArg {
+    /// Only entries a flowtable holds (OFFLOAD or HW_OFFLOAD): the ones that
+    /// can carry a stale MAC.
+    Offloaded,
+    /// Every entry that involves the endpoint.
+    All,
+    /// Never delete anything.
+    Off,
+}
+
+impl From<EvictArg> for EvictScope {
+    fn from(arg: EvictArg) -> Self {
+        match arg {
+            EvictArg::Offloaded => EvictScope::Offloaded,
+            EvictArg::All => EvictScope::All,
+            EvictArg::Off => EvictScope::Off,
+        }
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -307,12 +368,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => {}
     }
-    let config = settings::build_config(args.mode, &args.prefixes, &[])?;
+    let config = settings::build_config(args.mode.into(), &args.prefixes, &[])?;
     let opts = GuardOptions {
         ingress: args.ingress.clone(),
         egress: args.egress.clone(),
         learn: args.learn,
-        xdp: args.xdp_mode,
+        xdp: args.xdp_mode.into(),
         pin_dir: args.pin_dir.clone(),
         config,
         event_interval: Duration::from_millis(args.event_interval_ms),
@@ -358,7 +419,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let ring = guard.take_events()?;
 
     let prefixes: Vec<String> = args.prefixes.iter().map(|p| p.to_string()).collect();
-    let mode = match args.mode {
+    let mode = match Mode::from(args.mode) {
         Mode::Fix => "fix mode: stale frames are rewritten",
         Mode::Observe => "observe mode: stale frames are counted, not changed",
     };
@@ -394,7 +455,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         neighbours: !args.no_neigh,
         prefixes: args.prefixes.clone(),
         reconcile: Duration::from_secs(args.reconcile_secs),
-        evict: args.evict,
+        evict: args.evict.into(),
         dry_run: args.dry_run,
         debounce: Duration::from_millis(args.evict_debounce_ms),
         max_evictions_per_sec: args.max_evictions_per_sec,
@@ -404,7 +465,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         children: (!args.no_children && !args.ingress.is_empty()).then(|| args.ingress.clone()),
         auto: auto_ports,
     };
-    match (args.evict, args.dry_run) {
+    match (EvictScope::from(args.evict), args.dry_run) {
         (EvictScope::Off, _) => say!("flowguard: eviction is off"),
         (scope, dry) => say!(
             "flowguard: evicting {} conntrack entries of an endpoint when its MAC changes or frames to it are stale{}",
@@ -583,7 +644,7 @@ mod tests {
         };
         assert_eq!(a.ingress, ["eth0"]);
         assert!(a.learn);
-        assert_eq!(a.mode, Mode::Observe);
+        assert_eq!(a.mode, ModeArg::Observe);
         assert_eq!(a.statics[0].ip, "192.168.1.9".parse::<IpAddr>().unwrap());
         assert_eq!(a.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
     }

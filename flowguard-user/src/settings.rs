@@ -346,7 +346,7 @@ pub fn key_ip(key: &EndpointKey) -> IpAddr {
 }
 
 /// Guard mode, as given on the command line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// Rewrite the destination MAC of stale frames.
     Fix,
