@@ -102,7 +102,7 @@ pub enum LoadError {
 }
 
 /// How XDP is attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum XdpAttach {
     /// Driver (native) mode, falling back to skb (generic) mode.
     Auto,

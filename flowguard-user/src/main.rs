@@ -1,7 +1,12 @@
 //! The `flowguard` command: `run` guards interfaces until stopped, `status`
 //! shows what a running instance has seen, `doctor` checks this machine.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
@@ -15,10 +20,15 @@ use flowguard_user::{
     probe::{self, ProbeOptions},
     say, say_err,
     settings::{self, endpoint_key, Mode, Prefix, StaticEndpoint},
-    status,
+    status, sys,
 };
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/flowguard";
+/// Where a bpffs is mounted by convention; flowguard mounts one there when
+/// its pin directory is inside and none is.
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+/// How many entries a startup line lists before it says "…".
+const LISTED: usize = 5;
 
 /// Finds frames sent to a stale (cached) MAC address of a LAN endpoint and
 /// fixes them in the kernel.
@@ -82,7 +92,7 @@ struct RunArgs {
     learn: bool,
     /// fix: rewrite stale destination MACs; observe: only count and report.
     #[arg(long, value_enum, default_value = "fix")]
-    mode: Mode,
+    mode: ModeArg,
     /// Where to pin the maps (on a bpffs).
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
@@ -91,7 +101,7 @@ struct RunArgs {
     event_interval_ms: u64,
     /// How to attach XDP: driver mode with a fallback to skb mode, or only one of them.
     #[arg(long, value_enum, default_value = "auto")]
-    xdp_mode: XdpAttach,
+    xdp_mode: XdpModeArg,
     /// Router role: attach tc egress to every flowtable device that is a
     /// bridge port (read from `nft -j list flowtables`), and keep doing so
     /// while running: the flowtables are read again when the ruleset or an
@@ -109,7 +119,7 @@ struct RunArgs {
     /// or frames to it carry a stale MAC: offloaded ones (OFFLOAD or
     /// HW_OFFLOAD), all, or none.
     #[arg(long, value_enum, default_value = "offloaded")]
-    evict: EvictScope,
+    evict: EvictArg,
     /// Say which conntrack entries would be evicted; delete nothing.
     #[arg(long)]
     dry_run: bool,
@@ -154,6 +164,67 @@ struct RunArgs {
     max_endpoints: u32,
 }
 
+// The command line's names for the library's choices: the library types
+// know nothing of clap.
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ModeArg {
+    /// Rewrite the destination MAC of stale frames.
+    Fix,
+    /// Count and report stale frames, change nothing.
+    Observe,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(arg: ModeArg) -> Self {
+        match arg {
+            ModeArg::Fix => Mode::Fix,
+            ModeArg::Observe => Mode::Observe,
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum XdpModeArg {
+    /// Driver (native) mode, falling back to skb (generic) mode.
+    Auto,
+    /// Driver mode only.
+    Driver,
+    /// Generic (skb) mode only.
+    Skb,
+}
+
+impl From<XdpModeArg> for XdpAttach {
+    fn from(arg: XdpModeArg) -> Self {
+        match arg {
+            XdpModeArg::Auto => XdpAttach::Auto,
+            XdpModeArg::Driver => XdpAttach::Driver,
+            XdpModeArg::Skb => XdpAttach::Skb,
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum EvictArg {
+    /// Only entries a flowtable holds (OFFLOAD or HW_OFFLOAD): the ones that
+    /// can carry a stale MAC.
+    Offloaded,
+    /// Every entry that involves the endpoint.
+    All,
+    /// Never delete anything.
+    Off,
+}
+
+impl From<EvictArg> for EvictScope {
+    fn from(arg: EvictArg) -> Self {
+        match arg {
+            EvictArg::Offloaded => EvictScope::Offloaded,
+            EvictArg::All => EvictScope::All,
+            EvictArg::Off => EvictScope::Off,
+        }
+    }
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum ProbeArg {
     Offloaded,
@@ -173,10 +244,21 @@ fn main() -> ExitCode {
             if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
                 e.exit();
             }
-            // One line that names the bad input; --help has the rest.
+            // One line that names the bad input (clap puts the names of
+            // missing arguments on the lines after its first); --help has
+            // the rest.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            say_err!("{first} (see flowguard --help)");
+            let head: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let line = if head.is_empty() {
+                "invalid arguments".to_string()
+            } else {
+                head.join(" ")
+            };
+            say_err!("{line} (see flowguard --help)");
             return ExitCode::from(2);
         }
     };
@@ -231,6 +313,8 @@ fn show_status(json: bool, pin_dir: &std::path::Path) -> anyhow::Result<ExitCode
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut args = args;
+    settings::check_no_repeats("ingress", &args.ingress)?;
+    settings::check_no_repeats("egress", &args.egress)?;
     let mut auto_ports = None;
     if args.auto {
         let found = flowtable::auto_devices()?;
@@ -256,14 +340,27 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if !(100..=3_600_000).contains(&args.probe_interval_ms) {
         bail!("--probe-interval-ms must be between 100 and 3600000");
     }
-    if args.learn && args.egress.is_empty() {
-        bail!(
-            "--learn needs an --egress IFACE: learning reads the frames endpoints send out of it"
-        );
+    let mut notes = Vec::new();
+    // Learning reads the frames endpoints send out of an egress: with only
+    // --ingress given, that is the ingress interface's own egress.
+    let learn_on_ingress = args.learn && args.egress.is_empty();
+    if learn_on_ingress {
+        args.egress = args.ingress.clone();
+        notes.push(format!(
+            "--learn without --egress: learning from the frames leaving {} (tc egress there)",
+            args.ingress.join(", ")
+        ));
     }
-    for s in &args.statics {
-        if !args.prefixes.iter().any(|p| p.contains(s.ip)) {
-            return Err(settings::SettingsError::StaticOutsidePrefixes(s.ip).into());
+    let (prefixes, merged) = settings::merge_prefixes(&args.prefixes)?;
+    args.prefixes = prefixes;
+    notes.extend(merged);
+    args.statics = settings::check_statics(&args.statics, &args.prefixes, args.max_endpoints)?;
+    for (option, ifaces) in [("ingress", &args.ingress), ("egress", &args.egress)] {
+        for iface in ifaces {
+            // One that does not exist is refused by the loader, by name.
+            if let Ok(kind) = sys::link_kind(iface) {
+                settings::check_link_kind(option, iface, kind)?;
+            }
         }
     }
     match args.metrics {
@@ -273,12 +370,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => {}
     }
-    let config = settings::build_config(args.mode, &args.prefixes, &[])?;
+    let config = settings::build_config(args.mode.into(), &args.prefixes, &[])?;
     let opts = GuardOptions {
         ingress: args.ingress.clone(),
         egress: args.egress.clone(),
         learn: args.learn,
-        xdp: args.xdp_mode,
+        xdp: args.xdp_mode.into(),
         pin_dir: args.pin_dir.clone(),
         config,
         event_interval: Duration::from_millis(args.event_interval_ms),
@@ -289,19 +386,42 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .metrics
         .map(|addr| metrics::Server::bind(addr, &args.pin_dir))
         .transpose()?;
-    flowguard_user::sys::ignore_signals_until_handled();
-    let mut guard = Guard::start(&opts)?;
+    let pin_dirs = PinDirSetup::prepare(&args.pin_dir, &mut notes)?;
+    sys::ignore_signals_until_handled();
+    let mut guard = match Guard::start(&opts) {
+        Ok(guard) => guard,
+        Err(e) => {
+            pin_dirs.undo();
+            return Err(e.into());
+        }
+    };
+    for note in &notes {
+        say!("flowguard: {note}");
+    }
     {
+        let capacity = guard.endpoint_capacity;
         let mut map = guard.endpoints()?;
         for s in &args.statics {
-            endpoints::upsert(&mut map, endpoint_key(s.ip), s.mac, source::STATIC)
-                .with_context(|| format!("adding static endpoint {}", s.ip))?;
+            endpoints::upsert(&mut map, endpoint_key(s.ip), s.mac, source::STATIC).map_err(
+                |e| match &e {
+                    aya::maps::MapError::SyscallError(sys_err)
+                        if sys_err.io_error.raw_os_error() == Some(libc::E2BIG) =>
+                    {
+                        anyhow::anyhow!(
+                            "adding static endpoint {}: the endpoint map is full ({capacity} \
+                             entries): raise --max-endpoints",
+                            s.ip
+                        )
+                    }
+                    _ => anyhow::Error::new(e).context(format!("adding static endpoint {}", s.ip)),
+                },
+            )?;
         }
     }
     let ring = guard.take_events()?;
 
     let prefixes: Vec<String> = args.prefixes.iter().map(|p| p.to_string()).collect();
-    let mode = match args.mode {
+    let mode = match Mode::from(args.mode) {
         Mode::Fix => "fix mode: stale frames are rewritten",
         Mode::Observe => "observe mode: stale frames are counted, not changed",
     };
@@ -318,7 +438,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .iter()
             .map(|s| format!("{}={}", s.ip, s.mac))
             .collect();
-        say!("flowguard: static endpoints {}", list.join(", "));
+        say!(
+            "flowguard: static endpoints {}",
+            settings::summarize(&list, LISTED)
+        );
     }
     say!(
         "flowguard: maps pinned in {} (see `flowguard status --pin-dir {0}`)",
@@ -337,16 +460,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         neighbours: !args.no_neigh,
         prefixes: args.prefixes.clone(),
         reconcile: Duration::from_secs(args.reconcile_secs),
-        evict: args.evict,
+        evict: args.evict.into(),
         dry_run: args.dry_run,
         debounce: Duration::from_millis(args.evict_debounce_ms),
         max_evictions_per_sec: args.max_evictions_per_sec,
         metrics,
-        probe: probe_options(&args),
+        // Learning on the ingress interface does not make this a router.
+        probe: probe_options(&args).filter(|_| !learn_on_ingress),
         children: (!args.no_children && !args.ingress.is_empty()).then(|| args.ingress.clone()),
         auto: auto_ports,
     };
-    match (args.evict, args.dry_run) {
+    match (EvictScope::from(args.evict), args.dry_run) {
         (EvictScope::Off, _) => say!("flowguard: eviction is off"),
         (scope, dry) => say!(
             "flowguard: evicting {} conntrack entries of an endpoint when its MAC changes or frames to it are stale{}",
@@ -359,6 +483,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let summary = status::read(guard.pin_dir()).ok();
     let pin_dir = guard.pin_dir().to_path_buf();
     drop(guard);
+    pin_dirs.finish();
     if let Some(st) = summary {
         let c = st.counters.kernel;
         say!(
@@ -371,6 +496,106 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     outcome
+}
+
+/// What `run` did to give the pin directory a home on a bpffs, to undo
+/// when the start fails: a bpffs mounted at /sys/fs/bpf (it stays mounted
+/// after a start, as systemd's would), the parent directories created.
+struct PinDirSetup {
+    mounted: Option<PathBuf>,
+    created: Vec<PathBuf>,
+}
+
+impl PinDirSetup {
+    /// Mounts a bpffs at /sys/fs/bpf when the pin directory is inside and
+    /// none is there (root only, as `mount -t bpf` needs), refuses a pin
+    /// directory that is a pinned object, and creates missing parents on a
+    /// bpffs. Adds a note for each thing done.
+    fn prepare(dir: &Path, notes: &mut Vec<String>) -> anyhow::Result<Self> {
+        let mut setup = Self {
+            mounted: None,
+            created: Vec::new(),
+        };
+        let root = Path::new(BPFFS_ROOT);
+        if dir.starts_with(root)
+            && dir != root
+            && root.is_dir()
+            && !sys::is_on_bpffs(root)
+            && sys::missing_capabilities().is_empty()
+        {
+            match sys::mount_bpffs(root) {
+                Ok(()) => {
+                    notes.push(format!(
+                        "no bpf filesystem was mounted at {BPFFS_ROOT}: mounted one there \
+                         (`mount -t bpf bpf {BPFFS_ROOT}`)"
+                    ));
+                    setup.mounted = Some(root.to_path_buf());
+                }
+                // The loader refuses the pin directory, saying what to do.
+                Err(e) => log::debug!("mounting a bpffs at {BPFFS_ROOT}: {e}"),
+            }
+        }
+        if let Ok(meta) = std::fs::symlink_metadata(dir) {
+            if !meta.is_dir() {
+                let what = if sys::is_on_bpffs(dir) {
+                    "a pinned object"
+                } else {
+                    "a file"
+                };
+                setup.undo();
+                bail!(
+                    "--pin-dir {} is {what}, not a directory: give a directory for \
+                     flowguard's pins, e.g. {DEFAULT_PIN_DIR}",
+                    dir.display()
+                );
+            }
+        }
+        let mut missing: Vec<&Path> = dir
+            .ancestors()
+            .skip(1)
+            .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
+            .collect();
+        let on_bpffs = missing
+            .last()
+            .and_then(|top| top.parent())
+            .is_some_and(sys::is_on_bpffs);
+        if on_bpffs {
+            missing.reverse();
+            for d in missing {
+                if let Err(e) = std::fs::create_dir(d) {
+                    let d = d.display().to_string();
+                    setup.undo();
+                    bail!("cannot create {d} for --pin-dir: {e}");
+                }
+                setup.created.push(d.to_path_buf());
+            }
+            if let Some(parent) = setup.created.last() {
+                notes.push(format!(
+                    "created {} for the pin directory (removed again when flowguard stops)",
+                    parent.display()
+                ));
+            }
+        }
+        Ok(setup)
+    }
+
+    /// Removes the directories created, deepest first (each only if empty).
+    fn finish(self) {
+        for d in self.created.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+
+    /// Undoes everything: the start failed.
+    fn undo(mut self) {
+        let mounted = self.mounted.take();
+        self.finish();
+        if let Some(root) = mounted {
+            if let Err(e) = sys::unmount(&root) {
+                log::warn!("unmounting the bpffs mounted at {}: {e}", root.display());
+            }
+        }
+    }
 }
 
 /// Probing is for the router role (tc egress on the flowtable's ports):
@@ -424,7 +649,7 @@ mod tests {
         };
         assert_eq!(a.ingress, ["eth0"]);
         assert!(a.learn);
-        assert_eq!(a.mode, Mode::Observe);
+        assert_eq!(a.mode, ModeArg::Observe);
         assert_eq!(a.statics[0].ip, "192.168.1.9".parse::<IpAddr>().unwrap());
         assert_eq!(a.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
     }
@@ -476,22 +701,54 @@ mod tests {
         };
         let e = run(parse(&["flowguard", "run", "--prefix", "10.0.0.0/8"])).unwrap_err();
         assert!(e.to_string().contains("nothing to attach"), "{e}");
-        let e = run(parse(&[
-            "flowguard",
-            "run",
-            "--ingress",
-            "lo",
-            "--learn",
-            "--prefix",
-            "10.0.0.0/8",
-        ]))
-        .unwrap_err();
-        assert!(e.to_string().contains("--learn needs"), "{e}");
+        for (args, wanted) in [
+            (
+                &["--ingress", "lo", "--learn"][..],
+                "--ingress lo: a loopback device carries no Ethernet frames",
+            ),
+            (
+                &["--egress", "fgabsent0", "--egress", "fgabsent0"],
+                "--egress fgabsent0 is given twice",
+            ),
+            (
+                &["--egress", "fgabsent0", "--prefix", "::/0"],
+                "--prefix ::/0 covers every address",
+            ),
+            (
+                &[
+                    "--egress",
+                    "fgabsent0",
+                    "--static",
+                    "10.0.0.1=02:00:00:00:00:01",
+                    "--static",
+                    "10.0.0.1=02:00:00:00:00:02",
+                ],
+                "--static gives 10.0.0.1 two MACs",
+            ),
+            (
+                &[
+                    "--egress",
+                    "fgabsent0",
+                    "--max-endpoints",
+                    "1",
+                    "--static",
+                    "10.0.0.1=02:00:00:00:00:01",
+                    "--static",
+                    "10.0.0.2=02:00:00:00:00:02",
+                ],
+                "2 --static endpoints do not fit in the endpoint map, which holds 1",
+            ),
+        ] {
+            let mut full = vec!["flowguard", "run", "--prefix", "10.0.0.0/8"];
+            full.extend_from_slice(args);
+            let e = run(parse(&full)).unwrap_err();
+            assert!(e.to_string().contains(wanted), "{full:?}: {e}");
+        }
         let e = run(parse(&[
             "flowguard",
             "run",
             "--egress",
-            "lo",
+            "fgabsent0",
             "--prefix",
             "10.0.0.0/8",
             "--static",
@@ -503,7 +760,7 @@ mod tests {
             "flowguard",
             "run",
             "--egress",
-            "lo",
+            "fgabsent0",
             "--prefix",
             "10.0.0.0/8",
             "--metrics",
@@ -515,7 +772,7 @@ mod tests {
             "flowguard",
             "run",
             "--egress",
-            "lo",
+            "fgabsent0",
             "--prefix",
             "10.0.0.0/8",
             "--metrics-allow-remote",

@@ -35,6 +35,20 @@ pub enum SettingsError {
     NoPrefix,
     #[error("too many interfaces: at most {0} distinct interface MACs")]
     TooManyInterfaces(usize),
+    #[error("--{option} {iface} is given twice: name each interface once")]
+    RepeatedInterface { option: &'static str, iface: String },
+    #[error("--prefix {0} covers every address: every destination, the internet's too, would be an endpoint candidate; give the LAN's prefixes instead")]
+    EveryAddress(Prefix),
+    #[error("--static gives {ip} two MACs, {first} and {second}: give each endpoint once")]
+    StaticConflict { ip: IpAddr, first: Mac, second: Mac },
+    #[error("{given} --static endpoints do not fit in the endpoint map, which holds {size}: raise --max-endpoints")]
+    TooManyStatics { given: usize, size: u32 },
+    #[error("--{option} {iface}: {why}")]
+    WrongInterfaceKind {
+        option: &'static str,
+        iface: String,
+        why: &'static str,
+    },
 }
 
 /// A network prefix, normalised so that the host bits are zero.
@@ -45,6 +59,11 @@ pub struct Prefix {
 }
 
 impl Prefix {
+    /// Whether every address of `other` is in this prefix.
+    pub fn covers(&self, other: &Prefix) -> bool {
+        self.len <= other.len && self.contains(other.addr)
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(p), IpAddr::V4(a)) => {
@@ -107,6 +126,133 @@ impl fmt::Display for Prefix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.len)
     }
+}
+
+/// Prefixes without repeats: one inside another is dropped (a note says
+/// so), as the outer one watches its addresses already. A `/0` is refused:
+/// flowguard is for the LAN, and a `/0` makes every frame an endpoint
+/// lookup and every neighbour (the upstream gateway too) an endpoint.
+pub fn merge_prefixes(given: &[Prefix]) -> Result<(Vec<Prefix>, Vec<String>), SettingsError> {
+    let mut kept: Vec<Prefix> = Vec::new();
+    let mut notes = Vec::new();
+    for p in given {
+        if p.len == 0 {
+            return Err(SettingsError::EveryAddress(*p));
+        }
+        if let Some(outer) = kept.iter().find(|q| q.covers(p)) {
+            notes.push(if outer == p {
+                format!("--prefix {p} is given twice: watching it once")
+            } else {
+                format!("--prefix {p} is inside {outer}: watching {outer} once")
+            });
+            continue;
+        }
+        for inner in kept.iter().filter(|q| p.covers(q)) {
+            notes.push(format!("--prefix {inner} is inside {p}: watching {p} once"));
+        }
+        kept.retain(|q| !p.covers(q));
+        kept.push(*p);
+    }
+    Ok((kept, notes))
+}
+
+/// The `--static` endpoints, each once: refused when one lies outside every
+/// prefix, when one address is given two MACs, or when they cannot all fit
+/// in an endpoint map of `capacity` entries.
+pub fn check_statics(
+    given: &[StaticEndpoint],
+    prefixes: &[Prefix],
+    capacity: u32,
+) -> Result<Vec<StaticEndpoint>, SettingsError> {
+    let mut seen: std::collections::HashMap<EndpointKey, Mac> = Default::default();
+    let mut kept = Vec::with_capacity(given.len());
+    for s in given {
+        if !prefixes.iter().any(|p| p.contains(s.ip)) {
+            return Err(SettingsError::StaticOutsidePrefixes(s.ip));
+        }
+        match seen.insert(endpoint_key(s.ip), s.mac) {
+            Some(first) if first != s.mac => {
+                return Err(SettingsError::StaticConflict {
+                    ip: s.ip,
+                    first,
+                    second: s.mac,
+                })
+            }
+            Some(_) => {}
+            None => kept.push(*s),
+        }
+    }
+    if kept.len() > capacity as usize {
+        return Err(SettingsError::TooManyStatics {
+            given: kept.len(),
+            size: capacity,
+        });
+    }
+    Ok(kept)
+}
+
+/// Refuses an interface named twice for the same hook: it would be attached
+/// twice, which the kernel refuses half-way through.
+pub fn check_no_repeats(option: &'static str, ifaces: &[String]) -> Result<(), SettingsError> {
+    for (i, iface) in ifaces.iter().enumerate() {
+        if ifaces[..i].contains(iface) {
+            return Err(SettingsError::RepeatedInterface {
+                option,
+                iface: iface.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What an interface is, as far as guarding it goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkKind {
+    /// Carries Ethernet frames and is not a bridge device: can be guarded.
+    Ethernet,
+    /// A loopback device.
+    Loopback,
+    /// Carries no Ethernet header (tun, WireGuard, ...).
+    NotEthernet,
+    /// A bridge device (its ports are where frames leave).
+    Bridge,
+}
+
+/// Refuses an interface the guard cannot work on, saying why.
+pub fn check_link_kind(
+    option: &'static str,
+    iface: &str,
+    kind: LinkKind,
+) -> Result<(), SettingsError> {
+    let why = match (kind, option) {
+        (LinkKind::Ethernet, _) => return Ok(()),
+        (LinkKind::Loopback, _) => {
+            "a loopback device carries no Ethernet frames, so no MAC can be stale there"
+        }
+        (LinkKind::NotEthernet, _) => {
+            "it carries no Ethernet frames, so no MAC can be stale there"
+        }
+        (LinkKind::Bridge, "ingress") => {
+            "a bridge device sees only the frames its bridge delivers to this host: guard the port the frames arrive on"
+        }
+        (LinkKind::Bridge, _) => {
+            "a bridge device is not where the flowtable transmits: guard its ports (--egress PORT), or say --auto"
+        }
+    };
+    Err(SettingsError::WrongInterfaceKind {
+        option,
+        iface: iface.to_string(),
+        why,
+    })
+}
+
+/// A list for one log line: all of it when short, else its length, the
+/// first few and "…".
+pub fn summarize(items: &[String], shown: usize) -> String {
+    if items.len() <= shown {
+        return items.join(", ");
+    }
+    format!("{} in all: {}, …", items.len(), items[..shown].join(", "))
 }
 
 /// An Ethernet MAC address.
@@ -200,7 +346,7 @@ pub fn key_ip(key: &EndpointKey) -> IpAddr {
 }
 
 /// Guard mode, as given on the command line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// Rewrite the destination MAC of stale frames.
     Fix,
@@ -512,6 +658,66 @@ mod tests {
             "never rounds to 0"
         );
         assert_eq!(interval_jiffies(Duration::ZERO, 250), 0);
+    }
+
+    #[test]
+    fn repeated_and_nested_prefixes_merge_with_a_note() {
+        let given: Vec<Prefix> = ["10.0.1.0/24", "10.0.0.0/16", "10.0.0.0/16", "fd00::/64"]
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        let (kept, notes) = merge_prefixes(&given).unwrap();
+        let kept: Vec<String> = kept.iter().map(Prefix::to_string).collect();
+        assert_eq!(kept, ["10.0.0.0/16", "fd00::/64"]);
+        assert_eq!(
+            notes,
+            [
+                "--prefix 10.0.1.0/24 is inside 10.0.0.0/16: watching 10.0.0.0/16 once",
+                "--prefix 10.0.0.0/16 is given twice: watching it once",
+            ]
+        );
+        for every in ["0.0.0.0/0", "::/0"] {
+            let e = merge_prefixes(&[every.parse().unwrap()]).unwrap_err();
+            assert_eq!(e, SettingsError::EveryAddress(every.parse().unwrap()));
+        }
+    }
+
+    #[test]
+    fn statics_are_kept_once_and_conflicts_refused() {
+        let prefixes = ["10.0.0.0/8".parse().unwrap()];
+        let s = |t: &str| t.parse::<StaticEndpoint>().unwrap();
+        let kept = check_statics(
+            &[
+                s("10.0.0.1=02:00:00:00:00:01"),
+                s("10.0.0.1=02:00:00:00:00:01"),
+            ],
+            &prefixes,
+            1,
+        )
+        .unwrap();
+        assert_eq!(kept.len(), 1, "the same entry twice is one endpoint");
+        assert!(matches!(
+            check_statics(
+                &[
+                    s("10.0.0.1=02:00:00:00:00:01"),
+                    s("10.0.0.1=02:00:00:00:00:02")
+                ],
+                &prefixes,
+                9,
+            ),
+            Err(SettingsError::StaticConflict { .. })
+        ));
+        assert_eq!(
+            check_statics(&[s("192.168.0.1=02:00:00:00:00:01")], &prefixes, 9).unwrap_err(),
+            SettingsError::StaticOutsidePrefixes("192.168.0.1".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn long_lists_are_summarized() {
+        let items: Vec<String> = (0..10_000).map(|i| i.to_string()).collect();
+        assert_eq!(summarize(&items, 3), "10000 in all: 0, 1, 2, …");
+        assert_eq!(summarize(&items[..3], 3), "0, 1, 2");
     }
 
     #[test]

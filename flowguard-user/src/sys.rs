@@ -8,7 +8,7 @@ use std::{
     path::Path,
 };
 
-use crate::settings::Mac;
+use crate::settings::{LinkKind, Mac};
 
 /// The index of a network interface in the current network namespace.
 pub fn ifindex(name: &str) -> Option<u32> {
@@ -31,9 +31,44 @@ pub fn ifname(index: u32) -> Option<String> {
     Some(name.to_string_lossy().into_owned())
 }
 
-/// The hardware address of an interface, read with SIOCGIFHWADDR in the
-/// current network namespace (sysfs may show another namespace's devices).
-pub fn if_mac(name: &str) -> io::Result<Mac> {
+/// What kind of link an interface is, read with ioctls in the current
+/// network namespace (sysfs may show another namespace's devices): its
+/// hardware type, and for Ethernet whether its driver is the bridge's.
+pub fn link_kind(name: &str) -> io::Result<LinkKind> {
+    const ARPHRD_ETHER: u16 = 1;
+    const ARPHRD_LOOPBACK: u16 = 772;
+    const SIOCETHTOOL: u64 = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    let (sock, mut req) = ifreq_for(name)?;
+    // SAFETY: SIOCGIFHWADDR fills the ifreq we pass.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR as _, &mut req) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel filled ifru_hwaddr.
+    match unsafe { req.ifr_ifru.ifru_hwaddr.sa_family } {
+        ARPHRD_LOOPBACK => return Ok(LinkKind::Loopback),
+        ARPHRD_ETHER => {}
+        _ => return Ok(LinkKind::NotEthernet),
+    }
+    // struct ethtool_drvinfo: cmd, then driver[32] and more we do not read.
+    let mut info = [0u8; 196];
+    info[..4].copy_from_slice(&ETHTOOL_GDRVINFO.to_ne_bytes());
+    req.ifr_ifru.ifru_data = info.as_mut_ptr().cast();
+    // SAFETY: ifru_data points at a buffer as large as struct ethtool_drvinfo.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL as _, &mut req) };
+    // A driver without ethtool support is no bridge.
+    let driver = if rc < 0 { &[][..] } else { &info[4..36] };
+    let driver = driver.split(|b| *b == 0).next().unwrap_or_default();
+    Ok(if driver == b"bridge" {
+        LinkKind::Bridge
+    } else {
+        LinkKind::Ethernet
+    })
+}
+
+/// A socket to ask about interface `name` with, and an ifreq naming it.
+fn ifreq_for(name: &str) -> io::Result<(OwnedFd, libc::ifreq)> {
     // SAFETY: plain socket creation; the fd is owned right away.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -52,6 +87,13 @@ pub fn if_mac(name: &str) -> io::Result<Mac> {
     for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
         *d = s as libc::c_char;
     }
+    Ok((sock, req))
+}
+
+/// The hardware address of an interface, read with SIOCGIFHWADDR in the
+/// current network namespace (sysfs may show another namespace's devices).
+pub fn if_mac(name: &str) -> io::Result<Mac> {
+    let (sock, mut req) = ifreq_for(name)?;
     // SAFETY: SIOCGIFHWADDR fills the ifreq we pass. `as _`: the request is
     // a c_ulong on glibc and a c_int on musl.
     let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR as _, &mut req) };
@@ -108,6 +150,35 @@ pub fn is_on_bpffs(path: &Path) -> bool {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
     rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// Mounts a bpf filesystem at `path`, as `mount -t bpf bpf PATH` does.
+pub fn mount_bpffs(path: &Path) -> io::Result<()> {
+    let target = CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: NUL-terminated strings; no mount data.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Unmounts what is mounted at `path`.
+pub fn unmount(path: &Path) -> io::Result<()> {
+    let target = CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: a NUL-terminated string.
+    if unsafe { libc::umount(target.as_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_coarse_ns` reads.

@@ -196,7 +196,37 @@ impl Flowguard {
         env: &[(&str, &str)],
         echo: bool,
     ) -> Self {
-        let mut child = Command::new("nsenter")
+        Self::spawn_wrapped(&[], bin, netns, pin_dir, args, env, echo)
+    }
+
+    /// [`Flowguard::start`] with `wrapper` (a command that ends by running
+    /// its arguments, such as `unshare -m ...`) in front of `nsenter`.
+    pub fn start_wrapped(wrapper: &[&str], netns: &Netns, pin_dir: &Path, args: &[&str]) -> Self {
+        let bin = require_flowguard_bin();
+        let mut flowguard = Self::spawn_wrapped(wrapper, &bin, netns, pin_dir, args, &[], false);
+        flowguard.wait_ready();
+        flowguard
+    }
+
+    fn spawn_wrapped(
+        wrapper: &[&str],
+        bin: &Path,
+        netns: &Netns,
+        pin_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        echo: bool,
+    ) -> Self {
+        let (program, wrapper_args) = match wrapper.split_first() {
+            Some((first, rest)) => (*first, rest),
+            None => ("nsenter", &[][..]),
+        };
+        let mut command = Command::new(program);
+        command.args(wrapper_args);
+        if !wrapper.is_empty() {
+            command.arg("nsenter");
+        }
+        let mut child = command
             .envs(env.iter().copied())
             .arg(format!("--net={}", netns.path().display()))
             .arg(bin)

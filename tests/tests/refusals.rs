@@ -4,7 +4,8 @@
 
 use std::{
     path::Path,
-    process::{Command, Output},
+    process::{Command, Output, Stdio},
+    time::Duration,
 };
 
 use flowguard_tests::{
@@ -38,9 +39,38 @@ fn run_once(ns: &Netns, wrapper: &[&str], args: &[&str]) -> Output {
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net={}", ns.path().display()));
     cmd.args(wrapper).arg(&bin).arg("run").args(args);
-    cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()))
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+    // A refusal comes at once; one that did not come would leave flowguard
+    // running: stop it (SIGINT, so that it detaches) and say so.
+    let pid = child.id();
+    let (done, waited) = std::sync::mpsc::channel();
+    let watchdog = std::thread::spawn(move || {
+        if waited.recv_timeout(REFUSAL_TIMEOUT).is_err() {
+            // SAFETY: kill has no memory-safety preconditions; the child is
+            // not reaped until wait_with_output returns.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGINT) };
+            return true;
+        }
+        false
+    });
+    let out = child.wait_with_output().expect("wait for flowguard");
+    let _ = done.send(());
+    let timed_out = watchdog.join().expect("watchdog");
+    assert!(
+        !timed_out,
+        "flowguard run {args:?} was not refused: it ran until stopped after \
+         {REFUSAL_TIMEOUT:?}; stdout:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    out
 }
+
+/// How long a refusal may take (loading takes a few seconds on a busy
+/// machine, so a refusal after it is seen too).
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The lines of stderr that are not the logger's.
 fn one_error_line(out: &Output) -> String {
@@ -169,4 +199,371 @@ fn without_privileges_nothing_is_attached() {
     let links = ns.nsenter("bpftool", &["net", "show"]);
     let text = String::from_utf8_lossy(&links.stdout);
     assert!(!text.contains("flowguard"), "nothing attached: {text}");
+}
+
+// What a user typing the wrong thing reads (issue 11): one sentence that
+// names the input, and nothing pinned or attached; or, where the intent is
+// plain, it is done and said.
+
+/// Whether anything of flowguard's is attached in `ns`.
+fn attached_in(ns: &Netns) -> String {
+    let out = ns.nsenter("bpftool", &["net", "show"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if text.contains("flowguard") || text.contains("fg_") {
+        text
+    } else {
+        String::new()
+    }
+}
+
+/// Runs `flowguard run args --pin-dir <fresh bpffs>` in a fresh namespace,
+/// which must refuse it in one line containing each of `wanted`, leaving
+/// nothing pinned or attached.
+fn assert_refused(setup: impl Fn(&Netns), args: &[&str], wanted: &[&str]) {
+    let ns = namespace();
+    setup(&ns);
+    let bpffs = BpffsMount::new();
+    let pin_dir = bpffs.pin_dir();
+    let mut full = args.to_vec();
+    full.extend_from_slice(&["--pin-dir", pin_dir.to_str().unwrap()]);
+    let line = one_error_line(&run_once(&ns, &[], &full));
+    for w in wanted {
+        assert!(line.contains(w), "{args:?}: wanted {w:?} in: {line}");
+    }
+    assert!(!pin_dir.exists(), "{args:?}: nothing pinned");
+    assert_eq!(attached_in(&ns), "", "{args:?}: nothing attached");
+}
+
+/// Stops `fg` once its event loop handles SIGINT: a SIGINT between "ready"
+/// and the loop's start ends flowguard at once, its pins left behind (the
+/// loop's handlers are installed after the last startup line). `flowguard
+/// status` cannot see into a private mount namespace, so a settle time.
+fn stop_once_looping(fg: &mut Flowguard) -> std::process::ExitStatus {
+    fg.wait_for_line(Duration::from_secs(5), |l| {
+        l.starts_with("flowguard: evicting")
+    })
+    .expect("the last line before the event loop");
+    std::thread::sleep(Duration::from_millis(500));
+    fg.stop()
+}
+
+#[test]
+fn a_missing_prefix_is_named() {
+    let bin = require_flowguard_bin();
+    let out = Command::new(&bin)
+        .args(["run", "--egress", "lan1"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    let line = one_error_line(&out);
+    assert!(line.contains("--prefix <CIDR>"), "{line}");
+}
+
+#[test]
+fn an_interface_given_twice_is_refused() {
+    if skip() {
+        return;
+    }
+    assert_refused(
+        |_| {},
+        &["--egress", "lan1", "--egress", "lan1", "--prefix", PREFIX],
+        &["--egress lan1 is given twice"],
+    );
+    assert_refused(
+        |_| {},
+        &["--ingress", "lan1", "--ingress", "lan1", "--prefix", PREFIX],
+        &["--ingress lan1 is given twice"],
+    );
+}
+
+#[test]
+fn a_prefix_of_every_address_is_refused() {
+    if skip() {
+        return;
+    }
+    for every in ["0.0.0.0/0", "::/0"] {
+        assert_refused(
+            |_| {},
+            &["--egress", "lan1", "--prefix", PREFIX, "--prefix", every],
+            &[&format!("--prefix {every} covers every address")],
+        );
+    }
+}
+
+#[test]
+fn repeated_and_overlapping_prefixes_are_merged_with_a_note() {
+    if skip() {
+        return;
+    }
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let mut fg = Flowguard::start(
+        &ns,
+        &bpffs.pin_dir(),
+        &[
+            "--egress",
+            "lan1",
+            "--prefix",
+            "192.168.1.128/25",
+            "--prefix",
+            PREFIX,
+            "--prefix",
+            PREFIX,
+        ],
+    );
+    let lines = fg.stdout_lines();
+    let text = lines.join("\n");
+    let watching = lines
+        .iter()
+        .find(|l| l.starts_with("flowguard: watching "))
+        .expect("a watching line");
+    assert!(
+        watching.starts_with("flowguard: watching 192.168.1.0/24 in "),
+        "each prefix once: {watching}"
+    );
+    assert!(
+        text.contains("--prefix 192.168.1.128/25 is inside 192.168.1.0/24"),
+        "{text}"
+    );
+    assert!(
+        text.contains("--prefix 192.168.1.0/24 is given twice"),
+        "{text}"
+    );
+    assert!(stop_once_looping(&mut fg).success());
+}
+
+#[test]
+fn one_static_address_with_two_macs_is_refused() {
+    if skip() {
+        return;
+    }
+    assert_refused(
+        |_| {},
+        &[
+            "--egress",
+            "lan1",
+            "--prefix",
+            PREFIX,
+            "--static",
+            "192.168.1.9=02:00:00:00:00:09",
+            "--static",
+            "192.168.1.9=02:00:00:00:00:0a",
+        ],
+        &["--static gives 192.168.1.9 two MACs"],
+    );
+}
+
+#[test]
+fn more_statics_than_the_endpoint_map_holds_are_refused() {
+    if skip() {
+        return;
+    }
+    assert_refused(
+        |_| {},
+        &[
+            "--egress",
+            "lan1",
+            "--prefix",
+            PREFIX,
+            "--max-endpoints",
+            "2",
+            "--static",
+            "192.168.1.1=02:00:00:00:00:01",
+            "--static",
+            "192.168.1.2=02:00:00:00:00:02",
+            "--static",
+            "192.168.1.3=02:00:00:00:00:03",
+        ],
+        &["endpoint map", "holds 2", "--max-endpoints"],
+    );
+}
+
+#[test]
+fn a_pin_dir_that_is_a_pinned_object_is_refused() {
+    if skip() {
+        return;
+    }
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let pin_dir = bpffs.pin_dir();
+    let mut first = Flowguard::start(&ns, &pin_dir, &["--egress", "lan1", "--prefix", PREFIX]);
+    let pinned = pins_in(&pin_dir);
+    let object = pin_dir.join(pinned.first().expect("something pinned"));
+    let out = run_once(
+        &ns,
+        &[],
+        &[
+            "--ingress",
+            "peer1",
+            "--prefix",
+            PREFIX,
+            "--pin-dir",
+            object.to_str().unwrap(),
+        ],
+    );
+    let line = one_error_line(&out);
+    assert!(
+        line.contains("is a pinned object, not a directory"),
+        "{line}"
+    );
+    assert_eq!(pins_in(&pin_dir), pinned, "the first instance's pins stay");
+    let shown = ns.exec(&["ip", "-d", "link", "show", "peer1"]);
+    assert!(!shown.contains("prog/xdp"), "nothing attached: {shown}");
+    assert!(first.stop().success());
+}
+
+#[test]
+fn a_pin_dir_whose_parents_are_missing_gets_them_for_its_life() {
+    if skip() {
+        return;
+    }
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let parent = bpffs.path().join("a");
+    let pin_dir = parent.join("b").join("flowguard");
+    let mut fg = Flowguard::start(&ns, &pin_dir, &["--egress", "lan1", "--prefix", PREFIX]);
+    let text = fg.stdout_lines().join("\n");
+    assert!(
+        text.contains(&format!("created {}", parent.join("b").display())),
+        "says so: {text}"
+    );
+    assert!(!pins_in(&pin_dir).is_empty());
+    assert!(stop_once_looping(&mut fg).success());
+    assert!(!parent.exists(), "the directories it created are gone");
+}
+
+#[test]
+fn loopback_and_bridge_devices_are_refused_with_why() {
+    if skip() {
+        return;
+    }
+    let bridge = |ns: &Netns| {
+        ns.ip(&["link", "add", "br0", "type", "bridge"]);
+        ns.ip(&["link", "set", "br0", "up"]);
+    };
+    let cases: [(&[&str], &[&str]); 4] = [
+        (
+            &["--egress", "lo"],
+            &["--egress lo", "loopback", "no Ethernet"],
+        ),
+        (
+            &["--ingress", "lo"],
+            &["--ingress lo", "loopback", "no Ethernet"],
+        ),
+        (&["--ingress", "br0"], &["--ingress br0", "bridge device"]),
+        (
+            &["--egress", "br0"],
+            &["--egress br0", "bridge device", "--auto"],
+        ),
+    ];
+    for (args, wanted) in cases {
+        let mut full = args.to_vec();
+        full.extend_from_slice(&["--prefix", PREFIX]);
+        assert_refused(bridge, &full, wanted);
+    }
+}
+
+#[test]
+fn ten_thousand_statics_are_counted_not_listed() {
+    if skip() {
+        return;
+    }
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let statics: Vec<String> = (0..10_000u32)
+        .map(|i| {
+            let [_, _, hi, lo] = i.to_be_bytes();
+            format!("10.1.{hi}.{lo}=02:00:00:00:{hi:02x}:{lo:02x}")
+        })
+        .collect();
+    let mut args = vec!["--egress", "lan1", "--prefix", "10.1.0.0/16"];
+    for s in &statics {
+        args.extend_from_slice(&["--static", s]);
+    }
+    let mut fg = Flowguard::start(&ns, &bpffs.pin_dir(), &args);
+    let lines = fg.stdout_lines();
+    let line = lines
+        .iter()
+        .find(|l| l.starts_with("flowguard: static endpoints"))
+        .expect("a line about the static endpoints");
+    assert!(line.len() < 300, "{} bytes: {line:.300}", line.len());
+    assert!(
+        line.contains("10000") && line.contains(&statics[0]),
+        "{line}"
+    );
+    assert!(line.ends_with('…'), "{line}");
+    assert_eq!(fg.status().endpoints.len(), 10_000);
+    assert!(stop_once_looping(&mut fg).success());
+}
+
+#[test]
+fn without_a_bpffs_at_sys_fs_bpf_root_mounts_one_and_says_so() {
+    if skip() {
+        return;
+    }
+    let ns = namespace();
+    let root = Path::new("/sys/fs/bpf");
+    let host_before = flowguard_tests::netns::run("stat", &["-f", "-c", "%T", "/sys/fs/bpf"]);
+    // A private mount namespace whose /sys/fs/bpf has no bpffs: the host's
+    // mounts are never touched.
+    let wrapper = [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "while mountpoint -q /sys/fs/bpf; do umount -l /sys/fs/bpf || exit 97; done; exec \"$@\"",
+        "sh",
+    ];
+    let mut fg = Flowguard::start_wrapped(
+        &wrapper,
+        &ns,
+        &root.join("flowguard"),
+        &["--egress", "lan1", "--prefix", PREFIX],
+    );
+    let text = fg.stdout_lines().join("\n");
+    assert!(
+        text.contains("no bpf filesystem was mounted at /sys/fs/bpf: mounted one there"),
+        "says so: {text}"
+    );
+    let stopped = stop_once_looping(&mut fg);
+    assert!(
+        stopped.success(),
+        "{stopped}: {}\n{}",
+        fg.stdout_lines().join("\n"),
+        fg.stderr_text()
+    );
+    let host_after = flowguard_tests::netns::run("stat", &["-f", "-c", "%T", "/sys/fs/bpf"]);
+    assert_eq!(
+        host_before, host_after,
+        "the host's /sys/fs/bpf is untouched"
+    );
+}
+
+#[test]
+fn learn_with_only_ingress_learns_on_its_egress_and_says_so() {
+    if skip() {
+        return;
+    }
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let mut fg = Flowguard::start(
+        &ns,
+        &bpffs.pin_dir(),
+        &["--ingress", "lan1", "--learn", "--prefix", PREFIX],
+    );
+    let lines = fg.stdout_lines();
+    let text = lines.join("\n");
+    assert!(
+        text.contains("--learn without --egress: learning from the frames leaving lan1"),
+        "{text}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("learning")
+            && l.starts_with("flowguard: tc egress")
+            && l.ends_with(" on lan1")),
+        "learns on lan1's egress: {text}"
+    );
+    assert!(stop_once_looping(&mut fg).success());
 }

@@ -267,7 +267,7 @@ impl Flow {
 }
 
 /// Which conntrack entries of an endpoint flowguard deletes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum EvictScope {
     /// Only entries a flowtable holds (`OFFLOAD` or `HW_OFFLOAD`): the ones
     /// that can carry a stale MAC.
