@@ -41,7 +41,7 @@ pub enum SettingsError {
     EveryAddress(Prefix),
     #[error("--static gives {ip} two MACs, {first} and {second}: give each endpoint once")]
     StaticConflict { ip: IpAddr, first: Mac, second: Mac },
-    #[error("{given} --static endpoints do not fit in the endpoint map, which holds {size}: raise --max-endpoints")]
+    #[error("{given} --static endpoints go to the endpoint hash map, which holds {size}: raise --max-endpoints")]
     TooManyStatics { given: usize, size: u32 },
     #[error("--{option} {iface}: {why}")]
     WrongInterfaceKind {
@@ -182,9 +182,23 @@ pub fn check_statics(
             None => kept.push(*s),
         }
     }
-    if kept.len() > capacity as usize {
+    // Only the hash map can be full: IPv4 endpoints of the array's
+    // prefixes have a slot each.
+    let placement = build_config(Mode::Fix, prefixes, &[])?;
+    let hashed = kept
+        .iter()
+        .filter(|s| {
+            let key = endpoint_key(s.ip);
+            !key.is_v4()
+                || !matches!(
+                    placement.v4_place(key.addr[3]),
+                    flowguard_common::V4Place::Slot(_)
+                )
+        })
+        .count();
+    if hashed > capacity as usize {
         return Err(SettingsError::TooManyStatics {
-            given: kept.len(),
+            given: hashed,
             size: capacity,
         });
     }
@@ -710,6 +724,25 @@ mod tests {
         assert_eq!(
             check_statics(&[s("192.168.0.1=02:00:00:00:00:01")], &prefixes, 9).unwrap_err(),
             SettingsError::StaticOutsidePrefixes("192.168.0.1".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn only_statics_bound_for_the_hash_map_count_against_its_size() {
+        let s = |t: &str| t.parse::<StaticEndpoint>().unwrap();
+        let three = [
+            s("192.168.1.1=02:00:00:00:00:01"),
+            s("192.168.1.2=02:00:00:00:00:02"),
+            s("192.168.1.3=02:00:00:00:00:03"),
+        ];
+        // A /24 is direct-indexed: a slot each, whatever the hash map holds.
+        let small = ["192.168.1.0/24".parse().unwrap()];
+        assert_eq!(check_statics(&three, &small, 2).unwrap().len(), 3);
+        // A /16 keeps its endpoints in the hash map.
+        let large = ["192.168.0.0/16".parse().unwrap()];
+        assert_eq!(
+            check_statics(&three, &large, 2).unwrap_err(),
+            SettingsError::TooManyStatics { given: 3, size: 2 }
         );
     }
 
