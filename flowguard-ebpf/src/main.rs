@@ -360,7 +360,7 @@ fn try_guard(f: &impl Frame, hook: u8, ifindex: u32) -> Option<Verdict> {
     // One per-CPU lookup serves every counter this frame touches.
     let c = counters()?;
     c.checked += 1;
-    let (ep, head) = endpoint(&key, place)?;
+    let (mut ep, head) = endpoint(&key, place)?;
     let dst_mac: [u8; 6] = frame::load(f, frame::ETH_DST)?;
     if head.mac == dst_mac {
         return None;
@@ -371,12 +371,19 @@ fn try_guard(f: &impl Frame, hook: u8, ifindex: u32) -> Option<Verdict> {
         // CPU's spare, which its next update fills with another endpoint's
         // value, even while this program still holds a pointer to it. So,
         // before acting on `head` (evidence, a rewrite), look again: the
-        // key must still lead to this element, holding the same head. A
-        // slot of the array is never anyone else's.
+        // key must still lead to an element holding the same head, and that
+        // element is the one acted on. A slot of the array is never anyone
+        // else's.
+        //
+        // No pointer comparison (`again != ep`): LLVM may fold the null
+        // check into it, and an older verifier does not learn from that
+        // comparison that `again` is not null (Debian's 6.1 refused every
+        // program: "R1 invalid mem access 'map_value_or_null'").
         let again = ENDPOINTS.get_ptr_mut(key)?;
-        if again != ep || Head::read(again) != head {
+        if Head::read(again) != head {
             return None;
         }
+        ep = again;
     }
     // SAFETY: a live map value, this endpoint's when `head` was read (the
     // check above for the hash map). Concurrent writers can at worst lose
