@@ -167,6 +167,18 @@ pub fn quick_args(flowguard: PathBuf) -> LabArgs {
     }
 }
 
+/// The big-endian run `cargo xtask test` adds: the blog scenario's roles on
+/// Debian's s390x kernel with the bpfeb object, the one place where the
+/// kernel's verifier sees the programs built for big-endian routers (mips).
+pub fn big_endian_args() -> LabArgs {
+    LabArgs {
+        arch: LabArch::S390x,
+        quick: false,
+        flowguard: None,
+        ..quick_args(PathBuf::new())
+    }
+}
+
 pub fn lab(args: &LabArgs) -> Result<()> {
     let started = Instant::now();
     let boots = plan(args)?;

@@ -223,6 +223,8 @@ fn test(no_lint: bool) -> Result<()> {
     router_memory(&tools, &object)?;
     println!("==> The real-kernel lab, quick subset (the flowtable bug in a VM)");
     lab::lab(&lab::quick_args(flowguard))?;
+    println!("==> The real-kernel lab on a big-endian kernel (s390x, the bpfeb object)");
+    lab::lab(&lab::big_endian_args())?;
     println!("All test steps passed.");
     Ok(())
 }
