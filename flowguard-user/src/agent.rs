@@ -104,6 +104,8 @@ pub async fn run(
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
     let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
+    // A stop asked for during start-up was held until now: it is handled.
+    sys::release_stop_signals();
     // Serves until this function returns (the task is aborted on drop).
     let _metrics = match &opts.metrics {
         Some(server) => Some(server.spawn().context("serving metrics")?),

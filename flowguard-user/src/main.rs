@@ -387,7 +387,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .map(|addr| metrics::Server::bind(addr, &args.pin_dir))
         .transpose()?;
     let pin_dirs = PinDirSetup::prepare(&args.pin_dir, &mut notes)?;
-    sys::ignore_signals_until_handled();
+    sys::hold_signals_until_handled();
     let mut guard = match Guard::start(&opts) {
         Ok(guard) => guard,
         Err(e) => {

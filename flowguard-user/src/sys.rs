@@ -323,14 +323,37 @@ pub fn process_exists(pid: u32) -> bool {
     Path::new("/proc").join(pid.to_string()).exists()
 }
 
-/// Ignores the signals whose default action would kill flowguard between
-/// attaching and the moment the event loop handles them (it replaces this),
-/// so that none of them can end it with the pins left behind.
-pub fn ignore_signals_until_handled() {
+/// Keeps the signals whose default action would kill flowguard between
+/// attaching and the moment the event loop handles them from ending it with
+/// the pins left behind: SIGHUP, SIGQUIT and SIGUSR1/2 are ignored (the
+/// loop replaces that); SIGINT and SIGTERM are held pending, so that a stop
+/// asked for during start-up is a clean stop once
+/// [`release_stop_signals`] lets them through. Threads started meanwhile
+/// inherit the hold, so the loop's thread is the one that takes them.
+pub fn hold_signals_until_handled() {
     for sig in [libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2] {
         // SAFETY: SIG_IGN installs no handler code; nothing else in the
         // process relies on these signals' previous dispositions.
         unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+    stop_signals_mask(libc::SIG_BLOCK);
+}
+
+/// Delivers the SIGINT or SIGTERM held since [`hold_signals_until_handled`]
+/// (call once their handlers are installed).
+pub fn release_stop_signals() {
+    stop_signals_mask(libc::SIG_UNBLOCK);
+}
+
+fn stop_signals_mask(how: libc::c_int) {
+    // SAFETY: a zeroed sigset_t is a valid argument to sigemptyset, which
+    // initialises it; pthread_sigmask changes only this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
     }
 }
 

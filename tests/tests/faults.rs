@@ -1381,3 +1381,41 @@ fn clsact_ports_show_in_status_attached_or_missing() {
     assert_eq!(interface_states(&fg), lan1(true), "status shows lan1 again");
     assert_eq!(fg.status_exit(&[]).0, Some(0), "status exits 0 again");
 }
+
+/// SIGINT or SIGTERM while flowguard is still starting (attached, pinned,
+/// not yet in its event loop) is held until the loop handles it: a clean
+/// stop, nothing left pinned (before: the default action killed it and left
+/// the pins behind). Sent at the first line it prints, a note printed right
+/// after attaching, many times over.
+#[test]
+fn a_stop_signal_during_startup_stops_it_cleanly() {
+    skip_unless_root!();
+    let ns = namespace();
+    let bpffs = BpffsMount::new();
+    let bin = require_flowguard_bin();
+    // A repeated --prefix makes a note, printed as soon as it has attached.
+    let args = ["--egress", "lan1", "--prefix", PREFIX, "--prefix", PREFIX];
+    for (round, sig) in [libc::SIGINT, libc::SIGTERM]
+        .into_iter()
+        .cycle()
+        .take(6)
+        .enumerate()
+    {
+        let pin_dir = bpffs.path().join(format!("startup{round}"));
+        let mut fg = Flowguard::spawn(&bin, &ns, &pin_dir, &args, false);
+        fg.wait_for_line(READY_TIMEOUT, |l| l.contains("given twice"))
+            .unwrap_or_else(|| panic!("no note:\n{}", fg.stderr_text()));
+        fg.signal(sig);
+        let exit = fg.wait_exit(STOP_TIMEOUT).expect("it stops");
+        assert!(
+            exit.success(),
+            "round {round}: signal {sig} during startup: {exit:?}\n{}",
+            fg.stderr_text()
+        );
+        assert!(
+            !pin_dir.exists(),
+            "round {round}: signal {sig} during startup left {} behind",
+            pin_dir.display()
+        );
+    }
+}
