@@ -736,7 +736,7 @@ mod tests {
                     "--static",
                     "10.0.0.2=02:00:00:00:00:02",
                 ],
-                "2 --static endpoints do not fit in the endpoint map, which holds 1",
+                "2 --static endpoints go to the endpoint hash map, which holds 1",
             ),
         ] {
             let mut full = vec!["flowguard", "run", "--prefix", "10.0.0.0/8"];
