@@ -26,38 +26,11 @@ use crate::{
     loader::{Guard, KernelLogger},
     metrics,
     neigh::{self, MapChange, NeighCache, NeighEvent, NeighbourSource},
-    probe::{self, ProbeOptions, ProbeReport, Targets},
-    settings::{key_ip, Mac, Prefix},
+    probe::{self, ProbeReport, Targets},
+    run_config::{AgentConfig, Selection},
+    settings::{key_ip, Mac},
     sys,
 };
-
-/// How the agent keeps endpoints and flows in order.
-#[derive(Clone, Debug)]
-pub struct AgentOptions {
-    /// Follow the kernel neighbour table for endpoints inside `prefixes`.
-    pub neighbours: bool,
-    pub prefixes: Vec<Prefix>,
-    /// Period of the full reconcile with the neighbour table.
-    pub reconcile: Duration,
-    pub evict: EvictScope,
-    /// Say what would be evicted, delete nothing.
-    pub dry_run: bool,
-    /// Minimum time between two evictions of one endpoint.
-    pub debounce: Duration,
-    /// Most evictions (endpoints) per second, overall.
-    pub max_evictions_per_sec: u32,
-    /// Serve Prometheus metrics on this (already bound) listener.
-    pub metrics: Option<metrics::Server>,
-    /// Validate endpoints that carry flows by probing them (router role,
-    /// with the neighbour table followed).
-    pub probe: Option<ProbeOptions>,
-    /// Guard the macvlan/ipvlan children of these interfaces (host role).
-    pub children: Option<Vec<String>>,
-    /// `--auto`: the flowtables' bridge ports found at start. The
-    /// flowtables are read again when the ruleset or an interface changes,
-    /// and on SIGHUP: a new bridge port is guarded, one that leaves is named.
-    pub auto: Option<Vec<String>>,
-}
 
 /// Why an endpoint's flows are evicted.
 #[derive(Clone, Debug)]
@@ -81,7 +54,8 @@ struct EvictOutcome {
 pub async fn run(
     guard: &mut Guard,
     ring: RingBuf<MapData>,
-    opts: AgentOptions,
+    opts: &AgentConfig,
+    metrics: Option<metrics::Server>,
 ) -> anyhow::Result<()> {
     // SAFETY: the ring buffer owns its map fd and mmap, and both live exactly
     // as long as the AsyncFd that owns the ring buffer.
@@ -107,13 +81,13 @@ pub async fn run(
     // A stop asked for during start-up was held until now: it is handled.
     sys::release_stop_signals();
     // Serves until this function returns (the task is aborted on drop).
-    let _metrics = match &opts.metrics {
+    let _metrics = match &metrics {
         Some(server) => Some(server.spawn().context("serving metrics")?),
         None => None,
     };
 
     let (outcome_tx, mut outcomes) = mpsc::unbounded_channel();
-    let evictor = (opts.evict != EvictScope::Off).then(|| start_evictor(&opts, outcome_tx));
+    let evictor = (opts.evict != EvictScope::Off).then(|| start_evictor(opts, outcome_tx));
     let mut policy = EvictionGate::new(opts.debounce, opts.max_evictions_per_sec);
     let mut eviction_tick = tokio::time::interval(Duration::from_millis(100));
     eviction_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -155,8 +129,8 @@ pub async fn run(
                 Ok(()) => crate::say!(
                     "flowguard: probing endpoints that carry {} every {} ms (ARP: the cached MAC, then broadcast)",
                     match p.selection {
-                        probe::Selection::Offloaded => "offloaded flows",
-                        probe::Selection::Flows => "flows",
+                        Selection::Offloaded => "offloaded flows",
+                        Selection::Flows => "flows",
                     },
                     p.interval.as_millis()
                 ),
@@ -885,7 +859,7 @@ impl QuietEpisodes {
 /// Conntrack work is synchronous netlink and may dump large tables: it runs
 /// on a thread of its own (in this thread's network namespace).
 fn start_evictor(
-    opts: &AgentOptions,
+    opts: &AgentConfig,
     outcomes: mpsc::UnboundedSender<EvictOutcome>,
 ) -> std_mpsc::Sender<EvictRequest> {
     let (tx, rx) = std_mpsc::channel::<EvictRequest>();

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod neigh;
 pub mod out;
 pub mod probe;
+pub mod run_config;
 pub mod settings;
 pub mod status;
 pub mod sys;

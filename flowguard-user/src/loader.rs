@@ -24,14 +24,16 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use flowguard_common::{
-    map_names, pin_names, program_names, Config, Endpoint, EndpointKey, UserCounters,
+    map_names, pin_names, program_names, source, Config, Endpoint, EndpointKey, UserCounters,
+    MAX_OWN_MACS,
 };
 
 use crate::{
-    endpoints::EndpointMaps,
+    endpoints::{self, EndpointMaps},
     instances,
     neigh::EndpointStore as _,
-    settings::{self, Mac},
+    run_config::{GuardConfig, XdpAttach},
+    settings::{self, endpoint_key, Mac, StaticEndpoint},
     sys,
 };
 
@@ -39,12 +41,16 @@ use crate::{
 pub enum LoadError {
     #[error("interface '{0}' does not exist in this network namespace: check `ip link`")]
     UnknownInterface(String),
-    #[error("cannot read the MAC address of '{name}': {source}")]
-    InterfaceMac {
-        name: String,
+    #[error("adding static endpoint {ip}: the endpoint map is full ({capacity} entries): raise --max-endpoints")]
+    StaticsFull { ip: std::net::IpAddr, capacity: u32 },
+    #[error("adding static endpoint {ip}: {source}")]
+    Static {
+        ip: std::net::IpAddr,
         #[source]
-        source: std::io::Error,
+        source: aya::maps::MapError,
     },
+    #[error("the MAC {mac} of {iface} is one more than the {MAX_OWN_MACS} own MACs the kernel side holds: frames the router sends from {iface} may be learned as an endpoint's")]
+    TooManyOwnMacs { iface: String, mac: Mac },
     #[error("missing privileges: flowguard needs {0} (run it as root)")]
     Privileges(String),
     #[error("{0} is not on a bpf filesystem: mount one with `mount -t bpf bpf /sys/fs/bpf`, or pass --pin-dir on a bpffs")]
@@ -101,37 +107,6 @@ pub enum LoadError {
     },
 }
 
-/// How XDP is attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum XdpAttach {
-    /// Driver (native) mode, falling back to skb (generic) mode.
-    Auto,
-    /// Driver mode only.
-    Driver,
-    /// Generic (skb) mode only.
-    Skb,
-}
-
-/// Where and how to attach.
-#[derive(Clone, Debug)]
-pub struct GuardOptions {
-    /// Interfaces whose ingress gets the XDP guard.
-    pub ingress: Vec<String>,
-    /// Interfaces whose egress gets the tc guard.
-    pub egress: Vec<String>,
-    /// Learn endpoints from frames leaving the egress interfaces.
-    pub learn: bool,
-    pub xdp: XdpAttach,
-    pub pin_dir: PathBuf,
-    /// Settings without `own_macs` and the event interval, which `start`
-    /// fills in.
-    pub config: Config,
-    /// Minimum time between two events about one endpoint.
-    pub event_interval: std::time::Duration,
-    /// Entries of the endpoint map (its size is fixed at load time).
-    pub max_endpoints: u32,
-}
-
 /// One attachment, described for the operator.
 #[derive(Clone, Debug)]
 pub struct Attachment {
@@ -162,7 +137,9 @@ pub struct Guard {
     _lock: fs::File,
     logger: Option<KernelLogger>,
     pub attachments: Vec<Attachment>,
+    /// The router's own MACs the kernel side knows (when learning).
     pub own_macs: Vec<Mac>,
+    learn: bool,
     /// Entries the endpoint map can hold.
     pub endpoint_capacity: u32,
     /// The tc program the egress ports get (guarding, or learning too).
@@ -184,7 +161,7 @@ fn object() -> Option<&'static [u8]> {
 impl Guard {
     /// Checks everything, loads, attaches, pins. On error nothing stays
     /// attached or pinned.
-    pub fn start(opts: &GuardOptions) -> Result<Self, LoadError> {
+    pub fn start(opts: &GuardConfig) -> Result<Self, LoadError> {
         let mut ifaces: Vec<&String> = opts.ingress.iter().chain(&opts.egress).collect();
         ifaces.sort();
         ifaces.dedup();
@@ -205,20 +182,10 @@ impl Guard {
         if !sys::is_on_bpffs(parent) {
             return Err(LoadError::NoBpffs(parent.to_path_buf()));
         }
-        let mut own_macs = Vec::new();
-        for name in &ifaces {
-            let mac = sys::if_mac(name).map_err(|source| LoadError::InterfaceMac {
-                name: name.to_string(),
-                source,
-            })?;
-            if mac.is_unicast() && !own_macs.contains(&mac) {
-                own_macs.push(mac);
-            }
-        }
         let object = object().ok_or(LoadError::NoObject)?;
         let (lock, created, kept) = lock_pin_dir(&opts.pin_dir)?;
-        let result = ports_free(opts)
-            .and_then(|()| Self::load_and_attach(opts, object, &own_macs, lock, kept));
+        let result =
+            ports_free(opts).and_then(|()| Self::load_and_attach(opts, object, lock, kept));
         if result.is_err() && created {
             let _ = fs::remove_dir(&opts.pin_dir);
         }
@@ -226,13 +193,12 @@ impl Guard {
     }
 
     fn load_and_attach(
-        opts: &GuardOptions,
+        opts: &GuardConfig,
         object: &[u8],
-        own_macs: &[Mac],
         lock: fs::File,
         kept: KeptEndpoints,
     ) -> Result<Self, LoadError> {
-        let mut ebpf = load_without_kernel_btf(object, opts.max_endpoints, opts.config.v4_slots())?;
+        let mut ebpf = load_without_kernel_btf(object, opts.max_endpoints, opts.kernel.v4_slots())?;
         // The kernel side logs only on rare paths; forward those lines to `log`.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -241,15 +207,10 @@ impl Guard {
                 None
             }
         };
-        let mut config = opts.config;
+        let mut config = opts.kernel;
         let hz = kernel_hz(&mut ebpf)?;
         log::debug!("the kernel ticks at {hz} Hz");
         config.event_interval_jiffies = settings::interval_jiffies(opts.event_interval, hz);
-        config.own_mac_count = 0;
-        for (slot, mac) in config.own_macs.iter_mut().zip(own_macs) {
-            slot.mac = mac.0;
-            config.own_mac_count += 1;
-        }
         {
             let map = ebpf.map_mut(map_names::CONFIG).ok_or(LoadError::Map(
                 map_names::CONFIG,
@@ -270,7 +231,12 @@ impl Guard {
             _lock: lock,
             logger,
             attachments: Vec::new(),
-            own_macs: own_macs.to_vec(),
+            own_macs: if opts.learn {
+                opts.own_macs.clone()
+            } else {
+                Vec::new()
+            },
+            learn: opts.learn,
             endpoint_capacity: opts.max_endpoints,
             egress_program: if opts.learn {
                 program_names::TC_LEARN
@@ -281,8 +247,10 @@ impl Guard {
         };
         // Before any program is attached: an adopted link switches to the new
         // program at once, which must find the endpoints the killed
-        // instance guarded (an empty map would let stale frames through).
+        // instance guarded (an empty map would let stale frames through),
+        // and the static ones (which win over what it had).
         guard.restore_endpoints(kept);
+        guard.add_statics(&opts.statics)?;
         if !opts.ingress.is_empty() {
             guard.attach_xdp(&opts.ingress, opts.xdp)?;
         }
@@ -292,6 +260,26 @@ impl Guard {
         guard.pin_maps()?;
         guard.record_owner()?;
         Ok(guard)
+    }
+
+    /// Writes the operator's static endpoints (checked: inside the
+    /// prefixes, each once, not more than the hash map holds).
+    fn add_statics(&mut self, statics: &[StaticEndpoint]) -> Result<(), LoadError> {
+        let capacity = self.endpoint_capacity;
+        let mut map = self.endpoints()?;
+        for s in statics {
+            endpoints::upsert(&mut map, endpoint_key(s.ip), s.mac, source::STATIC).map_err(
+                |source| match &source {
+                    aya::maps::MapError::SyscallError(e)
+                        if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
+                    {
+                        LoadError::StaticsFull { ip: s.ip, capacity }
+                    }
+                    _ => LoadError::Static { ip: s.ip, source },
+                },
+            )?;
+        }
+        Ok(())
     }
 
     fn attach_xdp(&mut self, ifaces: &[String], mode: XdpAttach) -> Result<(), LoadError> {
@@ -467,18 +455,26 @@ impl Guard {
             xdp_mode: None,
         });
         // Frames the router itself sends from that port are never learned.
-        match sys::if_mac(iface) {
-            Ok(mac) if mac.is_unicast() && !self.own_macs.contains(&mac) => {
-                if let Err(e) = self.add_own_mac(mac) {
-                    log::warn!("{iface}: its MAC {mac} is not known to the kernel side: {e}");
+        if self.learn {
+            match sys::if_mac(iface) {
+                Ok(mac) if mac.is_unicast() && !self.own_macs.contains(&mac) => {
+                    if let Err(e) = self.add_own_mac(iface, mac) {
+                        crate::say_err!("flowguard: {e}");
+                    }
                 }
+                _ => {}
             }
-            _ => {}
         }
         Ok(how)
     }
 
-    fn add_own_mac(&mut self, mac: Mac) -> Result<(), LoadError> {
+    fn add_own_mac(&mut self, iface: &str, mac: Mac) -> Result<(), LoadError> {
+        if self.own_macs.len() >= MAX_OWN_MACS {
+            return Err(LoadError::TooManyOwnMacs {
+                iface: iface.to_string(),
+                mac,
+            });
+        }
         let map = self
             .ebpf
             .map_mut(map_names::CONFIG)
@@ -488,14 +484,13 @@ impl Guard {
         let mut config = cfg
             .get(&0, 0)
             .map_err(|e| LoadError::Map(map_names::CONFIG, e))?;
-        let n = config.own_mac_count as usize;
-        if let Some(slot) = config.own_macs.get_mut(n) {
-            slot.mac = mac.0;
-            config.own_mac_count += 1;
-            cfg.set(0, config, 0)
-                .map_err(|e| LoadError::Map(map_names::CONFIG, e))?;
-        }
-        self.own_macs.push(mac);
+        let mut own = self.own_macs.clone();
+        own.push(mac);
+        settings::set_own_macs(&mut config, &own);
+        cfg.set(0, config, 0)
+            .map_err(|e| LoadError::Map(map_names::CONFIG, e))?;
+        self.own_macs = own;
+        self.config = config;
         Ok(())
     }
 
@@ -719,7 +714,7 @@ impl Drop for Guard {
 /// Refuses ports that another flowguard guards already (checked after the
 /// pin directory's lock, so that the same pin directory says "already
 /// running"), and an XDP port taken by any other program.
-fn ports_free(opts: &GuardOptions) -> Result<(), LoadError> {
+fn ports_free(opts: &GuardConfig) -> Result<(), LoadError> {
     for iface in &opts.egress {
         egress_free(&opts.pin_dir, iface)?;
     }

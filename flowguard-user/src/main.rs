@@ -10,20 +10,18 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
-use flowguard_common::source;
 use flowguard_user::{
-    agent::{self, AgentOptions},
+    agent,
     conntrack::EvictScope,
-    doctor, endpoints, flowtable,
-    loader::{Guard, GuardOptions, XdpAttach},
+    doctor,
+    loader::Guard,
     metrics,
-    probe::{self, ProbeOptions},
+    run_config::{RunConfig, RunRequest, Selection, XdpAttach, DEFAULT_PIN_DIR},
     say, say_err,
-    settings::{self, endpoint_key, Mode, Prefix, StaticEndpoint},
+    settings::{self, Mode, Prefix, StaticEndpoint},
     status, sys,
 };
 
-const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/flowguard";
 /// Where a bpffs is mounted by convention; flowguard mounts one there when
 /// its pin directory is inside and none is.
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
@@ -311,84 +309,62 @@ fn show_status(json: bool, pin_dir: &std::path::Path) -> anyhow::Result<ExitCode
     }
 }
 
+impl From<RunArgs> for RunRequest {
+    fn from(a: RunArgs) -> Self {
+        RunRequest {
+            ingress: a.ingress,
+            egress: a.egress,
+            prefixes: a.prefixes,
+            statics: a.statics,
+            learn: a.learn,
+            mode: a.mode.into(),
+            pin_dir: a.pin_dir,
+            event_interval: Duration::from_millis(a.event_interval_ms),
+            xdp: a.xdp_mode.into(),
+            auto: a.auto,
+            neighbours: !a.no_neigh,
+            reconcile: Duration::from_secs(a.reconcile_secs),
+            evict: a.evict.into(),
+            dry_run: a.dry_run,
+            evict_debounce: Duration::from_millis(a.evict_debounce_ms),
+            max_evictions_per_sec: a.max_evictions_per_sec,
+            metrics: a.metrics,
+            metrics_allow_remote: a.metrics_allow_remote,
+            probe: match a.probe {
+                ProbeArg::Off => None,
+                ProbeArg::Offloaded => Some(Selection::Offloaded),
+                ProbeArg::Flows => Some(Selection::Flows),
+            },
+            probe_interval: Duration::from_millis(a.probe_interval_ms),
+            max_probes_per_sec: a.max_probes_per_sec,
+            children: !a.no_children,
+            max_endpoints: a.max_endpoints,
+        }
+    }
+}
+
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let mut args = args;
-    settings::check_no_repeats("ingress", &args.ingress)?;
-    settings::check_no_repeats("egress", &args.egress)?;
-    let mut auto_ports = None;
-    if args.auto {
-        let found = flowtable::auto_devices()?;
-        auto_ports = Some(found.clone());
+    let RunConfig {
+        guard: guard_config,
+        agent: agent_config,
+        metrics,
+        mut notes,
+        auto_found,
+    } = RunConfig::check(args.into())?;
+    if let Some(found) = &auto_found {
         say!(
             "flowguard: the flowtable caches MACs on bridge ports {}: attaching tc egress there",
             found.join(", ")
         );
-        for d in found {
-            if !args.egress.contains(&d) {
-                args.egress.push(d);
-            }
-        }
     }
-    if args.ingress.is_empty() && args.egress.is_empty() {
-        bail!(
-            "nothing to attach to: give at least one --ingress IFACE or --egress IFACE, or --auto"
-        );
-    }
-    if args.reconcile_secs == 0 {
-        bail!("--reconcile-secs must be at least 1");
-    }
-    if !(100..=3_600_000).contains(&args.probe_interval_ms) {
-        bail!("--probe-interval-ms must be between 100 and 3600000");
-    }
-    let mut notes = Vec::new();
-    // Learning reads the frames endpoints send out of an egress: with only
-    // --ingress given, that is the ingress interface's own egress.
-    let learn_on_ingress = args.learn && args.egress.is_empty();
-    if learn_on_ingress {
-        args.egress = args.ingress.clone();
-        notes.push(format!(
-            "--learn without --egress: learning from the frames leaving {} (tc egress there)",
-            args.ingress.join(", ")
-        ));
-    }
-    let (prefixes, merged) = settings::merge_prefixes(&args.prefixes)?;
-    args.prefixes = prefixes;
-    notes.extend(merged);
-    args.statics = settings::check_statics(&args.statics, &args.prefixes, args.max_endpoints)?;
-    for (option, ifaces) in [("ingress", &args.ingress), ("egress", &args.egress)] {
-        for iface in ifaces {
-            // One that does not exist is refused by the loader, by name.
-            if let Ok(kind) = sys::link_kind(iface) {
-                settings::check_link_kind(option, iface, kind)?;
-            }
-        }
-    }
-    match args.metrics {
-        Some(addr) => metrics::check_address(addr, args.metrics_allow_remote)?,
-        None if args.metrics_allow_remote => {
-            bail!("--metrics-allow-remote needs --metrics ADDR")
-        }
-        None => {}
-    }
-    let config = settings::build_config(args.mode.into(), &args.prefixes, &[])?;
-    let opts = GuardOptions {
-        ingress: args.ingress.clone(),
-        egress: args.egress.clone(),
-        learn: args.learn,
-        xdp: args.xdp_mode.into(),
-        pin_dir: args.pin_dir.clone(),
-        config,
-        event_interval: Duration::from_millis(args.event_interval_ms),
-        max_endpoints: args.max_endpoints,
-    };
+    let pin_dir = guard_config.pin_dir.clone();
     // Bound before anything is attached: a port in use fails here.
-    let metrics = args
-        .metrics
-        .map(|addr| metrics::Server::bind(addr, &args.pin_dir))
+    let metrics = metrics
+        .map(|addr| metrics::Server::bind(addr, &pin_dir))
         .transpose()?;
-    let pin_dirs = PinDirSetup::prepare(&args.pin_dir, &mut notes)?;
+    let pin_dirs = PinDirSetup::prepare(&pin_dir, &mut notes)?;
     sys::hold_signals_until_handled();
-    let mut guard = match Guard::start(&opts) {
+    let mut guard = match Guard::start(&guard_config) {
         Ok(guard) => guard,
         Err(e) => {
             pin_dirs.undo();
@@ -398,42 +374,27 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     for note in &notes {
         say!("flowguard: {note}");
     }
-    {
-        let capacity = guard.endpoint_capacity;
-        let mut map = guard.endpoints()?;
-        for s in &args.statics {
-            endpoints::upsert(&mut map, endpoint_key(s.ip), s.mac, source::STATIC).map_err(
-                |e| match &e {
-                    aya::maps::MapError::SyscallError(sys_err)
-                        if sys_err.io_error.raw_os_error() == Some(libc::E2BIG) =>
-                    {
-                        anyhow::anyhow!(
-                            "adding static endpoint {}: the endpoint map is full ({capacity} \
-                             entries): raise --max-endpoints",
-                            s.ip
-                        )
-                    }
-                    _ => anyhow::Error::new(e).context(format!("adding static endpoint {}", s.ip)),
-                },
-            )?;
-        }
-    }
     let ring = guard.take_events()?;
 
-    let prefixes: Vec<String> = args.prefixes.iter().map(|p| p.to_string()).collect();
-    let mode = match Mode::from(args.mode) {
-        Mode::Fix => "fix mode: stale frames are rewritten",
-        Mode::Observe => "observe mode: stale frames are counted, not changed",
+    let prefixes: Vec<String> = agent_config
+        .prefixes
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    let mode = if guard_config.kernel.mode == flowguard_common::mode::FIX {
+        "fix mode: stale frames are rewritten"
+    } else {
+        "observe mode: stale frames are counted, not changed"
     };
     say!("flowguard: watching {} in {mode}", prefixes.join(", "));
-    for note in settings::hash_path_notes(&opts.config) {
+    for note in settings::hash_path_notes(&guard_config.kernel) {
         say!("flowguard: {note}");
     }
     for a in &guard.attachments {
         say!("flowguard: {} on {}", a.how, a.iface);
     }
-    if !args.statics.is_empty() {
-        let list: Vec<String> = args
+    if !guard_config.statics.is_empty() {
+        let list: Vec<String> = guard_config
             .statics
             .iter()
             .map(|s| format!("{}={}", s.ip, s.mac))
@@ -456,21 +417,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the event loop")?;
-    let agent = AgentOptions {
-        neighbours: !args.no_neigh,
-        prefixes: args.prefixes.clone(),
-        reconcile: Duration::from_secs(args.reconcile_secs),
-        evict: args.evict.into(),
-        dry_run: args.dry_run,
-        debounce: Duration::from_millis(args.evict_debounce_ms),
-        max_evictions_per_sec: args.max_evictions_per_sec,
-        metrics,
-        // Learning on the ingress interface does not make this a router.
-        probe: probe_options(&args).filter(|_| !learn_on_ingress),
-        children: (!args.no_children && !args.ingress.is_empty()).then(|| args.ingress.clone()),
-        auto: auto_ports,
-    };
-    match (EvictScope::from(args.evict), args.dry_run) {
+    match (agent_config.evict, agent_config.dry_run) {
         (EvictScope::Off, _) => say!("flowguard: eviction is off"),
         (scope, dry) => say!(
             "flowguard: evicting {} conntrack entries of an endpoint when its MAC changes or frames to it are stale{}",
@@ -478,10 +425,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             if dry { " (dry run: nothing is deleted)" } else { "" }
         ),
     }
-    let outcome = rt.block_on(agent::run(&mut guard, ring, agent));
+    let outcome = rt.block_on(agent::run(&mut guard, ring, &agent_config, metrics));
 
     let summary = status::read(guard.pin_dir()).ok();
-    let pin_dir = guard.pin_dir().to_path_buf();
     drop(guard);
     pin_dirs.finish();
     if let Some(st) = summary {
@@ -508,9 +454,8 @@ struct PinDirSetup {
 
 impl PinDirSetup {
     /// Mounts a bpffs at /sys/fs/bpf when the pin directory is inside and
-    /// none is there (root only, as `mount -t bpf` needs), refuses a pin
-    /// directory that is a pinned object, and creates missing parents on a
-    /// bpffs. Adds a note for each thing done.
+    /// none is there (root only, as `mount -t bpf` needs), and creates
+    /// missing parents on a bpffs. Adds a note for each thing done.
     fn prepare(dir: &Path, notes: &mut Vec<String>) -> anyhow::Result<Self> {
         let mut setup = Self {
             mounted: None,
@@ -533,21 +478,6 @@ impl PinDirSetup {
                 }
                 // The loader refuses the pin directory, saying what to do.
                 Err(e) => log::debug!("mounting a bpffs at {BPFFS_ROOT}: {e}"),
-            }
-        }
-        if let Ok(meta) = std::fs::symlink_metadata(dir) {
-            if !meta.is_dir() {
-                let what = if sys::is_on_bpffs(dir) {
-                    "a pinned object"
-                } else {
-                    "a file"
-                };
-                setup.undo();
-                bail!(
-                    "--pin-dir {} is {what}, not a directory: give a directory for \
-                     flowguard's pins, e.g. {DEFAULT_PIN_DIR}",
-                    dir.display()
-                );
             }
         }
         let mut missing: Vec<&Path> = dir
@@ -596,28 +526,6 @@ impl PinDirSetup {
             }
         }
     }
-}
-
-/// Probing is for the router role (tc egress on the flowtable's ports):
-/// the host role has no offloaded flows to validate.
-fn probe_options(args: &RunArgs) -> Option<ProbeOptions> {
-    let selection = match args.probe {
-        ProbeArg::Off => return None,
-        ProbeArg::Offloaded => probe::Selection::Offloaded,
-        ProbeArg::Flows => probe::Selection::Flows,
-    };
-    if args.egress.is_empty() || args.no_neigh {
-        return None;
-    }
-    let interval = Duration::from_millis(args.probe_interval_ms);
-    Some(ProbeOptions {
-        interval,
-        answer_wait: (interval / 4).min(Duration::from_millis(200)),
-        max_per_sec: args.max_probes_per_sec,
-        max_refresh: Duration::from_secs(30),
-        prefixes: args.prefixes.clone(),
-        selection,
-    })
 }
 
 #[cfg(test)]
@@ -689,95 +597,5 @@ mod tests {
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }
-    }
-
-    #[test]
-    fn run_refuses_incoherent_options_before_touching_anything() {
-        let parse = |args: &[&str]| {
-            let Command::Run(a) = Cli::try_parse_from(args).unwrap().command else {
-                unreachable!()
-            };
-            a
-        };
-        let e = run(parse(&["flowguard", "run", "--prefix", "10.0.0.0/8"])).unwrap_err();
-        assert!(e.to_string().contains("nothing to attach"), "{e}");
-        for (args, wanted) in [
-            (
-                &["--ingress", "lo", "--learn"][..],
-                "--ingress lo: a loopback device carries no Ethernet frames",
-            ),
-            (
-                &["--egress", "fgabsent0", "--egress", "fgabsent0"],
-                "--egress fgabsent0 is given twice",
-            ),
-            (
-                &["--egress", "fgabsent0", "--prefix", "::/0"],
-                "--prefix ::/0 covers every address",
-            ),
-            (
-                &[
-                    "--egress",
-                    "fgabsent0",
-                    "--static",
-                    "10.0.0.1=02:00:00:00:00:01",
-                    "--static",
-                    "10.0.0.1=02:00:00:00:00:02",
-                ],
-                "--static gives 10.0.0.1 two MACs",
-            ),
-            (
-                &[
-                    "--egress",
-                    "fgabsent0",
-                    "--max-endpoints",
-                    "1",
-                    "--static",
-                    "10.0.0.1=02:00:00:00:00:01",
-                    "--static",
-                    "10.0.0.2=02:00:00:00:00:02",
-                ],
-                "2 --static endpoints go to the endpoint hash map, which holds 1",
-            ),
-        ] {
-            let mut full = vec!["flowguard", "run", "--prefix", "10.0.0.0/8"];
-            full.extend_from_slice(args);
-            let e = run(parse(&full)).unwrap_err();
-            assert!(e.to_string().contains(wanted), "{full:?}: {e}");
-        }
-        let e = run(parse(&[
-            "flowguard",
-            "run",
-            "--egress",
-            "fgabsent0",
-            "--prefix",
-            "10.0.0.0/8",
-            "--static",
-            "192.168.1.1=02:00:00:00:00:01",
-        ]))
-        .unwrap_err();
-        assert!(e.to_string().contains("outside every --prefix"), "{e}");
-        let e = run(parse(&[
-            "flowguard",
-            "run",
-            "--egress",
-            "fgabsent0",
-            "--prefix",
-            "10.0.0.0/8",
-            "--metrics",
-            "0.0.0.0:9737",
-        ]))
-        .unwrap_err();
-        assert!(e.to_string().contains("not a loopback address"), "{e}");
-        let e = run(parse(&[
-            "flowguard",
-            "run",
-            "--egress",
-            "fgabsent0",
-            "--prefix",
-            "10.0.0.0/8",
-            "--metrics-allow-remote",
-        ]))
-        .unwrap_err();
-        assert!(e.to_string().contains("needs --metrics"), "{e}");
     }
 }

@@ -12,7 +12,7 @@
 use std::{
     fmt::Write as _,
     io,
-    net::{IpAddr, SocketAddr, TcpListener as StdTcpListener},
+    net::{SocketAddr, TcpListener as StdTcpListener},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -41,32 +41,8 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
-    #[error(
-        "--metrics {0} is not a loopback address: anyone who reaches it reads the \
-         endpoints' IPs and MACs; use 127.0.0.1:PORT or [::1]:PORT, or add --metrics-allow-remote"
-    )]
-    NotLoopback(SocketAddr),
     #[error("cannot serve metrics on {addr}: {error}")]
     Bind { addr: SocketAddr, error: io::Error },
-}
-
-/// Whether `ip` is a loopback address (127.0.0.0/8, ::1, or ::ffff:127.x.y.z).
-pub fn is_loopback(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_loopback(),
-        IpAddr::V6(v6) => {
-            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
-        }
-    }
-}
-
-/// Refuses an address outside loopback unless the operator allowed it.
-pub fn check_address(addr: SocketAddr, allow_remote: bool) -> Result<(), MetricsError> {
-    if allow_remote || is_loopback(addr.ip()) {
-        Ok(())
-    } else {
-        Err(MetricsError::NotLoopback(addr))
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -780,30 +756,6 @@ mod tests {
         assert!(head.contains("Content-Length: 4\r\n") && head.ends_with("\r\n\r\n"));
         let r = String::from_utf8(plain("405 Method Not Allowed", "x")).unwrap();
         assert!(r.contains("Allow: GET, HEAD\r\n"));
-    }
-
-    #[test]
-    fn only_loopback_unless_allowed() {
-        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
-        for ok in [
-            "127.0.0.1:9737",
-            "127.1.2.3:1",
-            "[::1]:9737",
-            "[::ffff:127.0.0.1]:9",
-        ] {
-            assert!(check_address(a(ok), false).is_ok(), "{ok}");
-        }
-        for remote in [
-            "0.0.0.0:9737",
-            "192.168.1.1:9737",
-            "[::]:9737",
-            "[fd00::1]:9",
-        ] {
-            let e = check_address(a(remote), false).unwrap_err().to_string();
-            assert!(e.contains("not a loopback address") && e.contains("--metrics-allow-remote"));
-            assert!(!e.contains('\n'));
-            assert!(check_address(a(remote), true).is_ok());
-        }
     }
 
     /// The whole responder on a real loopback socket (no root: the maps are

@@ -5,8 +5,8 @@
 use std::{fmt, net::IpAddr, str::FromStr, time::Duration};
 
 use flowguard_common::{
-    mode, Config, EndpointKey, OwnMac, V4Prefix, V6Prefix, MAX_ARRAY_PREFIX_ADDRS, MAX_ARRAY_SLOTS,
-    MAX_OWN_MACS, MAX_V4_PREFIXES, MAX_V6_PREFIXES,
+    mode, Config, EndpointKey, OwnMac, V4Place, V4Prefix, V6Prefix, MAX_ARRAY_PREFIX_ADDRS,
+    MAX_ARRAY_SLOTS, MAX_V4_PREFIXES, MAX_V6_PREFIXES,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -33,8 +33,6 @@ pub enum SettingsError {
     },
     #[error("at least one --prefix is needed: flowguard only watches endpoints inside them")]
     NoPrefix,
-    #[error("too many interfaces: at most {0} distinct interface MACs")]
-    TooManyInterfaces(usize),
     #[error("--{option} {iface} is given twice: name each interface once")]
     RepeatedInterface { option: &'static str, iface: String },
     #[error("--prefix {0} covers every address: every destination, the internet's too, would be an endpoint candidate; give the LAN's prefixes instead")]
@@ -162,6 +160,7 @@ pub fn merge_prefixes(given: &[Prefix]) -> Result<(Vec<Prefix>, Vec<String>), Se
 pub fn check_statics(
     given: &[StaticEndpoint],
     prefixes: &[Prefix],
+    placement: &Config,
     capacity: u32,
 ) -> Result<Vec<StaticEndpoint>, SettingsError> {
     let mut seen: std::collections::HashMap<EndpointKey, Mac> = Default::default();
@@ -184,17 +183,9 @@ pub fn check_statics(
     }
     // Only the hash map can be full: IPv4 endpoints of the array's
     // prefixes have a slot each.
-    let placement = build_config(Mode::Fix, prefixes, &[])?;
     let hashed = kept
         .iter()
-        .filter(|s| {
-            let key = endpoint_key(s.ip);
-            !key.is_v4()
-                || !matches!(
-                    placement.v4_place(key.addr[3]),
-                    flowguard_common::V4Place::Slot(_)
-                )
-        })
+        .filter(|s| !has_array_slot(placement, s.ip))
         .count();
     if hashed > capacity as usize {
         return Err(SettingsError::TooManyStatics {
@@ -203,6 +194,13 @@ pub fn check_statics(
         });
     }
     Ok(kept)
+}
+
+/// Whether `ip`'s endpoint has a slot in the direct-indexed array under
+/// the prefixes of `cfg` (else it goes to the hash map).
+pub fn has_array_slot(cfg: &Config, ip: IpAddr) -> bool {
+    let key = endpoint_key(ip);
+    key.is_v4() && matches!(cfg.v4_place(key.addr[3]), V4Place::Slot(_))
 }
 
 /// Refuses an interface named twice for the same hook: it would be attached
@@ -433,11 +431,7 @@ pub fn hash_path_notes(cfg: &Config) -> Vec<String> {
 
 /// Builds the kernel side's settings (the event interval is set by the
 /// loader, which knows the kernel's HZ).
-pub fn build_config(
-    mode: Mode,
-    prefixes: &[Prefix],
-    own_macs: &[Mac],
-) -> Result<Config, SettingsError> {
+pub fn build_config(mode: Mode, prefixes: &[Prefix]) -> Result<Config, SettingsError> {
     if prefixes.is_empty() {
         return Err(SettingsError::NoPrefix);
     }
@@ -490,23 +484,21 @@ pub fn build_config(
     }
     cfg.v4_count = v4.len() as u32;
     cfg.v6_count = v6.len() as u32;
-    let mut distinct: Vec<Mac> = Vec::new();
-    for m in own_macs {
-        if !distinct.contains(m) {
-            distinct.push(*m);
-        }
-    }
-    if distinct.len() > MAX_OWN_MACS {
-        return Err(SettingsError::TooManyInterfaces(MAX_OWN_MACS));
-    }
-    for (slot, m) in cfg.own_macs.iter_mut().zip(&distinct) {
+    Ok(cfg)
+}
+
+/// Writes the router's own MACs into the kernel side's settings (frames
+/// from them are never learned). The caller refuses more than
+/// [`flowguard_common::MAX_OWN_MACS`]: the ones past it are not written.
+pub fn set_own_macs(cfg: &mut Config, own: &[Mac]) {
+    cfg.own_mac_count = 0;
+    for (slot, m) in cfg.own_macs.iter_mut().zip(own) {
         *slot = OwnMac {
             mac: m.0,
             _pad: [0; 2],
         };
+        cfg.own_mac_count += 1;
     }
-    cfg.own_mac_count = distinct.len() as u32;
-    Ok(cfg)
 }
 
 #[cfg(test)]
@@ -603,8 +595,9 @@ mod tests {
             "192.168.1.0/24".parse().unwrap(),
             "fd00::/16".parse().unwrap(),
         ];
-        let own = [Mac([2, 0, 0, 0, 0, 1]), Mac([2, 0, 0, 0, 0, 1])];
-        let cfg = build_config(Mode::Fix, &prefixes, &own).unwrap();
+        let own = [Mac([2, 0, 0, 0, 0, 1])];
+        let mut cfg = build_config(Mode::Fix, &prefixes).unwrap();
+        set_own_macs(&mut cfg, &own);
         assert_eq!(cfg.mode, mode::FIX);
         assert_eq!((cfg.v4_count, cfg.v6_count, cfg.own_mac_count), (1, 1, 1));
         // The kernel side compares native loads of packet bytes.
@@ -633,7 +626,7 @@ mod tests {
         .iter()
         .map(|p| p.parse().unwrap())
         .collect();
-        let cfg = build_config(Mode::Fix, &prefixes, &[]).unwrap();
+        let cfg = build_config(Mode::Fix, &prefixes).unwrap();
         let placed: Vec<(u32, u32)> = cfg.v4[..7].iter().map(|p| (p.slot_base, p.slots)).collect();
         // The fourth /20 would pass the 16,384 slots: hashed, and the /30
         // after it still fits.
@@ -699,6 +692,7 @@ mod tests {
     #[test]
     fn statics_are_kept_once_and_conflicts_refused() {
         let prefixes = ["10.0.0.0/8".parse().unwrap()];
+        let placed = build_config(Mode::Fix, &prefixes).unwrap();
         let s = |t: &str| t.parse::<StaticEndpoint>().unwrap();
         let kept = check_statics(
             &[
@@ -706,6 +700,7 @@ mod tests {
                 s("10.0.0.1=02:00:00:00:00:01"),
             ],
             &prefixes,
+            &placed,
             1,
         )
         .unwrap();
@@ -717,12 +712,14 @@ mod tests {
                     s("10.0.0.1=02:00:00:00:00:02")
                 ],
                 &prefixes,
+                &placed,
                 9,
             ),
             Err(SettingsError::StaticConflict { .. })
         ));
         assert_eq!(
-            check_statics(&[s("192.168.0.1=02:00:00:00:00:01")], &prefixes, 9).unwrap_err(),
+            check_statics(&[s("192.168.0.1=02:00:00:00:00:01")], &prefixes, &placed, 9)
+                .unwrap_err(),
             SettingsError::StaticOutsidePrefixes("192.168.0.1".parse().unwrap())
         );
     }
@@ -737,11 +734,13 @@ mod tests {
         ];
         // A /24 is direct-indexed: a slot each, whatever the hash map holds.
         let small = ["192.168.1.0/24".parse().unwrap()];
-        assert_eq!(check_statics(&three, &small, 2).unwrap().len(), 3);
+        let placed = build_config(Mode::Fix, &small).unwrap();
+        assert_eq!(check_statics(&three, &small, &placed, 2).unwrap().len(), 3);
         // A /16 keeps its endpoints in the hash map.
         let large = ["192.168.0.0/16".parse().unwrap()];
         assert_eq!(
-            check_statics(&three, &large, 2).unwrap_err(),
+            check_statics(&three, &large, &build_config(Mode::Fix, &large).unwrap(), 2)
+                .unwrap_err(),
             SettingsError::TooManyStatics { given: 3, size: 2 }
         );
     }
@@ -756,14 +755,14 @@ mod tests {
     #[test]
     fn config_limits() {
         assert_eq!(
-            build_config(Mode::Fix, &[], &[]).unwrap_err(),
+            build_config(Mode::Fix, &[]).unwrap_err(),
             SettingsError::NoPrefix
         );
         let many: Vec<Prefix> = (0..=MAX_V4_PREFIXES)
             .map(|i| format!("10.{i}.0.0/16").parse().unwrap())
             .collect();
         assert!(matches!(
-            build_config(Mode::Fix, &many, &[]),
+            build_config(Mode::Fix, &many),
             Err(SettingsError::TooManyPrefixes { .. })
         ));
     }

@@ -569,3 +569,46 @@ fn learn_with_only_ingress_learns_on_its_egress_and_says_so() {
     );
     assert!(stop_once_looping(&mut fg).success());
 }
+
+#[test]
+fn learning_on_more_interfaces_than_own_macs_fit_is_refused() {
+    if skip() {
+        return;
+    }
+    // lan1 and eight more ports, each with a MAC of its own: the kernel
+    // side tells at most 8 of the router's MACs from endpoints'.
+    let ports: Vec<String> = (2..=9).map(|i| format!("lan{i}")).collect();
+    let setup = |ns: &Netns| {
+        for (i, p) in ports.iter().enumerate() {
+            ns.ip(&[
+                "link",
+                "add",
+                p,
+                "address",
+                &format!("02:00:00:00:0f:{:02x}", i + 2),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &format!("peer{}", i + 2),
+            ]);
+        }
+    };
+    let mut args = vec!["--learn", "--prefix", PREFIX, "--egress", "lan1"];
+    for p in &ports {
+        args.extend_from_slice(&["--egress", p]);
+    }
+    assert_refused(
+        setup,
+        &args,
+        &["--learn on interfaces with 9 distinct MACs", "at most 8"],
+    );
+    // Without learning the same ports are guarded: the MACs are not needed.
+    let ns = namespace();
+    setup(&ns);
+    let bpffs = BpffsMount::new();
+    let mut fg = Flowguard::start(&ns, &bpffs.pin_dir(), &args[1..]);
+    let text = fg.stdout_lines().join("\n");
+    assert!(text.contains(" on lan9"), "{text}");
+    assert!(stop_once_looping(&mut fg).success());
+}

@@ -34,39 +34,11 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
     neigh::NeighCache,
+    run_config::{ProbeOptions, Selection},
     settings::{Mac, Prefix},
     sys,
 };
 use packet::{ArpSocket, Icmp6Socket};
-
-/// Which endpoints are worth probing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Selection {
-    /// Endpoints of offloaded conntrack entries (`OFFLOAD`/`HW_OFFLOAD`):
-    /// the only flows that keep using a cached MAC.
-    Offloaded,
-    /// Endpoints of any conntrack entry: every endpoint with recent traffic.
-    Flows,
-}
-
-/// How the prober works.
-#[derive(Clone, Debug)]
-pub struct ProbeOptions {
-    /// Time between two probes of one endpoint.
-    pub interval: Duration,
-    /// How long to wait for an answer before asking by broadcast, and again
-    /// before calling the endpoint silent.
-    pub answer_wait: Duration,
-    /// Most probes (unicast and broadcast) per second, overall.
-    pub max_per_sec: u32,
-    /// The longest time between two reads of which endpoints carry flows.
-    /// They are read every round while reading is cheap; a read that takes
-    /// `d` waits at least `d * REFRESH_COST_FACTOR` for the next, so that a
-    /// large conntrack table costs at most about half a percent of a core.
-    pub max_refresh: Duration,
-    pub prefixes: Vec<Prefix>,
-    pub selection: Selection,
-}
 
 /// An endpoint as the neighbour table knows it: where its entry is and the
 /// MAC it caches.
