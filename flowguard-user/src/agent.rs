@@ -104,8 +104,7 @@ pub async fn run(
         let (src, entries) = NeighbourSource::open()
             .await
             .context("reading the neighbour table")?;
-        neighbours().replace_all(entries);
-        let changes = reconcile(guard, &neighbours(), &mut full)?;
+        let changes = refill(&shared, entries, guard, &mut full)?;
         report_changes(
             guard,
             &changes,
@@ -198,9 +197,7 @@ pub async fn run(
             _ = hup.recv() => {
                 let neighbours = match source.as_mut() {
                     Some(src) => {
-                        let entries = src.dump().await.context("dumping the neighbour table")?;
-                        neighbours().replace_all(entries);
-                        let changes = reconcile(guard, &neighbours(), &mut full)?;
+                        let changes = reread(src, &shared, guard, &mut full).await?;
                         bump(guard, |c| c.reconciles += 1)?;
                         report_changes(guard, &changes, &mut policy, &mut departed, evictor.as_ref(), true)?;
                         format!(
@@ -211,13 +208,13 @@ pub async fn run(
                     }
                     None => "not following the neighbour table (--no-neigh)".to_string(),
                 };
+                // One read of the flowtables serves --auto and the summary.
+                let ports = crate::flowtable::auto_devices().map_err(|e| e.to_string());
                 if let Some(auto) = auto.as_mut() {
                     flowtables_due = None;
-                    for line in auto.follow(guard) {
-                        crate::say!("{line}");
-                    }
+                    say_all(auto.follow(guard, ports.clone()));
                 }
-                log::info!("SIGHUP: {neighbours}; {}", flowtable_summary(guard, auto.is_some()));
+                log::info!("SIGHUP: {neighbours}; {}", flowtable_summary(guard, ports, auto.is_some()));
             }
             notice = next_ruleset_change(&mut ruleset) => {
                 match notice {
@@ -234,9 +231,7 @@ pub async fn run(
             _ = sleep_until(flowtables_due) => {
                 flowtables_due = None;
                 if let Some(auto) = auto.as_mut() {
-                    for line in auto.follow(guard) {
-                        crate::say!("{line}");
-                    }
+                    say_all(auto.follow(guard, crate::flowtable::auto_devices().map_err(|e| e.to_string())));
                 }
             }
             ready = ring.readable_mut() => {
@@ -270,9 +265,7 @@ pub async fn run(
                 let changes = if matches!(ev, NeighEvent::Overflow) {
                     log::warn!("missed neighbour events (the kernel's buffer overflowed): reading the whole table again");
                     bump(guard, |c| c.neigh_overflows += 1)?;
-                    let entries = src.dump().await.context("dumping the neighbour table")?;
-                    neighbours().replace_all(entries);
-                    reconcile(guard, &neighbours(), &mut full)?
+                    reread(src, &shared, guard, &mut full).await?
                 } else {
                     let mut map = guard.endpoints()?;
                     let mut changes = Vec::new();
@@ -297,9 +290,7 @@ pub async fn run(
             }
             _ = reconcile_timer.tick(), if source.is_some() => {
                 let src = source.as_mut().expect("guarded by the condition");
-                let entries = src.dump().await.context("dumping the neighbour table")?;
-                neighbours().replace_all(entries);
-                let changes = reconcile(guard, &neighbours(), &mut full)?;
+                let changes = reread(src, &shared, guard, &mut full).await?;
                 bump(guard, |c| c.reconciles += 1)?;
                 if !changes.is_empty() {
                     log::info!("periodic reconcile repaired {} endpoints", changes.len());
@@ -337,9 +328,7 @@ pub async fn run(
                     Notice::Events(events) => {
                         for ev in &events {
                             if let LinkEvent::Gone { index, .. } = ev {
-                                for line in guard.interface_gone(*index) {
-                                    crate::say!("{line}");
-                                }
+                                say_all(guard.interface_gone(*index));
                             }
                         }
                     }
@@ -350,14 +339,10 @@ pub async fn run(
                 if auto.is_some() {
                     read_soon(&mut flowtables_due);
                 }
-                for line in guard.follow_interfaces() {
-                    crate::say!("{line}");
-                }
+                say_all(guard.follow_interfaces());
             }
             _ = link_timer.tick(), if links.is_none() || guard.retry_pending() => {
-                for line in guard.follow_interfaces() {
-                    crate::say!("{line}");
-                }
+                say_all(guard.follow_interfaces());
             }
             _ = eviction_tick.tick(), if policy.needs_tick() => {
                 policy.drain(evictor.as_ref());
@@ -381,8 +366,8 @@ pub async fn run(
 
 /// What the flowtables say now about where MACs are cached, against what is
 /// guarded: a bridge port added to a flowtable since the start is named.
-fn flowtable_summary(guard: &Guard, auto: bool) -> String {
-    let ports = match crate::flowtable::auto_devices() {
+fn flowtable_summary(guard: &Guard, read: Result<Vec<String>, String>, auto: bool) -> String {
+    let ports = match read {
         Ok(ports) => ports,
         Err(e) => return format!("flowtables: {e}"),
     };
@@ -426,11 +411,11 @@ impl AutoPorts {
         }
     }
 
-    /// Reads the flowtables again: guards a bridge port that joined one,
-    /// names one that left. One sentence per change.
-    fn follow(&mut self, guard: &mut Guard) -> Vec<String> {
+    /// Takes the flowtables' bridge ports as read again: guards a port
+    /// that joined one, names one that left. One sentence per change.
+    fn follow(&mut self, guard: &mut Guard, read: Result<Vec<String>, String>) -> Vec<String> {
         let mut said = Vec::new();
-        let ports = match crate::flowtable::auto_devices() {
+        let ports = match read {
             Ok(ports) => ports,
             Err(e) => {
                 let why = format!(
@@ -599,6 +584,38 @@ impl FullMap {
 }
 
 /// Read-modify-write of the user-space counters (this loop is their only writer).
+/// Reads the whole neighbour table again into the shared cache and
+/// reconciles the endpoint map with it.
+async fn reread(
+    src: &mut NeighbourSource,
+    shared: &Targets,
+    guard: &mut Guard,
+    full: &mut FullMap,
+) -> anyhow::Result<Vec<MapChange>> {
+    let entries = src.dump().await.context("dumping the neighbour table")?;
+    refill(shared, entries, guard, full)
+}
+
+/// Replaces the shared cache with a whole table and reconciles the
+/// endpoint map with it.
+fn refill(
+    shared: &Targets,
+    entries: Vec<neigh::NeighEntry>,
+    guard: &mut Guard,
+    full: &mut FullMap,
+) -> anyhow::Result<Vec<MapChange>> {
+    let mut cache = shared.lock().expect("neighbour cache lock");
+    cache.replace_all(entries);
+    reconcile(guard, &cache, full)
+}
+
+/// Says each line on stdout.
+fn say_all(lines: Vec<String>) {
+    for line in lines {
+        crate::say!("{line}");
+    }
+}
+
 fn bump(guard: &mut Guard, f: impl FnOnce(&mut UserCounters)) -> anyhow::Result<()> {
     let mut arr = guard.user_counters()?;
     let mut c = arr.get(&0, 0).context("reading user counters")?;
