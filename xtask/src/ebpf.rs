@@ -81,14 +81,15 @@ pub fn clippy_ebpf(tools: &Tools, hint: &str) -> Result<()> {
     step::run_or_explain("Linting the eBPF crate (clippy)", &mut command, hint)
 }
 
-/// The release eBPF object for another machine's kernel: `target` is
+/// The release eBPF object for a router's kernel: `target` is
 /// `bpfel-unknown-none` or `bpfeb-unknown-none` (its byte order), `arch` its
-/// `bpf_target_arch`. Each pair has its own target directory so that
-/// switching between them rebuilds nothing.
+/// `bpf_target_arch`. Without the bench programs (the `bench` feature),
+/// which only `cargo xtask bench` runs. Each pair has its own target
+/// directory so that switching between them rebuilds nothing.
 pub fn build_ebpf_for(tools: &Tools, target: &str, arch: &str) -> Result<PathBuf> {
     let target_dir = format!("target/cross/bpf-{arch}");
     let mut command = ebpf_cargo(tools, "build", target, arch, &target_dir);
-    command.arg("--release");
+    command.args(["--release", "--no-default-features"]);
     step::run(
         &format!("Building the eBPF programs for {target}, bpf_target_arch {arch}"),
         &mut command,
