@@ -230,7 +230,7 @@ impl RunConfig {
     pub fn check(req: RunRequest) -> Result<Self, ConfigError> {
         let RunRequest {
             ingress,
-            mut egress,
+            egress,
             prefixes,
             statics,
             learn,
@@ -278,59 +278,15 @@ impl RunConfig {
         let statics = settings::check_statics(&statics, &prefixes, &kernel, max_endpoints)?;
         check_pin_dir(&pin_dir)?;
 
-        // The interfaces: the flowtables' ports for --auto, then each one's
-        // kind and MAC.
-        let auto_found = if auto {
-            let found = flowtable::auto_devices()?;
-            for d in &found {
-                if !egress.contains(d) {
-                    egress.push(d.clone());
-                }
-            }
-            Some(found)
-        } else {
-            None
-        };
-        if ingress.is_empty() && egress.is_empty() {
-            return Err(ConfigError::NothingToAttach);
-        }
-        // Learning reads the frames endpoints send out of an egress: with
-        // only --ingress given, that is the ingress interface's own egress.
-        let learn_on_ingress = learn && egress.is_empty();
-        if learn_on_ingress {
-            egress = ingress.clone();
-            notes.push(format!(
-                "--learn without --egress: learning from the frames leaving {} (tc egress there)",
-                ingress.join(", ")
-            ));
-        }
-        for (option, ifaces) in [("ingress", &ingress), ("egress", &egress)] {
-            for iface in ifaces {
-                // One that does not exist is named below.
-                if let Ok(kind) = sys::link_kind(iface) {
-                    settings::check_link_kind(option, iface, kind)?;
-                }
-            }
-        }
-        let mut own_macs: Vec<Mac> = Vec::new();
-        for name in ingress.iter().chain(&egress) {
-            if sys::ifindex(name).is_none() {
-                return Err(ConfigError::UnknownInterface(name.clone()));
-            }
-            let mac = sys::if_mac(name).map_err(|source| ConfigError::InterfaceMac {
-                name: name.clone(),
-                source,
-            })?;
-            if mac.is_unicast() && !own_macs.contains(&mac) {
-                own_macs.push(mac);
-            }
-        }
-        // Only learning reads them: a router guarding more ports than that
-        // without learning is fine.
+        let Interfaces {
+            egress,
+            own_macs,
+            auto_found,
+            learn_on_ingress,
+        } = Interfaces::resolve(&ingress, egress, auto, learn, &mut notes)?;
+        // Only learning reads the own MACs: a router guarding more ports
+        // than that without learning is fine.
         if learn {
-            if own_macs.len() > MAX_OWN_MACS {
-                return Err(ConfigError::TooManyOwnMacs(own_macs.len()));
-            }
             settings::set_own_macs(&mut kernel, &own_macs);
         }
 
@@ -377,6 +333,86 @@ impl RunConfig {
             metrics,
             notes,
             auto_found,
+        })
+    }
+}
+
+/// The interfaces to guard, as found on this machine.
+struct Interfaces {
+    /// The --egress ones, with --auto's bridge ports, or the --ingress
+    /// ones when only those are given with --learn.
+    egress: Vec<String>,
+    /// The distinct unicast MACs of all of them.
+    own_macs: Vec<Mac>,
+    /// --auto's bridge ports.
+    auto_found: Option<Vec<String>>,
+    /// Learning on the --ingress interfaces' egress.
+    learn_on_ingress: bool,
+}
+
+impl Interfaces {
+    /// Reads the flowtables' ports for --auto, then each interface's kind
+    /// and MAC: refuses one that does not exist or cannot be guarded.
+    fn resolve(
+        ingress: &[String],
+        mut egress: Vec<String>,
+        auto: bool,
+        learn: bool,
+        notes: &mut Vec<String>,
+    ) -> Result<Self, ConfigError> {
+        let auto_found = if auto {
+            let found = flowtable::auto_devices()?;
+            for d in &found {
+                if !egress.contains(d) {
+                    egress.push(d.clone());
+                }
+            }
+            Some(found)
+        } else {
+            None
+        };
+        if ingress.is_empty() && egress.is_empty() {
+            return Err(ConfigError::NothingToAttach);
+        }
+        // Learning reads the frames endpoints send out of an egress: with
+        // only --ingress given, that is the ingress interface's own egress.
+        let learn_on_ingress = learn && egress.is_empty();
+        if learn_on_ingress {
+            egress = ingress.to_vec();
+            notes.push(format!(
+                "--learn without --egress: learning from the frames leaving {} (tc egress there)",
+                ingress.join(", ")
+            ));
+        }
+        for (option, ifaces) in [("ingress", ingress), ("egress", &egress)] {
+            for iface in ifaces {
+                // One that does not exist is named below.
+                if let Ok(kind) = sys::link_kind(iface) {
+                    settings::check_link_kind(option, iface, kind)?;
+                }
+            }
+        }
+        let mut own_macs: Vec<Mac> = Vec::new();
+        for name in ingress.iter().chain(&egress) {
+            if sys::ifindex(name).is_none() {
+                return Err(ConfigError::UnknownInterface(name.clone()));
+            }
+            let mac = sys::if_mac(name).map_err(|source| ConfigError::InterfaceMac {
+                name: name.clone(),
+                source,
+            })?;
+            if mac.is_unicast() && !own_macs.contains(&mac) {
+                own_macs.push(mac);
+            }
+        }
+        if learn && own_macs.len() > MAX_OWN_MACS {
+            return Err(ConfigError::TooManyOwnMacs(own_macs.len()));
+        }
+        Ok(Self {
+            egress,
+            own_macs,
+            auto_found,
+            learn_on_ingress,
         })
     }
 }
