@@ -175,14 +175,31 @@ fn demo(args: &Args) -> Result<()> {
     check_interrupted()?;
 
     println!("\n$ flowguard status\n{}", flowguard.status_table());
-    for map in ["counters", "endpoints"] {
-        let path = pin_dir.join(map);
-        println!(
-            "$ bpftool map dump pinned {}\n{}",
-            path.display(),
-            bpftool_dump(&pin_dir, map)
-        );
-    }
+    let counters = pin_dir.join("counters");
+    println!(
+        "$ bpftool map dump pinned {}\n{}",
+        counters.display(),
+        bpftool_dump(&pin_dir, "counters")
+    );
+    // The /24's endpoints have a slot each in the direct-indexed array
+    // (slot = the host part); the hash map holds larger prefixes' and IPv6.
+    let slot = u32::from(CONTAINER_IP.octets()[3]).to_ne_bytes();
+    let key: Vec<String> = slot.iter().map(u8::to_string).collect();
+    let array = pin_dir.join("endpoints_v4");
+    let mut args = vec![
+        "map".to_string(),
+        "lookup".into(),
+        "pinned".into(),
+        array.display().to_string(),
+        "key".into(),
+    ];
+    args.extend(key);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    println!(
+        "$ bpftool {}   # {CONTAINER_IP}'s slot in the {LAN_PREFIX} array\n{}",
+        args.join(" "),
+        netns::run("bpftool", &args)
+    );
 
     println!("Stopping flowguard (SIGINT).");
     let exit = flowguard.stop();
