@@ -6,3 +6,4 @@ pub mod progs;
 pub mod router;
 pub mod stale;
 pub mod topology;
+pub mod wait;

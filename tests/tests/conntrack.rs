@@ -19,6 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use flowguard_tests::wait::Wait;
 use flowguard_user::conntrack::{Conntrack, ConntrackError, EvictScope, Flow, Tuple, IPS_OFFLOAD};
 
 fn skip_reason() -> Option<String> {
@@ -278,16 +279,16 @@ fn evicts_exactly_the_entries_of_one_endpoint_made_by_real_traffic() {
         );
 
         // Conntrack confirms each flow as it leaves the router.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let (of_a, of_b) = loop {
-            let of_a = ct.flows_involving(a).unwrap();
-            let of_b = ct.flows_involving(b).unwrap();
-            if (of_a.len() >= PORTS.len() && of_b.len() >= PORTS.len()) || Instant::now() > deadline
-            {
-                break (of_a, of_b);
-            }
-            thread::sleep(Duration::from_millis(50));
-        };
+        let (of_a, of_b) = Wait::new("the flows of .240 and .241", Duration::from_secs(5))
+            .poll(
+                || {
+                    let of_a = ct.flows_involving(a).unwrap();
+                    let of_b = ct.flows_involving(b).unwrap();
+                    (of_a, of_b)
+                },
+                |(of_a, of_b)| of_a.len() >= PORTS.len() && of_b.len() >= PORTS.len(),
+            )
+            .unwrap_or_else(|timed_out| timed_out.last);
         assert_eq!(of_a.len(), PORTS.len(), "entries of .240: {of_a:#?}");
         assert_eq!(of_b.len(), PORTS.len(), "entries of .241: {of_b:#?}");
         for f in &of_a {

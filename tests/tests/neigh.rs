@@ -26,6 +26,7 @@ use flowguard_common::{endpoint_flags, map_names, source, Endpoint, EndpointKey}
 use flowguard_tests::{
     netns::{is_root, Netns},
     progs::object_path,
+    wait::Wait,
 };
 use flowguard_user::{
     neigh::{
@@ -226,17 +227,18 @@ impl Follower {
 
     /// Follows events until `done` holds; panics after `LIMIT`.
     async fn follow_until(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
-        let deadline = Instant::now() + LIMIT;
-        while !done(self) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "no {what} after {LIMIT:?}; changes so far: {:?}",
-                self.changes
-            );
-            if let Ok(ev) = tokio::time::timeout(left, self.source.next_event()).await {
-                self.handle(ev.expect("next_event")).await;
-            }
+        let followed = Wait::new(what, LIMIT)
+            .poll_async(self, |f| done(f), async |f, left| f.next_event(left).await)
+            .await;
+        if let Err(timed_out) = followed {
+            panic!("{timed_out}; changes so far: {:?}", self.changes);
+        }
+    }
+
+    /// Handles the next event, if one comes within `left`.
+    async fn next_event(&mut self, left: Duration) {
+        if let Ok(ev) = tokio::time::timeout(left, self.source.next_event()).await {
+            self.handle(ev.expect("next_event")).await;
         }
     }
 
@@ -631,21 +633,19 @@ fn flood(receive_buffer: Option<usize>) {
             })
             .spawn()
             .expect("ip -batch");
-            let deadline = Instant::now() + LIMIT;
-            let status = loop {
-                if let Some(status) = child.try_wait().expect("waiting for ip -batch") {
-                    break status;
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("ip -batch still running after {LIMIT:?}");
-                }
-                let next = tokio::time::timeout(Duration::from_millis(20), f.source.next_event());
-                if let Ok(ev) = next.await {
-                    f.handle(ev.expect("next_event")).await;
-                }
-            };
+            let batch_ran = Wait::new("the second batch to end", LIMIT)
+                .poll_async(
+                    &mut f,
+                    |_| child.try_wait().expect("waiting for ip -batch").is_some(),
+                    async |f, left| f.next_event(left.min(Duration::from_millis(20))).await,
+                )
+                .await;
+            if let Err(timed_out) = batch_ran {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{timed_out}");
+            }
+            let status = child.wait().expect("ip -batch's status");
             assert!(status.success(), "second batch: {status}");
 
             // Events (and the re-dumps their overflows ask for) bring the
