@@ -15,7 +15,7 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, UdpSocket},
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use aya::{
@@ -235,21 +235,28 @@ impl Follower {
         }
     }
 
+    /// Follows events until the cache equals `table` (the kernel's, read
+    /// once the changes were made); panics after `LIMIT` with how they differ.
+    async fn follow_until_table(&mut self, what: &str, table: &BTreeMap<IpAddr, Mac>) {
+        let followed = Wait::new(what, LIMIT)
+            .poll_async(
+                self,
+                |f| f.cache.ips().count() == table.len() && f.cache_table() == *table,
+                async |f, left| f.next_event(left).await,
+            )
+            .await;
+        if let Err(timed_out) = followed {
+            panic!(
+                "{timed_out}; cache vs kernel: {}",
+                diff(&self.cache_table(), table)
+            );
+        }
+    }
+
     /// Handles the next event, if one comes within `left`.
     async fn next_event(&mut self, left: Duration) {
         if let Ok(ev) = tokio::time::timeout(left, self.source.next_event()).await {
             self.handle(ev.expect("next_event")).await;
-        }
-    }
-
-    /// Follows events until none came for `quiet` (at most `LIMIT` overall).
-    async fn follow_until_quiet(&mut self, quiet: Duration) {
-        let deadline = Instant::now() + LIMIT;
-        while Instant::now() < deadline {
-            match tokio::time::timeout(quiet, self.source.next_event()).await {
-                Ok(ev) => self.handle(ev.expect("next_event")).await,
-                Err(_) => return,
-            }
         }
     }
 
@@ -612,7 +619,12 @@ fn flood(receive_buffer: Option<usize>) {
             .status()
             .expect("ip -batch");
             assert!(status.success(), "first batch: {status}");
-            f.follow_until_quiet(Duration::from_millis(500)).await;
+            // Its events, or the re-dump an overflow asks for, bring the
+            // cache to the kernel's table.
+            let kernel = kernel_table(&router, BRIDGE);
+            assert_eq!(kernel.len(), N as usize, "the kernel's table itself");
+            f.follow_until_table("the cache to hold the first burst", &kernel)
+                .await;
             let first_overflows = f.overflows;
             if small_buffer {
                 assert!(first_overflows > 0, "no overflow in {} events", f.events);
@@ -650,14 +662,9 @@ fn flood(receive_buffer: Option<usize>) {
 
             // Events (and the re-dumps their overflows ask for) bring the
             // cache to the kernel's table, with no extra reconcile.
-            let deadline = Instant::now() + LIMIT;
-            let kernel = loop {
-                f.follow_until_quiet(Duration::from_millis(500)).await;
-                let kernel = kernel_table(&router, BRIDGE);
-                if f.cache_table() == kernel || Instant::now() > deadline {
-                    break kernel;
-                }
-            };
+            let kernel = kernel_table(&router, BRIDGE);
+            f.follow_until_table("the cache to hold the second burst", &kernel)
+                .await;
             println!(
                 "{} events, {} overflows ({first_overflows} in the first burst)",
                 f.events, f.overflows
