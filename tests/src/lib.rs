@@ -1,6 +1,7 @@
 pub mod flow;
 pub mod flowguard_proc;
 pub mod frames;
+pub mod fuzz;
 pub mod netns;
 pub mod progs;
 pub mod router;
