@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::netns::{run, try_run, Netns};
+use crate::wait::Wait;
 
 /// How long flowguard may take to load, attach and pin before the test fails.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -140,6 +141,12 @@ impl Lines {
     fn push(&self, line: String) {
         self.lines.lock().expect("lines lock").push(line);
         self.changed.notify_all();
+    }
+
+    /// Waits up to `timeout` for another line.
+    fn wait_changed(&self, timeout: Duration) {
+        let lines = self.lines.lock().expect("lines lock");
+        drop(self.changed.wait_timeout(lines, timeout));
     }
 
     fn snapshot(&self) -> Vec<String> {
@@ -275,35 +282,37 @@ impl Flowguard {
 
     /// Like [`Flowguard::wait_ready`], but returns what went wrong.
     pub fn try_wait_ready(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if self
-                .stdout_lines()
-                .iter()
-                .any(|line| line.starts_with(READY_LINE))
-            {
-                return Ok(());
-            }
-            if let Some(status) = self.try_exit() {
-                return Err(format!(
-                    "flowguard exited ({status}) before it was ready; stderr:\n{}",
-                    self.stderr_text()
-                ));
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "flowguard was not ready after {READY_TIMEOUT:?}; stdout:\n{}\nstderr:\n{}",
-                    self.stdout_lines().join("\n"),
-                    self.stderr_text()
-                ));
-            }
-            self.wait_for_output(Duration::from_millis(100));
+        let stdout = Arc::clone(&self.stdout);
+        // None while starting; then ready, or the exit status.
+        let started = Wait::new(format!("`{READY_LINE}`"), READY_TIMEOUT)
+            .every(Duration::from_millis(100))
+            .poll_pausing(
+                || {
+                    let ready = self
+                        .stdout_lines()
+                        .iter()
+                        .any(|line| line.starts_with(READY_LINE));
+                    if ready {
+                        Some(Ok(()))
+                    } else {
+                        self.try_exit().map(Err)
+                    }
+                },
+                Option::is_some,
+                |at_most| stdout.wait_changed(at_most),
+            );
+        match started {
+            Ok(Some(Ok(()))) => Ok(()),
+            Ok(Some(Err(status))) => Err(format!(
+                "flowguard exited ({status}) before it was ready; stderr:\n{}",
+                self.stderr_text()
+            )),
+            Ok(None) | Err(_) => Err(format!(
+                "flowguard was not ready after {READY_TIMEOUT:?}; stdout:\n{}\nstderr:\n{}",
+                self.stdout_lines().join("\n"),
+                self.stderr_text()
+            )),
         }
-    }
-
-    fn wait_for_output(&self, timeout: Duration) {
-        let lines = self.stdout.lines.lock().expect("lines lock");
-        drop(self.stdout.changed.wait_timeout(lines, timeout));
     }
 
     /// Every line flowguard printed on stdout so far.
@@ -322,17 +331,15 @@ impl Flowguard {
         timeout: Duration,
         wanted: impl Fn(&str) -> bool,
     ) -> Option<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(line) = self.stdout_lines().into_iter().find(|line| wanted(line)) {
-                return Some(line);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            self.wait_for_output(left.min(Duration::from_millis(100)));
-        }
+        Wait::new("a stdout line", timeout)
+            .every(Duration::from_millis(100))
+            .poll_pausing(
+                || self.stdout_lines().into_iter().find(|line| wanted(line)),
+                Option::is_some,
+                |at_most| self.stdout.wait_changed(at_most),
+            )
+            .ok()
+            .flatten()
     }
 
     fn try_exit(&mut self) -> Option<ExitStatus> {
@@ -354,16 +361,10 @@ impl Flowguard {
 
     /// Waits up to `timeout` for flowguard to exit on its own.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.try_exit() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        Wait::new("flowguard to exit", timeout)
+            .poll(|| self.try_exit(), Option::is_some)
+            .ok()
+            .flatten()
     }
 
     /// Sends SIGINT and waits for flowguard to exit; panics if it does not
@@ -461,9 +462,9 @@ impl Flowguard {
         timeout: Duration,
         wanted: impl Fn(&Status) -> bool,
     ) -> Status {
-        self.poll_status(timeout, wanted).unwrap_or_else(|last| {
-            panic!("timed out after {timeout:?} waiting for {what}; last status: {last:#?}")
-        })
+        Wait::new(what, timeout)
+            .every(Duration::from_millis(100))
+            .until(|| self.status(), |status| wanted(status))
     }
 
     /// Like [`Flowguard::wait_for_status`], but returns the last status as the
@@ -473,17 +474,10 @@ impl Flowguard {
         timeout: Duration,
         wanted: impl Fn(&Status) -> bool,
     ) -> Result<Status, Box<Status>> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let status = self.status();
-            if wanted(&status) {
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                return Err(Box::new(status));
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+        Wait::new("a status", timeout)
+            .every(Duration::from_millis(100))
+            .poll(|| self.status(), |status| wanted(status))
+            .map_err(|timed_out| Box::new(timed_out.last))
     }
 }
 

@@ -12,6 +12,15 @@ pub type Mac = [u8; 6];
 
 pub const BROADCAST: Mac = [0xff; 6];
 
+/// The other end of the flows in program tests and the fuzz: the sender of
+/// stale frames, the router's MAC, a WireGuard-like UDP flow.
+pub const PEER4: [u8; 4] = [10, 0, 0, 7];
+pub const PEER6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
+pub const ROUTER: Mac = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
+pub const SPORT: u16 = 51820;
+pub const DPORT: u16 = 41641;
+pub const PAYLOAD: &[u8] = b"wireguard keepalive";
+
 /// Length of the Ethernet header without tags.
 pub const ETH_HLEN: usize = 14;
 /// Length of one VLAN tag.

@@ -348,6 +348,28 @@ impl Guard {
     }
 }
 
+/// Whether the kernel's test_run itself may refuse this frame (EINVAL)
+/// before the program sees it. XDP and skb: fewer than ETH_HLEN (14)
+/// bytes (`bpf_test_init`). skb (tc) on this machine's kernel (6.18), as
+/// observed: also an untagged frame whose ethertype is IPv4 with fewer than
+/// 20 bytes after the Ethernet header, or IPv6 with fewer than 40 (test_run
+/// builds a socket from the IP header). Tagged frames, ARP and others are
+/// accepted from 14 bytes on. Every other length must run.
+pub fn kernel_may_refuse(prog: Prog, frame: &[u8]) -> bool {
+    if frame.len() < crate::frames::ETH_HLEN {
+        return true;
+    }
+    if prog.is_xdp() {
+        return false;
+    }
+    let l3 = frame.len() - crate::frames::ETH_HLEN;
+    match u16::from_be_bytes([frame[12], frame[13]]) {
+        0x0800 => l3 < 20,
+        0x86dd => l3 < 40,
+        _ => false,
+    }
+}
+
 /// An IPv4 prefix as the program compares it: `addr & mask == prefix`, both
 /// words as a native load of the network-order bytes gives them. Its
 /// endpoints are in the hash map.

@@ -17,14 +17,14 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::process::Command;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
 pub use crate::flow::UdpFlow;
 use crate::netns::{self, Netns};
 use crate::stale;
+use crate::wait::{TimedOut, Wait};
 
 pub const ROUTER_LAN_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 1);
 pub const ROUTER_WAN_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -136,6 +136,15 @@ pub struct NeighState {
     pub mac: Option<String>,
     /// `REACHABLE`, `STALE`, `FAILED`, ...
     pub states: Vec<String>,
+}
+
+impl NeighState {
+    /// Whether the entry holds `mac` (any case).
+    pub fn has_mac(&self, mac: &str) -> bool {
+        self.mac
+            .as_deref()
+            .is_some_and(|m| m.eq_ignore_ascii_case(mac))
+    }
 }
 
 pub struct RouterTopology {
@@ -275,30 +284,41 @@ impl RouterTopology {
     }
 
     /// Polls the router's neighbour entry for `ip` until `wanted` holds, for
-    /// up to `timeout`; returns whether it did.
+    /// up to `timeout`; returns the entry, or the last one seen in the error.
     pub fn poll_router_neigh(
         &self,
         ip: Ipv4Addr,
         timeout: Duration,
         wanted: impl Fn(Option<&NeighState>) -> bool,
-    ) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if wanted(self.router_neigh(ip).as_ref()) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+    ) -> Result<Option<NeighState>, TimedOut<Option<NeighState>>> {
+        Wait::new(format!("the router's neighbour entry for {ip}"), timeout)
+            .poll(|| self.router_neigh(ip), |n| wanted(n.as_ref()))
+    }
+
+    /// Does `nudge` (what makes the router's entry for `ip` change), then
+    /// watches the entry for up to `each`, again and again until `wanted`
+    /// holds; panics after `timeout`, naming `what`, with the last entry.
+    pub fn nudge_router_neigh(
+        &self,
+        ip: Ipv4Addr,
+        what: &str,
+        (each, timeout): (Duration, Duration),
+        mut nudge: impl FnMut(),
+        wanted: impl Fn(Option<&NeighState>) -> bool,
+    ) -> Option<NeighState> {
+        Wait::new(what, timeout).every(Duration::ZERO).until(
+            || {
+                nudge();
+                self.poll_router_neigh(ip, each, &wanted)
+                    .unwrap_or_else(|timed_out| timed_out.last)
+            },
+            |n| wanted(n.as_ref()),
+        )
     }
 
     /// Whether the router's neighbour table holds `ip` at `mac`.
     pub fn router_has_neigh(&self, ip: Ipv4Addr, mac: &str) -> bool {
-        self.router_neigh(ip)
-            .and_then(|n| n.mac)
-            .is_some_and(|m| m.eq_ignore_ascii_case(mac))
+        self.router_neigh(ip).is_some_and(|n| n.has_mac(mac))
     }
 
     /// Makes the router learn `ip`'s current MAC by real ARP (the endpoint
@@ -306,23 +326,14 @@ impl RouterTopology {
     /// shows it.
     pub fn resolve(&self, ip: Ipv4Addr) {
         let endpoint = self.endpoint(ip);
-        let mac = endpoint.mac().to_owned();
-        let deadline = Instant::now() + NEIGH_TIMEOUT;
-        loop {
-            endpoint.arp_router();
-            let wanted = |n: Option<&NeighState>| {
-                n.and_then(|n| n.mac.as_deref())
-                    .is_some_and(|m| m.eq_ignore_ascii_case(&mac))
-            };
-            if self.poll_router_neigh(ip, Duration::from_secs(1), wanted) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the router did not learn {ip} at {mac} by ARP: {:?}",
-                self.router_neigh(ip)
-            );
-        }
+        let mac = endpoint.mac();
+        self.nudge_router_neigh(
+            ip,
+            &format!("the router to learn {ip} at {mac} by ARP"),
+            (Duration::from_secs(1), NEIGH_TIMEOUT),
+            || endpoint.arp_router(),
+            |n| n.is_some_and(|n| n.has_mac(mac)),
+        );
     }
 
     /// What recreating a container or swapping a NIC does, by real ARP: the
@@ -341,29 +352,22 @@ impl RouterTopology {
             endpoint.mac = new_mac.to_owned();
         }
         let endpoint = self.endpoint(ip);
-        let deadline = Instant::now() + NEIGH_TIMEOUT;
-        loop {
-            if self.router_neigh(ip).is_none() {
-                // A router without an entry ignores gratuitous ARP
-                // (arp_accept=0): the endpoint asks for the router instead,
-                // which creates the entry.
-                endpoint.arp_router();
-            } else {
-                endpoint.announce();
-            }
-            let wanted = |n: Option<&NeighState>| {
-                n.and_then(|n| n.mac.as_deref())
-                    .is_some_and(|m| m.eq_ignore_ascii_case(new_mac))
-            };
-            if self.poll_router_neigh(ip, Duration::from_secs(1), wanted) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the router's neighbour entry for {ip} did not change to {new_mac}: {:?}",
-                self.router_neigh(ip)
-            );
-        }
+        self.nudge_router_neigh(
+            ip,
+            &format!("the router's neighbour entry for {ip} to change to {new_mac}"),
+            (Duration::from_secs(1), NEIGH_TIMEOUT),
+            || {
+                if self.router_neigh(ip).is_none() {
+                    // A router without an entry ignores gratuitous ARP
+                    // (arp_accept=0): the endpoint asks for the router
+                    // instead, which creates the entry.
+                    endpoint.arp_router();
+                } else {
+                    endpoint.announce();
+                }
+            },
+            |n| n.is_some_and(|n| n.has_mac(new_mac)),
+        );
     }
 
     /// Makes every IPv4 frame to `ip` leave its bridge port with destination
@@ -472,14 +476,12 @@ impl RouterTopology {
         n: usize,
         timeout: Duration,
     ) -> Vec<CtEntry> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let entries = self.conntrack_entries_of(ip);
-            if entries.len() >= n || Instant::now() >= deadline {
-                return entries;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        Wait::new(format!("{n} conntrack entries of {ip}"), timeout)
+            .poll(
+                || self.conntrack_entries_of(ip),
+                |entries| entries.len() >= n,
+            )
+            .unwrap_or_else(|timed_out| timed_out.last)
     }
 }
 

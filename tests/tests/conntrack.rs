@@ -19,6 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use flowguard_tests::wait::Wait;
 use flowguard_user::conntrack::{Conntrack, ConntrackError, EvictScope, Flow, Tuple, IPS_OFFLOAD};
 
 fn skip_reason() -> Option<String> {
@@ -272,22 +273,19 @@ fn evicts_exactly_the_entries_of_one_endpoint_made_by_real_traffic() {
 
     lab.router.enter(|| {
         let mut ct = Conntrack::open().expect("open ctnetlink in the router namespace");
-        println!(
-            "kernel-side dump filtering (CTA_FILTER): {}",
-            ct.supports_kernel_filter()
-        );
+        assert_kernel_filter_where_the_kernel_has_it(&ct);
 
         // Conntrack confirms each flow as it leaves the router.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let (of_a, of_b) = loop {
-            let of_a = ct.flows_involving(a).unwrap();
-            let of_b = ct.flows_involving(b).unwrap();
-            if (of_a.len() >= PORTS.len() && of_b.len() >= PORTS.len()) || Instant::now() > deadline
-            {
-                break (of_a, of_b);
-            }
-            thread::sleep(Duration::from_millis(50));
-        };
+        let (of_a, of_b) = Wait::new("the flows of .240 and .241", Duration::from_secs(5))
+            .poll(
+                || {
+                    let of_a = ct.flows_involving(a).unwrap();
+                    let of_b = ct.flows_involving(b).unwrap();
+                    (of_a, of_b)
+                },
+                |(of_a, of_b)| of_a.len() >= PORTS.len() && of_b.len() >= PORTS.len(),
+            )
+            .unwrap_or_else(|timed_out| timed_out.last);
         assert_eq!(of_a.len(), PORTS.len(), "entries of .240: {of_a:#?}");
         assert_eq!(of_b.len(), PORTS.len(), "entries of .241: {of_b:#?}");
         for f in &of_a {
@@ -384,6 +382,51 @@ fn table() -> Vec<Flow> {
         .collect()
 }
 
+/// The running kernel's (major, minor), from its release string.
+fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .expect("reading /proc/sys/kernel/osrelease");
+    parse_kernel_release(&release)
+        .unwrap_or_else(|| panic!("cannot read a version from the kernel release {release:?}"))
+}
+
+/// `6.18.44-fc-v669` → (6, 18).
+fn parse_kernel_release(release: &str) -> Option<(u32, u32)> {
+    let mut numbers = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(str::parse::<u32>);
+    Some((numbers.next()?.ok()?, numbers.next()?.ok()?))
+}
+
+/// CTA_FILTER arrived in Linux 5.8: from there on the probe must find it,
+/// or the kernel-filter path would silently fall back to the user-space
+/// filter (and comparing both paths would compare the fallback with itself).
+fn assert_kernel_filter_where_the_kernel_has_it(ct: &Conntrack) {
+    let (major, minor) = kernel_version();
+    let has_it = (major, minor) >= (5, 8);
+    println!(
+        "kernel {major}.{minor}; kernel-side dump filtering (CTA_FILTER): {}",
+        ct.supports_kernel_filter()
+    );
+    if has_it {
+        assert!(
+            ct.supports_kernel_filter(),
+            "kernel {major}.{minor} has CTA_FILTER (5.8+), but the probe did not find it: \
+             flows_involving would filter in user space"
+        );
+    }
+}
+
+#[test]
+fn kernel_releases_parse() {
+    assert_eq!(parse_kernel_release("6.18.44-fc-v669\n"), Some((6, 18)));
+    assert_eq!(parse_kernel_release("5.8.0"), Some((5, 8)));
+    assert_eq!(parse_kernel_release("6.1.0-31-amd64"), Some((6, 1)));
+    assert_eq!(parse_kernel_release("7.2"), Some((7, 2)));
+    assert_eq!(parse_kernel_release("garbage"), None);
+}
+
 #[test]
 fn kernel_filter_and_fallback_agree_on_a_thousand_inserted_entries() {
     skip_unless_able!();
@@ -391,7 +434,7 @@ fn kernel_filter_and_fallback_agree_on_a_thousand_inserted_entries() {
     let flows = table();
     ns.enter(|| {
         let mut ct = Conntrack::open().expect("open ctnetlink");
-        println!("kernel-side dump filtering (CTA_FILTER): {}", ct.supports_kernel_filter());
+        assert_kernel_filter_where_the_kernel_has_it(&ct);
         let started = Instant::now();
         for f in &flows {
             ct.insert(f, 300).unwrap_or_else(|e| panic!("insert {}: {e}", f.describe()));

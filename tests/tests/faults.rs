@@ -18,6 +18,7 @@ use flowguard_tests::{
     },
     netns::{BpffsMount, Netns},
     skip_unless_root,
+    wait::{Text, Wait},
 };
 
 const PREFIX: &str = "192.168.1.0/24";
@@ -128,19 +129,17 @@ impl Daemon {
         timeout: Duration,
         wanted: impl Fn(&Status) -> bool,
     ) -> Status {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = try_status(pin_dir).filter(|s| wanted(s)) {
-                return s;
-            }
-            if !self.running() || Instant::now() >= deadline {
-                let (status, stderr) = self.wait_exit(Duration::ZERO);
-                panic!(
-                    "waiting for {what}: flowguard is gone or stuck ({status}); stderr:\n{stderr}"
-                );
-            }
-            thread::sleep(Duration::from_millis(100));
+        let seen = Wait::new(what, timeout)
+            .every(Duration::from_millis(100))
+            .poll(
+                || (try_status(pin_dir).filter(|s| wanted(s)), self.running()),
+                |(status, running)| status.is_some() || !running,
+            );
+        if let Ok((Some(status), _)) = seen {
+            return status;
         }
+        let (status, stderr) = self.wait_exit(Duration::ZERO);
+        panic!("waiting for {what}: flowguard is gone or stuck ({status}); stderr:\n{stderr}");
     }
 
     fn running(&mut self) -> bool {
@@ -149,13 +148,11 @@ impl Daemon {
 
     /// Waits for the exit; returns its status and everything on stderr.
     fn wait_exit(&mut self, timeout: Duration) -> (std::process::ExitStatus, String) {
-        let deadline = Instant::now() + timeout;
-        while self.running() {
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                break;
-            }
-            thread::sleep(Duration::from_millis(50));
+        let exited = Wait::new("flowguard to exit", timeout)
+            .poll(|| self.running(), |running| !running)
+            .is_ok();
+        if !exited {
+            let _ = self.child.kill();
         }
         let status = self.child.wait().expect("wait flowguard");
         let mut stderr = String::new();
@@ -270,22 +267,19 @@ fn sighup_rereads_and_sigusr_is_ignored() {
     let reconciles = fg.status().counters.reconciles;
 
     fg.signal(libc::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !fg
-        .stderr_text()
-        .contains("SIGHUP: read the neighbour table again")
-    {
-        assert!(
-            fg.wait_exit(Duration::from_millis(100)).is_none(),
-            "SIGHUP ended flowguard; pins left: {:?}",
-            pins_in(&pin_dir)
+    let (exit, _) = Wait::new("the SIGHUP line", Duration::from_secs(10))
+        .every(Duration::from_millis(100))
+        .until(
+            || (fg.wait_exit(Duration::ZERO), Text(fg.stderr_text())),
+            |(exit, Text(stderr))| {
+                exit.is_some() || stderr.contains("SIGHUP: read the neighbour table again")
+            },
         );
-        assert!(
-            Instant::now() < deadline,
-            "no SIGHUP line; stderr:\n{}",
-            fg.stderr_text()
-        );
-    }
+    assert!(
+        exit.is_none(),
+        "SIGHUP ended flowguard; pins left: {:?}",
+        pins_in(&pin_dir)
+    );
     assert!(
         fg.stderr_text().contains("flowtables"),
         "says what the flowtables hold: {}",
@@ -540,15 +534,12 @@ fn a_stale_endpoint_without_offloaded_entries_is_one_line_per_episode() {
         fg.stderr_text()
     );
     // The episode ends once the requests stop.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !fg.stderr_text().contains("evictions over") {
-        assert!(
-            Instant::now() < deadline,
-            "no line ending the episode:\n{}",
-            fg.stderr_text()
+    Wait::new("a line ending the episode", Duration::from_secs(15))
+        .every(Duration::from_millis(200))
+        .until(
+            || Text(fg.stderr_text()),
+            |Text(stderr)| stderr.contains("evictions over"),
         );
-        thread::sleep(Duration::from_millis(200));
-    }
     println!("{}", fg.stderr_text());
 }
 
@@ -595,29 +586,27 @@ fn rate_limited_evictions_are_deferred_not_dropped() {
     let moved = neighbour_batch(&scratch, 2);
     ns.ip(&["-batch", &moved.to_string_lossy()]);
     let mut deepest = 0;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let json = fg.status_json();
-        let user = &json["counters"];
-        let queue = json["eviction_queue"]
-            .as_u64()
-            .expect("eviction_queue in status");
-        deepest = deepest.max(queue);
-        let done = fg.status().counters.eviction_runs - runs;
-        if done >= 200 {
-            assert_eq!(queue, 0, "the queue drained: {user:#}");
-            assert!(
-                user["evictions_deferred"].as_u64().unwrap_or(0) >= 100,
-                "most of them were deferred: {user:#}"
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {done} of 200 evictions ran; counters: {user:#}"
+    // Evictions run, the queue's depth, the counters.
+    let (_, queue, user) = Wait::new("200 evictions to run", Duration::from_secs(20))
+        .every(Duration::from_millis(100))
+        .until(
+            || {
+                let json = fg.status_json();
+                let queue = json["eviction_queue"]
+                    .as_u64()
+                    .expect("eviction_queue in status");
+                deepest = deepest.max(queue);
+                let done = fg.status().counters.eviction_runs - runs;
+                (done, queue, Text(format!("{:#}", json["counters"])))
+            },
+            |&(done, _, _)| done >= 200,
         );
-        thread::sleep(Duration::from_millis(100));
-    }
+    let user: serde_json::Value = serde_json::from_str(&user.0).expect("the counters");
+    assert_eq!(queue, 0, "the queue drained: {user:#}");
+    assert!(
+        user["evictions_deferred"].as_u64().unwrap_or(0) >= 100,
+        "most of them were deferred: {user:#}"
+    );
     assert!(deepest > 0, "the queue showed in status while it waited");
     assert!(
         fg.stderr_text()
@@ -769,21 +758,25 @@ fn a_full_endpoint_map_never_stops_the_daemon() {
     let batch = neighbour_batch_of(&scratch, 150, 1);
     ns.ip(&["-batch", &batch.to_string_lossy()]);
     let json = |fg: &Flowguard| fg.status_json();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let st = json(&fg);
-        if st["endpoints"].as_array().map_or(0, Vec::len) == 100
-            && st["counters"]["endpoints_dropped"] == 50
-        {
-            break;
-        }
-        assert!(
-            fg.wait_exit(Duration::from_millis(200)).is_none(),
-            "a full endpoint map ended flowguard:\n{}",
-            fg.stderr_text()
-        );
-        assert!(Instant::now() < deadline, "status: {st:#}");
-    }
+    let (exit, _) = Wait::new(
+        "100 endpoints in the map and 50 dropped",
+        Duration::from_secs(20),
+    )
+    .every(Duration::from_millis(200))
+    .poll(
+        || (fg.wait_exit(Duration::ZERO), json(&fg)),
+        |(exit, st)| {
+            exit.is_some()
+                || (st["endpoints"].as_array().map_or(0, Vec::len) == 100
+                    && st["counters"]["endpoints_dropped"] == 50)
+        },
+    )
+    .unwrap_or_else(|timed_out| panic!("{timed_out}; status: {:#}", timed_out.last.1));
+    assert!(
+        exit.is_none(),
+        "a full endpoint map ended flowguard:\n{}",
+        fg.stderr_text()
+    );
     // Several reconciles later: still running, still 50, one warning.
     thread::sleep(Duration::from_secs(3));
     assert!(
@@ -821,21 +814,22 @@ fn a_full_endpoint_map_never_stops_the_daemon() {
             "lan1",
         ]);
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let st = json(&fg);
-        if st["endpoints"].as_array().map_or(0, Vec::len) == 90 && st["endpoint_map_full"] == false
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "status: {st:#}");
-        thread::sleep(Duration::from_millis(200));
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !fg.stderr_text().contains("the endpoint map has room again") {
-        assert!(Instant::now() < deadline, "{}", fg.stderr_text());
-        thread::sleep(Duration::from_millis(200));
-    }
+    Wait::new("90 endpoints and a map with room", Duration::from_secs(20))
+        .every(Duration::from_millis(200))
+        .poll(
+            || json(&fg),
+            |st| {
+                st["endpoints"].as_array().map_or(0, Vec::len) == 90
+                    && st["endpoint_map_full"] == false
+            },
+        )
+        .unwrap_or_else(|timed_out| panic!("{timed_out}; status: {:#}", timed_out.last));
+    Wait::new("the line saying the map has room", Duration::from_secs(10))
+        .every(Duration::from_millis(200))
+        .until(
+            || Text(fg.stderr_text()),
+            |Text(stderr)| stderr.contains("the endpoint map has room again"),
+        );
     assert!(fg.stop().success());
 }
 
@@ -926,18 +920,12 @@ fn a_port_recreated_at_the_same_index_is_guarded_again() {
     ns.ip(&["-batch", &batch.to_string_lossy()]);
     let _ = std::fs::remove_file(&batch);
     assert_eq!(lan1_index(&ns), index, "recreated with the same index");
-    let deadline = Instant::now() + PROMPTLY;
-    while flowguard_programs_on_lan1(&ns) < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the recreated lan1 was not guarded again within {PROMPTLY:?} \
-             ({} flowguard programs on it):\n{}\nstderr:\n{}",
-            flowguard_programs_on_lan1(&ns),
-            fg.stdout_lines().join("\n"),
-            fg.stderr_text()
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        &fg,
+        "two flowguard programs on the recreated lan1",
+        || flowguard_programs_on_lan1(&ns),
+        |&programs| programs >= 2,
+    );
     let lines = fg.stdout_lines();
     assert!(
         lines.iter().any(|l| l.contains("lan1 went away"))
@@ -1005,22 +993,17 @@ fn a_recreated_port_is_guarded_again() {
         "link", "add", "lan1", "type", "veth", "peer", "name", "peer1",
     ]);
     ns.ip(&["link", "set", "lan1", "up"]);
-    let deadline = Instant::now() + PROMPTLY;
-    while fg
-        .stdout_lines()
-        .iter()
-        .filter(|l| l.contains("lan1 is back"))
-        .count()
-        < 2
-    {
-        assert!(
-            Instant::now() < deadline,
-            "lan1 was not guarded again:\n{}\nstderr:\n{}",
-            fg.stdout_lines().join("\n"),
-            fg.stderr_text()
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        &fg,
+        "two `lan1 is back` lines",
+        || {
+            fg.stdout_lines()
+                .iter()
+                .filter(|l| l.contains("lan1 is back"))
+                .count()
+        },
+        |&lines| lines >= 2,
+    );
     assert_eq!(
         flowguard_programs_on_lan1(&ns),
         2,
@@ -1192,9 +1175,12 @@ fn auto_follows_the_flowtables_while_it_runs() {
     // A ruleset change that puts lan2 in the flowtable.
     set_devices(&["wan", "lan1", "lan2"]);
     ns.nsenter("/usr/sbin/nft", &["add", "table", "inet", "fgtrigger"]);
-    wait_until(&fg, "lan2 guarded after the ruleset changed", || {
-        guarded("lan2") == 1
-    });
+    wait_until(
+        &fg,
+        "lan2 guarded after the ruleset changed",
+        || guarded("lan2"),
+        |&programs| programs == 1,
+    );
     assert!(
         fg.stdout_lines()
             .iter()
@@ -1207,9 +1193,12 @@ fn auto_follows_the_flowtables_while_it_runs() {
     // a link change, with no ruleset change.
     set_devices(&["wan", "lan1", "lan2", "lan3"]);
     ns.ip(&["link", "set", "lan3", "master", "br-lan"]);
-    wait_until(&fg, "lan3 guarded once it joined the bridge", || {
-        guarded("lan3") == 1
-    });
+    wait_until(
+        &fg,
+        "lan3 guarded once it joined the bridge",
+        || guarded("lan3"),
+        |&programs| programs == 1,
+    );
 
     // lan1 leaves the flowtable: named on SIGHUP, still guarded.
     set_devices(&["wan", "lan2", "lan3"]);
@@ -1238,18 +1227,25 @@ fn auto_follows_the_flowtables_while_it_runs() {
     let _ = std::fs::remove_dir_all(&scratch);
 }
 
-/// Waits up to [`PROMPTLY`] for `done`; panics with flowguard's output.
-fn wait_until(fg: &Flowguard, what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + PROMPTLY;
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {PROMPTLY:?}:\n{}\nstderr:\n{}",
-            fg.stdout_lines().join("\n"),
-            fg.stderr_text()
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+/// Observes until `done` holds, for up to [`PROMPTLY`]; panics with the last
+/// observation and flowguard's output.
+fn wait_until<V: std::fmt::Debug>(
+    fg: &Flowguard,
+    what: &str,
+    observe: impl FnMut() -> V,
+    done: impl FnMut(&V) -> bool,
+) -> V {
+    Wait::new(what, PROMPTLY)
+        .every(Duration::from_millis(100))
+        .poll(observe, done)
+        .unwrap_or_else(|timed_out| {
+            panic!(
+                "{}\nstdout:\n{}\nstderr:\n{}",
+                timed_out.report(),
+                fg.stdout_lines().join("\n"),
+                fg.stderr_text()
+            )
+        })
 }
 
 /// The flowguard clsact filters on lan1's egress in `ns`.

@@ -1,11 +1,12 @@
 //! The kernel side logs through aya-log on its rare paths; `flowguard run`
 //! forwards those records to its own log (stderr).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flowguard_tests::{
     flowguard_proc::Flowguard,
     netns::{is_root, run, BpffsMount, Netns},
+    wait::{Text, Wait},
 };
 
 #[test]
@@ -58,14 +59,17 @@ fn kernel_side_warnings_reach_the_log() {
     args.extend(value);
     run("bpftool", &args);
     router.exec(&["ping", "-c", "1", "-W", "1", "192.168.1.240"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !fg.stderr_text().contains("zero or group MAC") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let stderr = fg.stderr_text();
+    let Text(stderr) = Wait::new(
+        "the kernel side's warning about a zero or group MAC, forwarded",
+        Duration::from_secs(10),
+    )
+    .until(
+        || Text(fg.stderr_text()),
+        |Text(stderr)| stderr.contains("zero or group MAC"),
+    );
     assert!(
         stderr.contains("WARN") && stderr.contains("an endpoint holds a zero or group MAC"),
-        "the kernel side's warning was not forwarded; stderr:\n{stderr}"
+        "the kernel side's warning is not a warning; stderr:\n{stderr}"
     );
     assert_eq!(fg.status().counters.rewritten, 0, "nothing rewritten");
     assert!(fg.stop().success(), "flowguard exits cleanly");

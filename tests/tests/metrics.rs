@@ -14,7 +14,6 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Command, Output};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use flowguard_tests::flowguard_proc::{require_flowguard_bin, Flowguard};
@@ -22,6 +21,7 @@ use flowguard_tests::netns::{is_root, BpffsMount, Netns};
 use flowguard_tests::topology::{
     HostRoleTopology, CONTAINER_IP, HOST_PARENT, LAN_PREFIX, MAC_A, MAC_B,
 };
+use flowguard_tests::wait::{Text, Wait};
 use flowguard_tests::{skip_unless_host_role_supported, skip_unless_root};
 
 /// Where flowguard serves; each test has a namespace of its own.
@@ -155,17 +155,10 @@ fn assert_families(text: &str) {
 
 /// Scrapes until `wanted` holds, for up to [`SETTLE_TIMEOUT`].
 fn scrape_until(ns: &Netns, what: &str, wanted: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + SETTLE_TIMEOUT;
-    loop {
-        let text = scrape(ns);
-        if wanted(&text) {
-            return text;
-        }
-        if Instant::now() >= deadline {
-            panic!("timed out after {SETTLE_TIMEOUT:?} waiting for {what}; last scrape:\n{text}");
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
+    let Text(text) = Wait::new(what, SETTLE_TIMEOUT)
+        .every(Duration::from_millis(100))
+        .until(|| Text(scrape(ns)), |Text(text)| wanted(text));
+    text
 }
 
 #[test]

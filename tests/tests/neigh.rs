@@ -15,7 +15,7 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, UdpSocket},
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use aya::{
@@ -26,6 +26,7 @@ use flowguard_common::{endpoint_flags, map_names, source, Endpoint, EndpointKey}
 use flowguard_tests::{
     netns::{is_root, Netns},
     progs::object_path,
+    wait::Wait,
 };
 use flowguard_user::{
     neigh::{
@@ -226,28 +227,36 @@ impl Follower {
 
     /// Follows events until `done` holds; panics after `LIMIT`.
     async fn follow_until(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
-        let deadline = Instant::now() + LIMIT;
-        while !done(self) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "no {what} after {LIMIT:?}; changes so far: {:?}",
-                self.changes
-            );
-            if let Ok(ev) = tokio::time::timeout(left, self.source.next_event()).await {
-                self.handle(ev.expect("next_event")).await;
-            }
+        let followed = Wait::new(what, LIMIT)
+            .poll_async(self, |f| done(f), async |f, left| f.next_event(left).await)
+            .await;
+        if let Err(timed_out) = followed {
+            panic!("{timed_out}; changes so far: {:?}", self.changes);
         }
     }
 
-    /// Follows events until none came for `quiet` (at most `LIMIT` overall).
-    async fn follow_until_quiet(&mut self, quiet: Duration) {
-        let deadline = Instant::now() + LIMIT;
-        while Instant::now() < deadline {
-            match tokio::time::timeout(quiet, self.source.next_event()).await {
-                Ok(ev) => self.handle(ev.expect("next_event")).await,
-                Err(_) => return,
-            }
+    /// Follows events until the cache equals `table` (the kernel's, read
+    /// once the changes were made); panics after `LIMIT` with how they differ.
+    async fn follow_until_table(&mut self, what: &str, table: &BTreeMap<IpAddr, Mac>) {
+        let followed = Wait::new(what, LIMIT)
+            .poll_async(
+                self,
+                |f| f.cache.ips().count() == table.len() && f.cache_table() == *table,
+                async |f, left| f.next_event(left).await,
+            )
+            .await;
+        if let Err(timed_out) = followed {
+            panic!(
+                "{timed_out}; cache vs kernel: {}",
+                diff(&self.cache_table(), table)
+            );
+        }
+    }
+
+    /// Handles the next event, if one comes within `left`.
+    async fn next_event(&mut self, left: Duration) {
+        if let Ok(ev) = tokio::time::timeout(left, self.source.next_event()).await {
+            self.handle(ev.expect("next_event")).await;
         }
     }
 
@@ -610,7 +619,12 @@ fn flood(receive_buffer: Option<usize>) {
             .status()
             .expect("ip -batch");
             assert!(status.success(), "first batch: {status}");
-            f.follow_until_quiet(Duration::from_millis(500)).await;
+            // Its events, or the re-dump an overflow asks for, bring the
+            // cache to the kernel's table.
+            let kernel = kernel_table(&router, BRIDGE);
+            assert_eq!(kernel.len(), N as usize, "the kernel's table itself");
+            f.follow_until_table("the cache to hold the first burst", &kernel)
+                .await;
             let first_overflows = f.overflows;
             if small_buffer {
                 assert!(first_overflows > 0, "no overflow in {} events", f.events);
@@ -631,33 +645,26 @@ fn flood(receive_buffer: Option<usize>) {
             })
             .spawn()
             .expect("ip -batch");
-            let deadline = Instant::now() + LIMIT;
-            let status = loop {
-                if let Some(status) = child.try_wait().expect("waiting for ip -batch") {
-                    break status;
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("ip -batch still running after {LIMIT:?}");
-                }
-                let next = tokio::time::timeout(Duration::from_millis(20), f.source.next_event());
-                if let Ok(ev) = next.await {
-                    f.handle(ev.expect("next_event")).await;
-                }
-            };
+            let batch_ran = Wait::new("the second batch to end", LIMIT)
+                .poll_async(
+                    &mut f,
+                    |_| child.try_wait().expect("waiting for ip -batch").is_some(),
+                    async |f, left| f.next_event(left.min(Duration::from_millis(20))).await,
+                )
+                .await;
+            if let Err(timed_out) = batch_ran {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{timed_out}");
+            }
+            let status = child.wait().expect("ip -batch's status");
             assert!(status.success(), "second batch: {status}");
 
             // Events (and the re-dumps their overflows ask for) bring the
             // cache to the kernel's table, with no extra reconcile.
-            let deadline = Instant::now() + LIMIT;
-            let kernel = loop {
-                f.follow_until_quiet(Duration::from_millis(500)).await;
-                let kernel = kernel_table(&router, BRIDGE);
-                if f.cache_table() == kernel || Instant::now() > deadline {
-                    break kernel;
-                }
-            };
+            let kernel = kernel_table(&router, BRIDGE);
+            f.follow_until_table("the cache to hold the second burst", &kernel)
+                .await;
             println!(
                 "{} events, {} overflows ({first_overflows} in the first burst)",
                 f.events, f.overflows

@@ -6,16 +6,17 @@
 //!
 //! Run: `cargo test -p flowguard-tests --release --test programs -- --test-threads=1`
 
-use std::{cell::Cell, collections::HashMap};
+use std::cell::Cell;
 
 use flowguard_common::{
     endpoint_flags, event_action, event_kind, hook, source, Counters, Endpoint, EndpointKey, Event,
 };
 use flowguard_tests::{
-    frames::{self, Mac, Vlan, BROADCAST, L2},
+    frames::{self, Mac, Vlan, BROADCAST, DPORT, L2, PAYLOAD, PEER4, PEER6, ROUTER, SPORT},
+    fuzz::{self, Scenario, GUARDS},
     progs::{
-        self, config, endpoint, errno, have_root, v4_array_prefix, v4_prefix, v6_prefix, Guard,
-        Prog,
+        self, config, endpoint, errno, have_root, kernel_may_refuse, v4_array_prefix, v4_prefix,
+        v6_prefix, Guard, Prog,
     },
 };
 
@@ -39,19 +40,8 @@ const OTHER6: [u8; 16] = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x77];
 const OUT4: [u8; 4] = [192, 168, 2, 240];
 const OUT6: [u8; 16] = [0xfd, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xf0];
 
-// The sender of the stale frames (the other end of the flow).
-const PEER4: [u8; 4] = [10, 0, 0, 7];
-const PEER6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
-const ROUTER: Mac = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
-const SPORT: u16 = 51820;
-const DPORT: u16 = 41641;
-const PAYLOAD: &[u8] = b"wireguard keepalive";
-
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
-
-/// The two guards every case goes through.
-const GUARDS: [Prog; 2] = [Prog::Xdp, Prog::Tc];
 
 fn key4(a: [u8; 4]) -> EndpointKey {
     EndpointKey::from_v4_bytes(a)
@@ -775,30 +765,9 @@ fn endpoint_with_an_unusable_mac_is_never_rewritten_toward() {
     }
 }
 
-/// Whether the kernel's test_run itself may refuse this frame (EINVAL)
-/// before the program sees it. XDP and skb: fewer than ETH_HLEN (14)
-/// bytes (`bpf_test_init`). skb (tc) on this machine's kernel (6.18), as
-/// observed: also an untagged frame whose ethertype is IPv4 with fewer than
-/// 20 bytes after the Ethernet header, or IPv6 with fewer than 40 (test_run
-/// builds a socket from the IP header). Tagged frames, ARP and others are
-/// accepted from 14 bytes on. Every other length must run.
-fn kernel_may_refuse(prog: Prog, frame: &[u8]) -> bool {
-    if frame.len() < frames::ETH_HLEN {
-        return true;
-    }
-    if prog.is_xdp() {
-        return false;
-    }
-    let l3 = frame.len() - frames::ETH_HLEN;
-    match u16::from_be_bytes([frame[12], frame[13]]) {
-        0x0800 => l3 < 20,
-        0x86dd => l3 < 40,
-        _ => false,
-    }
-}
-
 /// Runs `prog` on `frame` like [`run_pass`], or returns None when the
-/// kernel's test_run refused a frame it may refuse (see [`kernel_may_refuse`]).
+/// kernel's test_run refused a frame it may refuse (see
+/// [`progs::kernel_may_refuse`]).
 fn try_run_pass(g: &Guard, prog: Prog, frame: &[u8], what: &str) -> Option<Vec<u8>> {
     match g.run(prog, frame) {
         Ok(out) => {
@@ -865,367 +834,27 @@ fn every_truncation_of_a_stale_frame_passes_untouched() {
     }
 }
 
-/// A deterministic PRNG (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn byte(&mut self) -> u8 {
-        self.next() as u8
-    }
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len())]
-    }
-}
-
-/// What the design says the guards do with a frame (fix mode): the MAC to
-/// write, or None to leave it untouched. An independent reading of the
-/// spec: up to two 802.1Q/802.1ad tags, IPv4 (version 4, IHL ≥ 5, total
-/// length ≥ header and within the frame) or IPv6 (payload within the
-/// frame), destination inside a prefix and in the endpoint map, unicast
-/// destination MAC that differs from the endpoint's, endpoint not ambiguous.
-struct Oracle {
-    endpoints: HashMap<[u8; 16], (Mac, bool)>,
-}
-
-impl Oracle {
-    fn expected(&self, f: &[u8]) -> Option<Mac> {
-        let be16 = |at: usize| -> Option<usize> {
-            Some(u16::from_be_bytes([*f.get(at)?, *f.get(at + 1)?]) as usize)
-        };
-        if f.len() < 14 || f[0] & 1 != 0 {
-            return None;
-        }
-        let mut off = 14;
-        let mut proto = be16(12)?;
-        for _ in 0..2 {
-            if proto != 0x8100 && proto != 0x88a8 {
-                break;
-            }
-            proto = be16(off + 2)?;
-            off += 4;
-        }
-        let dst: [u8; 16] = match proto {
-            0x0800 => {
-                let ver_ihl = *f.get(off)?;
-                let ihl = (ver_ihl & 0x0f) as usize * 4;
-                let total = be16(off + 2)?;
-                if ver_ihl >> 4 != 4 || ihl < 20 || total < ihl || off + total > f.len() {
-                    return None;
-                }
-                let d: [u8; 4] = f[off + 16..off + 20].try_into().ok()?;
-                if d[..3] != PFX4[..3] {
-                    return None;
-                }
-                frames::v4_mapped(d)
-            }
-            0x86dd => {
-                if *f.get(off)? >> 4 != 6 {
-                    return None;
-                }
-                let payload = be16(off + 4)?;
-                if off + 40 + payload > f.len() {
-                    return None;
-                }
-                let d: [u8; 16] = f[off + 24..off + 40].try_into().ok()?;
-                if d[..8] != PFX6[..8] {
-                    return None;
-                }
-                d
-            }
-            _ => return None,
-        };
-        let (mac, ambiguous) = *self.endpoints.get(&dst)?;
-        if mac == f[..6] || ambiguous {
-            return None;
-        }
-        Some(mac)
-    }
-}
-
-fn mutate(rng: &mut Rng, f: &mut Vec<u8>, macs: &[Mac]) {
-    let l3 = |f: &Vec<u8>| match u16::from_be_bytes([f[12], f[13]]) {
-        0x8100 => 18,
-        0x88a8 => 22,
-        _ => 14,
-    };
-    for _ in 0..1 + rng.below(3) {
-        match rng.below(9) {
-            0 => {
-                // Flip a bit, mostly in the headers.
-                let span = if rng.chance(80) {
-                    f.len().min(70)
-                } else {
-                    f.len()
-                };
-                let at = rng.below(span);
-                f[at] ^= 1 << rng.below(8);
-            }
-            1 => {
-                let at = rng.below(f.len());
-                f[at] = rng.byte();
-            }
-            2 => {
-                let n = 15 + rng.below(f.len().saturating_sub(14).max(1));
-                f.truncate(n);
-            }
-            3 => {
-                for _ in 0..1 + rng.below(40) {
-                    f.push(rng.byte());
-                }
-            }
-            4 => {
-                let mac = match rng.below(4) {
-                    0 => BROADCAST,
-                    1 => [0x01, 0x00, 0x5e, 0, 0, rng.byte()],
-                    2 => [
-                        rng.byte(),
-                        rng.byte(),
-                        rng.byte(),
-                        rng.byte(),
-                        rng.byte(),
-                        rng.byte(),
-                    ],
-                    _ => rng.pick(macs),
-                };
-                f[..6].copy_from_slice(&mac);
-            }
-            5 => {
-                let any = rng.next() as u16;
-                let et: u16 = rng.pick(&[0x0800, 0x86dd, 0x8100, 0x88a8, 0x0806, any]);
-                let at = if rng.chance(50) {
-                    12
-                } else {
-                    (l3(f) - 2).min(f.len() - 2)
-                };
-                f[at..at + 2].copy_from_slice(&et.to_be_bytes());
-            }
-            6 => {
-                // IPv4 total length or IPv6 payload length: off by a little, or anything.
-                let at = l3(f)
-                    + if f.get(l3(f)).is_some_and(|b| b >> 4 == 6) {
-                        4
-                    } else {
-                        2
-                    };
-                if at + 2 <= f.len() {
-                    let old = u16::from_be_bytes([f[at], f[at + 1]]);
-                    let new = match rng.below(3) {
-                        0 => old.wrapping_add(1),
-                        1 => old.wrapping_sub(1 + rng.below(4) as u16),
-                        _ => rng.next() as u16,
-                    };
-                    f[at..at + 2].copy_from_slice(&new.to_be_bytes());
-                }
-            }
-            7 => {
-                // Version / IHL byte.
-                let at = l3(f);
-                if at < f.len() {
-                    let any = rng.byte();
-                    f[at] = rng.pick(&[0x45, 0x46, 0x44, 0x4f, 0x60, 0x65, 0x55, any]);
-                }
-            }
-            _ => {
-                // Destination address byte (IPv4 at +16..20, IPv6 at +24..40).
-                let at = l3(f)
-                    + if rng.chance(50) {
-                        16 + rng.below(4)
-                    } else {
-                        24 + rng.below(16)
-                    };
-                if at < f.len() {
-                    let any = rng.byte();
-                    f[at] = rng.pick(&[240, 0xf0, 0x01, 0x02, 77, any]);
-                }
-            }
-        }
-    }
-    while f.len() < 15 {
-        f.push(rng.byte());
-    }
-}
-
+/// The frame fuzz's fast subset (`cargo xtask fuzz` runs a million frames
+/// per program): random and mutated frames, each checked against the
+/// oracle, on prefixes in the array and in the hash map.
 #[test]
 fn random_frames_are_passed_and_either_untouched_or_correctly_rewritten() {
     if !have_root() {
         return;
     }
-    const FRAMES: usize = 4000;
-    // Endpoints: the two usual ones, a few more, one ambiguous.
-    let mut eps: Vec<([u8; 16], Mac, bool)> = vec![
-        (frames::v4_mapped(EP4), CUR4, false),
-        (EP6, CUR6, false),
-        (
-            frames::v4_mapped([192, 168, 1, 1]),
-            [0x02, 0, 0, 0, 0x11, 0x01],
-            false,
-        ),
-        (
-            frames::v4_mapped([192, 168, 1, 2]),
-            [0x02, 0, 0, 0, 0x11, 0x02],
-            false,
-        ),
-        (
-            frames::v4_mapped([192, 168, 1, 77]),
-            [0x02, 0, 0, 0, 0x11, 0x4d],
-            true,
-        ),
-    ];
-    let mut v6_1 = PFX6;
-    v6_1[15] = 1;
-    eps.push((v6_1, [0x02, 0, 0, 0, 0x16, 0x01], false));
-    let macs: Vec<Mac> = eps
-        .iter()
-        .map(|e| e.1)
-        .chain([STALE4, STALE6, ROUTER])
-        .collect();
-    let oracle = Oracle {
-        endpoints: eps.iter().map(|&(k, m, a)| (k, (m, a))).collect(),
-    };
-    let dsts4: [[u8; 4]; 5] = [EP4, [192, 168, 1, 1], [192, 168, 1, 77], OTHER4, OUT4];
-    let dsts6: [[u8; 16]; 4] = [EP6, v6_1, OTHER6, OUT6];
-    let vlans = [Vlan::None, Vlan::Single(10), Vlan::Double(100, 10)];
-
+    const FRAMES: u64 = 4000;
+    const SEED: u64 = 0x5eed_f10e_6a4d;
+    let scenario = Scenario::from_seed(SEED);
+    println!("{scenario}");
     for prog in GUARDS {
-        let mut g = setup(true);
-        for &(k, mac, ambiguous) in &eps {
-            let ep = Endpoint {
-                flags: if ambiguous {
-                    endpoint_flags::AMBIGUOUS
-                } else {
-                    0
-                },
-                ..endpoint(mac)
-            };
-            g.insert_endpoint(EndpointKey::from_v6_bytes(k), &ep)
-                .expect("inserting endpoint");
-        }
-        let mut rng = Rng(0x5eed_f10e_6a4d ^ prog as u64);
-        let (mut changed, mut expected_rewrites, mut refused) = (0u64, 0u64, 0u64);
-        for i in 0..FRAMES {
-            let frame = if rng.chance(25) {
-                // Random bytes, sometimes with a plausible ethertype.
-                let len = 15 + rng.below(140);
-                let mut f: Vec<u8> = (0..len).map(|_| rng.byte()).collect();
-                if rng.chance(60) {
-                    f[0] &= 0xfe;
-                    let et: u16 = rng.pick(&[0x0800, 0x86dd, 0x8100, 0x88a8, 0x0806]);
-                    f[12..14].copy_from_slice(&et.to_be_bytes());
-                }
-                f
-            } else {
-                let vlan = rng.pick(&vlans);
-                let dmac = rng.pick(&macs);
-                let mut f = match rng.below(5) {
-                    0 => frames::udp4(
-                        l2(dmac).vlan(vlan),
-                        PEER4,
-                        rng.pick(&dsts4),
-                        SPORT,
-                        DPORT,
-                        PAYLOAD,
-                    ),
-                    1 => frames::tcp4(
-                        l2(dmac).vlan(vlan),
-                        PEER4,
-                        rng.pick(&dsts4),
-                        SPORT,
-                        DPORT,
-                        PAYLOAD,
-                    ),
-                    2 => frames::udp6(
-                        l2(dmac).vlan(vlan),
-                        PEER6,
-                        rng.pick(&dsts6),
-                        SPORT,
-                        DPORT,
-                        PAYLOAD,
-                    ),
-                    3 => frames::tcp6(
-                        l2(dmac).vlan(vlan),
-                        PEER6,
-                        rng.pick(&dsts6),
-                        SPORT,
-                        DPORT,
-                        PAYLOAD,
-                    ),
-                    _ => frames::arp(
-                        l2(dmac).vlan(vlan),
-                        1,
-                        ROUTER,
-                        PEER4,
-                        [0; 6],
-                        rng.pick(&dsts4),
-                    ),
-                };
-                if rng.chance(85) {
-                    mutate(&mut rng, &mut f, &macs);
-                }
-                f
-            };
-            let what = format!("{prog:?} random frame #{i} {:02x?}", frame);
-            let Some(out) = try_run_pass(&g, prog, &frame, &what) else {
-                refused += 1;
-                continue;
-            };
-            let expected = oracle.expected(&frame);
-            if out != frame {
-                changed += 1;
-                assert_eq!(&out[6..], &frame[6..], "{what}: only bytes 0..6 may change");
-                assert!(
-                    macs.contains(&out[..6].try_into().unwrap()),
-                    "{what}: rewritten to {:02x?}, which is no endpoint's MAC",
-                    &out[..6]
-                );
-            }
-            match expected {
-                Some(mac) => {
-                    expected_rewrites += 1;
-                    assert_eq!(
-                        &out[..6],
-                        &mac,
-                        "{what}: must be rewritten to the endpoint's MAC"
-                    );
-                }
-                None => assert_eq!(out, frame, "{what}: must pass untouched"),
-            }
-        }
-        let c = counters(&g);
-        assert_eq!(
-            c.rewritten, changed,
-            "{prog:?}: counters.rewritten vs changed outputs"
-        );
-        assert_eq!(changed, expected_rewrites, "{prog:?}: rewrites vs the spec");
+        let report = fuzz::run(prog, &scenario, SEED, FRAMES, 0, |_| {})
+            .expect("loading the guard for the fuzz");
+        println!("{report}");
+        assert!(report.is_clean(), "{report}");
         assert!(
-            c.stale >= c.rewritten,
-            "{prog:?}: stale {} < rewritten {}",
-            c.stale,
-            c.rewritten
-        );
-        assert!(
-            changed > 50,
-            "{prog:?}: only {changed} rewrites: the generator misses the stale path"
-        );
-        assert!(
-            g.drain_events().len() as u64 <= c.stale,
-            "{prog:?}: more events than stale frames"
-        );
-        println!(
-            "{prog:?}: {FRAMES} random frames, {refused} refused by test_run, {changed} rewritten, {} stale, {} ambiguous",
-            c.stale, c.ambiguous
+            report.rewritten > 50,
+            "{prog:?}: only {} rewrites: the generator misses the stale path",
+            report.rewritten
         );
     }
 }

@@ -14,8 +14,7 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flowguard_tests::flowguard_proc::{require_flowguard_bin, Flowguard, Status};
 use flowguard_tests::netns::BpffsMount;
@@ -23,6 +22,7 @@ use flowguard_tests::router::{
     CtEntry, NeighState, RouterTopology, BRIDGE, CLIENT_IP, ENDPOINT_A_IP, ENDPOINT_B_IP,
     ENDPOINT_IF, LAN_PREFIX, MAC_A1, MAC_A2, MAC_B, PORT_A,
 };
+use flowguard_tests::wait::Wait;
 use flowguard_tests::{skip_unless_host_role_supported, skip_unless_router_role_supported};
 
 /// Datagrams per burst.
@@ -84,14 +84,12 @@ fn flows_printed(flowguard: &Flowguard, verb: &str) -> Vec<String> {
 /// Waits up to [`SETTLE_TIMEOUT`] for at least `n` `verb` lines; returns
 /// them all (maybe fewer).
 fn wait_flows_printed(flowguard: &Flowguard, verb: &str, n: usize) -> Vec<String> {
-    let deadline = Instant::now() + SETTLE_TIMEOUT;
-    loop {
-        let printed = flows_printed(flowguard, verb);
-        if printed.len() >= n || Instant::now() >= deadline {
-            return printed;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
+    Wait::new(format!("{n} `{verb}` lines"), SETTLE_TIMEOUT)
+        .poll(
+            || flows_printed(flowguard, verb),
+            |printed| printed.len() >= n,
+        )
+        .unwrap_or_else(|timed_out| timed_out.last)
 }
 
 fn orig_texts(entries: &[CtEntry]) -> BTreeSet<String> {
@@ -526,18 +524,12 @@ fn a_deleted_or_failed_neighbour_leaves_the_map() {
     // the kernel gives its entry up (FAILED, no MAC).
     topology.b.ns.ip(&["link", "set", ENDPOINT_IF, "down"]);
     let failed = |n: Option<&NeighState>| n.is_some_and(|n| n.states.iter().any(|s| s == "FAILED"));
-    let mut is_failed = false;
-    for _ in 0..(FAILED_TIMEOUT.as_secs() / 5) {
-        topology.send_flows(ENDPOINT_B_IP, &[9]);
-        if topology.poll_router_neigh(ENDPOINT_B_IP, Duration::from_secs(5), failed) {
-            is_failed = true;
-            break;
-        }
-    }
-    assert!(
-        is_failed,
-        "the router's entry for .241 did not turn FAILED: {:?}",
-        topology.router_neigh(ENDPOINT_B_IP)
+    topology.nudge_router_neigh(
+        ENDPOINT_B_IP,
+        "the router's entry for .241 to turn FAILED",
+        (Duration::from_secs(5), FAILED_TIMEOUT),
+        || drop(topology.send_flows(ENDPOINT_B_IP, &[9])),
+        failed,
     );
     let status = flowguard.wait_for_status(
         ".241 to leave the map once its neighbour entry FAILED",

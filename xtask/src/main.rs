@@ -59,6 +59,15 @@ enum Verb {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build, then fuzz the guard programs: random and mutated frames (a
+    /// million per program by default) through BPF_PROG_TEST_RUN, each
+    /// checked against the oracle; fails on any wrong rewrite or pass
+    /// (needs root).
+    Fuzz {
+        /// Arguments for flowguard-fuzz (`--seed N`, `--frames N`), after `--`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Run the whole test suite: setup, eBPF build, fmt, clippy, build, tests,
     /// the user side's unit tests for aarch64 and mips under qemu-user, and
     /// the quick subset of the VM lab.
@@ -87,6 +96,7 @@ fn main() -> ExitCode {
         Verb::Run { args } => run(&args),
         Verb::Demo { args } => demo(&args),
         Verb::Bench { args } => bench(&args),
+        Verb::Fuzz { args } => fuzz(&args),
         Verb::Test { no_lint } => test(no_lint),
         Verb::TestQemu => test_qemu(),
         Verb::Dist(args) => dist::dist(&args),
@@ -167,6 +177,13 @@ fn bench(args: &[String]) -> Result<()> {
             .arg(release_binary("flowguard")?)
             .env("FLOWGUARD_EBPF_OBJ", &object),
     )
+}
+
+fn fuzz(args: &[String]) -> Result<()> {
+    let object = build()?;
+    let mut command = Command::new(release_binary("flowguard-fuzz")?);
+    command.args(args).env("FLOWGUARD_EBPF_OBJ", &object);
+    exec(command)
 }
 
 const LINT_HINT: &str =

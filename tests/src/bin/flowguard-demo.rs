@@ -6,16 +6,16 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{anyhow, bail, ensure, Result};
 use clap::Parser;
 use flowguard_tests::flowguard_proc::{bpftool_dump, Flowguard, Status};
 use flowguard_tests::netns::{self, BpffsMount};
 use flowguard_tests::topology::{
     HostRoleTopology, CONTAINER_IP, HOST_PARENT, LAN_PREFIX, MAC_A, MAC_B,
 };
+use flowguard_tests::wait::Wait;
 
 /// Demonstrates the stale-MAC bug and flowguard fixing it, in network
 /// namespaces (needs root).
@@ -218,20 +218,13 @@ fn demo(args: &Args) -> Result<()> {
 
 /// Polls `flowguard status` until the container is learned with its new MAC.
 fn wait_until_learned(flowguard: &Flowguard) -> Result<Status> {
-    let deadline = Instant::now() + LEARN_TIMEOUT;
     let ip = CONTAINER_IP.to_string();
-    loop {
-        check_interrupted()?;
-        let status = flowguard.status();
-        if status.has_endpoint(&ip, MAC_B) {
-            return Ok(status);
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "flowguard did not learn {ip} at {MAC_B} within {LEARN_TIMEOUT:?}; endpoints: {:?}",
-                status.endpoints
-            );
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
+    let learned = Wait::new(format!("flowguard to learn {ip} at {MAC_B}"), LEARN_TIMEOUT)
+        .every(Duration::from_millis(100))
+        .poll(
+            || flowguard.status(),
+            |status| INTERRUPTED.load(Ordering::SeqCst) || status.has_endpoint(&ip, MAC_B),
+        );
+    check_interrupted()?;
+    learned.map_err(|timed_out| anyhow!("{timed_out}; endpoints: {:?}", timed_out.last.endpoints))
 }
