@@ -455,11 +455,21 @@ pub enum Place {
 }
 
 /// What the programs act on of an endpoint: its MAC, source and flags.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Head {
     pub mac: Mac,
     pub source: u8,
     pub flags: u8,
+}
+
+impl fmt::Debug for Head {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "mac {:02x?} source {} flags {}",
+            self.mac, self.source, self.flags
+        )
+    }
 }
 
 impl Head {
