@@ -9,7 +9,9 @@
 
 use std::{collections::HashMap, fmt, time::Instant};
 
-use flowguard_common::{endpoint_flags, Config, Counters, Endpoint, EndpointKey};
+use flowguard_common::{
+    endpoint_flags, event_kind, source, Config, Counters, Endpoint, EndpointKey, MAX_ARRAY_SLOTS,
+};
 
 use crate::frames::{self, Mac, Vlan, BROADCAST, DPORT, L2, PAYLOAD, PEER4, PEER6, ROUTER, SPORT};
 use crate::progs::{
@@ -19,6 +21,16 @@ use crate::progs::{
 
 /// The two guards: every program test case and the fuzz go through both.
 pub const GUARDS: [Prog; 2] = [Prog::Xdp, Prog::Tc];
+
+/// The programs the fuzz runs: both guards and the learning tc program
+/// (whose oracle also learns, frame by frame, and whose maps are compared
+/// with the oracle's table after the run).
+pub const FUZZED: [Prog; 3] = [Prog::Xdp, Prog::Tc, Prog::TcLearn];
+
+/// Entries the hash map holds beyond the scenario's own endpoints: small,
+/// so that learning fills it within a few thousand frames and the fuzz
+/// also covers learning into a full map (and moving endpoints in it).
+pub const HASH_ROOM: u32 = 48;
 
 /// A deterministic PRNG (splitmix64): the same seed, the same frames.
 #[derive(Clone, Debug)]
@@ -109,13 +121,18 @@ impl V6Net {
     }
 }
 
-/// An endpoint of a run: its address (IPv4 mapped into IPv6), its MAC, and
-/// whether it is ambiguous.
+/// An endpoint of a run: its address (IPv4 mapped into IPv6), its MAC,
+/// whether it is ambiguous, and its source: static (which learning never
+/// overwrites), learned or a child (which it does). Never a neighbour-table
+/// endpoint: the guard asks the kernel's neighbour table (bpf_fib_lookup)
+/// about those, which depends on the host's routes and neighbours, so no
+/// oracle could say what it answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FuzzEndpoint {
     pub addr: [u8; 16],
     pub mac: Mac,
     pub ambiguous: bool,
+    pub source: u8,
 }
 
 /// What one run guards: prefixes, endpoints, and the addresses and MACs its
@@ -131,6 +148,13 @@ pub struct Scenario {
     pub dsts6: Vec<[u8; 16]>,
     /// Destination MACs frames carry: the endpoints' and stale ones.
     pub macs: Vec<Mac>,
+    /// The interface MACs learning ignores (config.own_macs).
+    pub own_macs: Vec<Mac>,
+    /// Source MACs frames carry: the endpoints', the own ones, new ones.
+    pub src_macs: Vec<Mac>,
+    /// Entries of the hash map: the scenario's endpoints in it and
+    /// [`HASH_ROOM`] more.
+    pub hash_capacity: u32,
 }
 
 impl Scenario {
@@ -193,6 +217,7 @@ impl Scenario {
                         addr: frames::v4_mapped(a),
                         mac: rng.unicast_mac(),
                         ambiguous: i == 3,
+                        source: source::STATIC,
                     });
                 }
             }
@@ -212,6 +237,7 @@ impl Scenario {
                         addr: a,
                         mac: rng.unicast_mac(),
                         ambiguous: i == 2,
+                        source: source::STATIC,
                     });
                 }
             }
@@ -220,14 +246,69 @@ impl Scenario {
         }
         let mut macs: Vec<Mac> = endpoints.iter().map(|e| e.mac).collect();
         macs.extend([ROUTER, rng.unicast_mac(), rng.unicast_mac()]);
-        Self {
+        // Half static; the others learning may overwrite (keeping their
+        // flags: some of them are ambiguous).
+        for e in &mut endpoints {
+            e.source = rng.pick(&[
+                source::STATIC,
+                source::STATIC,
+                source::LEARNED,
+                source::CHILD,
+            ]);
+        }
+        let own_macs = vec![ROUTER, rng.unicast_mac()];
+        let mut src_macs: Vec<Mac> = endpoints.iter().map(|e| e.mac).collect();
+        src_macs.extend(&own_macs);
+        for _ in 0..4 {
+            src_macs.push(rng.unicast_mac());
+        }
+        let mut s = Self {
             v4,
             v6,
             endpoints,
             dsts4,
             dsts6,
             macs,
+            own_macs,
+            src_macs,
+            hash_capacity: 0,
+        };
+        let in_hash = s
+            .endpoints
+            .iter()
+            .filter(|e| matches!(s.place(e.addr), Some(Place::Hash(_))))
+            .count() as u32;
+        s.hash_capacity = in_hash + HASH_ROOM;
+        s
+    }
+
+    /// Where the programs keep the endpoint of `addr` (IPv4 mapped into
+    /// IPv6), if it lies in a prefix: the first IPv4 prefix that holds it
+    /// decides, and the array's prefixes take their slots one after the
+    /// other in the order of the prefixes.
+    pub fn place(&self, addr: [u8; 16]) -> Option<Place> {
+        if addr[..12] != frames::v4_mapped([0; 4])[..12] {
+            return self
+                .v6
+                .iter()
+                .any(|net| net.contains(addr))
+                .then_some(Place::Hash(addr));
         }
+        let a: [u8; 4] = addr[12..].try_into().expect("four bytes");
+        let mut base = 0;
+        for net in &self.v4 {
+            if net.contains(a) {
+                return Some(if net.in_array {
+                    Place::Slot(base + (u32::from_be_bytes(a) - net.first()))
+                } else {
+                    Place::Hash(addr)
+                });
+            }
+            if net.in_array {
+                base += net.last() - net.first() + 1;
+            }
+        }
+        None
     }
 
     /// The configuration, fix mode, events not rate-limited.
@@ -251,12 +332,13 @@ impl Scenario {
             .iter()
             .map(|net| v6_prefix(net.octets, net.len))
             .collect();
-        config(true, &v4, &v6, &[], 0)
+        config(true, &v4, &v6, &self.own_macs, 0)
     }
 
-    /// A fresh guard with this configuration and these endpoints.
+    /// A fresh guard with this configuration and these endpoints, its hash
+    /// map [`Self::hash_capacity`] entries large.
     pub fn load(&self) -> progs::Result<Guard> {
-        let mut g = Guard::load()?;
+        let mut g = Guard::load_with_hash_capacity(self.hash_capacity)?;
         g.set_config(&self.config())?;
         for e in &self.endpoints {
             let ep = Endpoint {
@@ -265,6 +347,7 @@ impl Scenario {
                 } else {
                     0
                 },
+                source: e.source,
                 ..endpoint(e.mac)
             };
             g.insert_endpoint(EndpointKey::from_v6_bytes(e.addr), &ep)?;
@@ -272,11 +355,35 @@ impl Scenario {
         Ok(g)
     }
 
-    /// The oracle for this scenario.
+    /// The oracle for this scenario, its table as the scenario loads the maps.
     pub fn oracle(&self) -> Oracle<'_> {
+        let mut table = HashMap::new();
+        for e in &self.endpoints {
+            let place = self.place(e.addr).expect("an endpoint inside a prefix");
+            let head = Head {
+                mac: e.mac,
+                source: e.source,
+                flags: if e.ambiguous {
+                    endpoint_flags::AMBIGUOUS
+                } else {
+                    0
+                },
+            };
+            table.insert(
+                place,
+                Entry {
+                    addr: e.addr,
+                    head,
+                    learned_at: None,
+                },
+            );
+        }
         Oracle {
             scenario: self,
-            endpoints: self.endpoints.iter().map(|e| (e.addr, e)).collect(),
+            table,
+            learned_new: 0,
+            learned_moved: 0,
+            learn_failed: 0,
         }
     }
 }
@@ -297,23 +404,91 @@ impl fmt::Display for Scenario {
             )?;
         }
         let ambiguous = self.endpoints.iter().filter(|e| e.ambiguous).count();
+        let fixed = self
+            .endpoints
+            .iter()
+            .filter(|e| e.source == source::STATIC)
+            .count();
         write!(
             f,
-            "{} endpoints ({ambiguous} ambiguous)",
-            self.endpoints.len()
+            "{} endpoints ({ambiguous} ambiguous, {fixed} static), hash map of {}",
+            self.endpoints.len(),
+            self.hash_capacity
         )
     }
 }
 
-/// What the design says the guards do with a frame (fix mode): the MAC to
-/// write, or None to leave it untouched. Up to two 802.1Q/802.1ad tags,
-/// IPv4 (version 4, IHL ≥ 5, total length ≥ header and within the frame)
-/// or IPv6 (payload within the frame), destination inside a prefix and an
-/// endpoint, unicast destination MAC that differs from the endpoint's,
-/// endpoint not ambiguous.
+/// What the design says the programs do with a frame (fix mode).
+///
+/// The guard: the MAC to write, or None to leave it untouched. Up to two
+/// 802.1Q/802.1ad tags, IPv4 (version 4, IHL ≥ 5, total length ≥ header
+/// and within the frame) or IPv6 (payload within the frame), destination
+/// inside a prefix and an endpoint, unicast destination MAC that differs
+/// from the endpoint's, endpoint not ambiguous and its MAC unicast and not
+/// zero.
+///
+/// Learning (the tc learning program, before its guard, on the same frame):
+/// a usable (unicast, non-zero) source MAC that is not one of the own MACs,
+/// sent from a watched address (the IP source, or the sender of an
+/// Ethernet/IPv4 ARP packet whose sender MAC is the frame's source MAC and
+/// whose sender address is not 0.0.0.0), becomes that address's endpoint
+/// with source LEARNED, keeping the flags of the endpoint it replaces;
+/// except over a static endpoint, or one that already has that MAC. A new
+/// endpoint goes into its array slot, or into the hash map if there is
+/// room (else it is not learned: learn_failed). The table is kept place by
+/// place, as the maps keep it.
 pub struct Oracle<'a> {
     scenario: &'a Scenario,
-    endpoints: HashMap<[u8; 16], &'a FuzzEndpoint>,
+    table: HashMap<Place, Entry>,
+    /// Learning as the oracle counts it (the program's counters must agree).
+    pub learned_new: u64,
+    pub learned_moved: u64,
+    pub learn_failed: u64,
+}
+
+/// Where the programs keep an endpoint: a slot of the direct-indexed
+/// array, or the hash map under the address (IPv4 mapped into IPv6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Place {
+    Slot(u32),
+    Hash([u8; 16]),
+}
+
+/// What the programs act on of an endpoint: its MAC, source and flags.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub mac: Mac,
+    pub source: u8,
+    pub flags: u8,
+}
+
+impl fmt::Debug for Head {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "mac {:02x?} source {} flags {}",
+            self.mac, self.source, self.flags
+        )
+    }
+}
+
+impl Head {
+    fn of(ep: &Endpoint) -> Self {
+        Self {
+            mac: ep.mac,
+            source: ep.source,
+            flags: ep.flags,
+        }
+    }
+}
+
+/// An endpoint of the oracle's table: its address, its head, and the index
+/// of the frame that last changed it by learning (to replay a wrong learn).
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    addr: [u8; 16],
+    head: Head,
+    learned_at: Option<u64>,
 }
 
 /// Where the guard finds an endpoint: the direct-indexed array or the hash
@@ -324,6 +499,68 @@ pub enum Lookup {
     Hash,
 }
 
+/// The network layer of a frame the programs accept, and its offset.
+#[derive(Clone, Copy)]
+enum Net {
+    V4(usize),
+    V6(usize),
+    Arp(usize),
+}
+
+/// Whether a MAC can be an endpoint's: unicast and not all-zero.
+fn usable(mac: &[u8]) -> bool {
+    mac[0] & 1 == 0 && mac.iter().any(|&b| b != 0)
+}
+
+/// The network layer after up to two tags: a valid IPv4 or IPv6 header
+/// whose datagram fits in the frame, or ARP (not checked further here).
+fn net(f: &[u8]) -> Option<Net> {
+    let be16 = |at: usize| -> Option<usize> {
+        Some(u16::from_be_bytes([*f.get(at)?, *f.get(at + 1)?]) as usize)
+    };
+    let mut off = 14;
+    let mut proto = be16(12)?;
+    for _ in 0..2 {
+        if proto != 0x8100 && proto != 0x88a8 {
+            break;
+        }
+        proto = be16(off + 2)?;
+        off += 4;
+    }
+    match proto {
+        0x0800 => {
+            let ver_ihl = *f.get(off)?;
+            let ihl = (ver_ihl & 0x0f) as usize * 4;
+            let total = be16(off + 2)?;
+            if ver_ihl >> 4 != 4 || ihl < 20 || total < ihl || off + total > f.len() {
+                return None;
+            }
+            Some(Net::V4(off))
+        }
+        0x86dd => {
+            if *f.get(off)? >> 4 != 6 {
+                return None;
+            }
+            let payload = be16(off + 4)?;
+            if off + 40 + payload > f.len() {
+                return None;
+            }
+            Some(Net::V6(off))
+        }
+        0x0806 => Some(Net::Arp(off)),
+        _ => None,
+    }
+}
+
+fn v4_at(f: &[u8], at: usize) -> Option<[u8; 16]> {
+    let a: [u8; 4] = f.get(at..at + 4)?.try_into().ok()?;
+    Some(frames::v4_mapped(a))
+}
+
+fn v6_at(f: &[u8], at: usize) -> Option<[u8; 16]> {
+    f.get(at..at + 16)?.try_into().ok()
+}
+
 impl Oracle<'_> {
     /// The MAC `f` must be rewritten to, if any.
     pub fn expected(&self, f: &[u8]) -> Option<Mac> {
@@ -332,59 +569,186 @@ impl Oracle<'_> {
 
     /// The MAC `f` must be rewritten to, and where its endpoint is kept.
     pub fn expected_via(&self, f: &[u8]) -> Option<(Mac, Lookup)> {
-        let be16 = |at: usize| -> Option<usize> {
-            Some(u16::from_be_bytes([*f.get(at)?, *f.get(at + 1)?]) as usize)
-        };
         if f.len() < 14 || f[0] & 1 != 0 {
             return None;
         }
-        let mut off = 14;
-        let mut proto = be16(12)?;
-        for _ in 0..2 {
-            if proto != 0x8100 && proto != 0x88a8 {
-                break;
-            }
-            proto = be16(off + 2)?;
-            off += 4;
-        }
-        let (dst, lookup): ([u8; 16], Lookup) = match proto {
-            0x0800 => {
-                let ver_ihl = *f.get(off)?;
-                let ihl = (ver_ihl & 0x0f) as usize * 4;
-                let total = be16(off + 2)?;
-                if ver_ihl >> 4 != 4 || ihl < 20 || total < ihl || off + total > f.len() {
-                    return None;
-                }
-                let d: [u8; 4] = f[off + 16..off + 20].try_into().ok()?;
-                let net = self.scenario.v4.iter().find(|net| net.contains(d))?;
-                let lookup = if net.in_array {
-                    Lookup::Array
-                } else {
-                    Lookup::Hash
-                };
-                (frames::v4_mapped(d), lookup)
-            }
-            0x86dd => {
-                if *f.get(off)? >> 4 != 6 {
-                    return None;
-                }
-                let payload = be16(off + 4)?;
-                if off + 40 + payload > f.len() {
-                    return None;
-                }
-                let d: [u8; 16] = f[off + 24..off + 40].try_into().ok()?;
-                if !self.scenario.v6.iter().any(|net| net.contains(d)) {
-                    return None;
-                }
-                (d, Lookup::Hash)
-            }
-            _ => return None,
+        let dst = match net(f)? {
+            Net::V4(off) => v4_at(f, off + 16)?,
+            Net::V6(off) => v6_at(f, off + 24)?,
+            Net::Arp(_) => return None,
         };
-        let ep = self.endpoints.get(&dst)?;
-        if ep.mac == f[..6] || ep.ambiguous {
+        let place = self.scenario.place(dst)?;
+        let head = self.table.get(&place)?.head;
+        assert_ne!(
+            head.source,
+            source::NEIGHBOUR,
+            "the fuzz has no neighbour-table endpoints (see FuzzEndpoint)"
+        );
+        if head.mac == f[..6] || head.flags & endpoint_flags::AMBIGUOUS != 0 || !usable(&head.mac) {
             return None;
         }
-        Some((ep.mac, lookup))
+        let lookup = match place {
+            Place::Slot(_) => Lookup::Array,
+            Place::Hash(_) => Lookup::Hash,
+        };
+        Some((head.mac, lookup))
+    }
+
+    /// Learns from frame number `index` as the learning program does
+    /// (which then guards the same frame: call this first). Returns where
+    /// it learned, if it did.
+    pub fn learn(&mut self, f: &[u8], index: u64) -> Option<Place> {
+        let src: Mac = f.get(6..12)?.try_into().ok()?;
+        if !usable(&src) {
+            return None;
+        }
+        let addr = match net(f)? {
+            Net::V4(off) => v4_at(f, off + 12)?,
+            Net::V6(off) => v6_at(f, off + 8)?,
+            Net::Arp(off) => {
+                // Ethernet/IPv4, 6-byte MACs, 4-byte addresses; the sender
+                // MAC is the frame's; the sender has an address.
+                if f.get(off..off + 6)? != [0, 1, 0x08, 0x00, 6, 4]
+                    || f.get(off + 8..off + 14)? != src
+                {
+                    return None;
+                }
+                let spa = v4_at(f, off + 14)?;
+                if spa[12..] == [0; 4] {
+                    return None;
+                }
+                spa
+            }
+        };
+        let place = self.scenario.place(addr)?;
+        if self.scenario.own_macs.contains(&src) {
+            return None;
+        }
+        let learned = |flags| Head {
+            mac: src,
+            source: source::LEARNED,
+            flags,
+        };
+        let old = match self.table.get(&place) {
+            Some(e) if e.head.mac == src || e.head.source == source::STATIC => return None,
+            Some(e) => {
+                let old = e.head.mac;
+                self.table.insert(
+                    place,
+                    Entry {
+                        addr,
+                        head: learned(e.head.flags),
+                        learned_at: Some(index),
+                    },
+                );
+                old
+            }
+            None => {
+                // An empty slot, written in place with its flags (the
+                // fuzz's empty slots are all zero), or a new key of the
+                // hash map, if there is room.
+                let in_hash = self
+                    .table
+                    .keys()
+                    .filter(|p| matches!(p, Place::Hash(_)))
+                    .count();
+                if matches!(place, Place::Hash(_))
+                    && in_hash >= self.scenario.hash_capacity as usize
+                {
+                    self.learn_failed += 1;
+                    return None;
+                }
+                self.table.insert(
+                    place,
+                    Entry {
+                        addr,
+                        head: learned(0),
+                        learned_at: Some(index),
+                    },
+                );
+                [0; 6]
+            }
+        };
+        if old == [0; 6] {
+            self.learned_new += 1;
+        } else {
+            self.learned_moved += 1;
+        }
+        Some(place)
+    }
+
+    /// Compares the programs' maps with the table: every hash map entry
+    /// and every array slot (an empty one all zero). One line per
+    /// endpoint that differs.
+    pub fn compare(&self, g: &Guard) -> progs::Result<Vec<String>> {
+        let mut wrong = Vec::new();
+        let show = |e: Option<&Entry>| match e {
+            Some(e) => format!(
+                "{:?} (oracle's last learn: {})",
+                e.head,
+                e.learned_at
+                    .map_or("none".to_owned(), |i| format!("frame #{i}"))
+            ),
+            None => "nothing".to_owned(),
+        };
+        let hash = g.hash_entries()?;
+        for (key, ep) in &hash {
+            let place = Place::Hash(key.bytes());
+            let want = self.table.get(&place);
+            if want.map(|e| e.head) != Some(Head::of(ep))
+                || want.is_some_and(|e| e.learned_at.is_some() && ep.updated_ns == 0)
+            {
+                wrong.push(format!(
+                    "hash map {}: holds {:?} (updated_ns {}), oracle says {}",
+                    std::net::Ipv6Addr::from(key.bytes()),
+                    Head::of(ep),
+                    ep.updated_ns,
+                    show(want)
+                ));
+            }
+        }
+        let keys: std::collections::HashSet<[u8; 16]> =
+            hash.iter().map(|(k, _)| k.bytes()).collect();
+        for (place, e) in &self.table {
+            if let Place::Hash(addr) = place {
+                if !keys.contains(addr) {
+                    wrong.push(format!(
+                        "hash map {}: missing, oracle says {}",
+                        std::net::Ipv6Addr::from(*addr),
+                        show(Some(e))
+                    ));
+                }
+            }
+        }
+        for i in 0..MAX_ARRAY_SLOTS {
+            let ep = g.slot(i)?;
+            let want = self.table.get(&Place::Slot(i));
+            let ok = match want {
+                Some(e) => {
+                    Head::of(&ep) == e.head && (e.learned_at.is_none() || ep.updated_ns != 0)
+                }
+                None => {
+                    Head::of(&ep)
+                        == Head {
+                            mac: [0; 6],
+                            source: 0,
+                            flags: 0,
+                        }
+                }
+            };
+            if !ok {
+                let addr = want.map_or(String::new(), |e| {
+                    format!(" ({})", std::net::Ipv6Addr::from(e.addr))
+                });
+                wrong.push(format!(
+                    "array slot {i}{addr}: holds {:?} (updated_ns {}), oracle says {}",
+                    Head::of(&ep),
+                    ep.updated_ns,
+                    show(want)
+                ));
+            }
+        }
+        Ok(wrong)
     }
 }
 
@@ -418,13 +782,40 @@ impl<'a> FrameSource<'a> {
             return f;
         }
         let vlan = rng.pick(&[Vlan::None, Vlan::Single(10), Vlan::Double(100, 10)]);
-        let l2 = L2::new(rng.pick(&s.macs), ROUTER).vlan(vlan);
+        // Sources for learning: the scenario's addresses (endpoints or
+        // not, inside the prefixes or just outside) or the peer; the
+        // endpoints' MACs, the own ones, new ones, now and then a group
+        // or zero MAC.
+        let src_mac = if rng.chance(4) {
+            rng.pick(&[BROADCAST, [0; 6], [0x01, 0x00, 0x5e, 0, 0, 1]])
+        } else {
+            rng.pick(&s.src_macs)
+        };
+        let l2 = L2::new(rng.pick(&s.macs), src_mac).vlan(vlan);
+        let src4 = if rng.chance(40) {
+            PEER4
+        } else {
+            rng.pick(&s.dsts4)
+        };
+        let src6 = if rng.chance(40) {
+            PEER6
+        } else {
+            rng.pick(&s.dsts6)
+        };
         let mut f = match rng.below(5) {
-            0 => frames::udp4(l2, PEER4, rng.pick(&s.dsts4), SPORT, DPORT, PAYLOAD),
-            1 => frames::tcp4(l2, PEER4, rng.pick(&s.dsts4), SPORT, DPORT, PAYLOAD),
-            2 => frames::udp6(l2, PEER6, rng.pick(&s.dsts6), SPORT, DPORT, PAYLOAD),
-            3 => frames::tcp6(l2, PEER6, rng.pick(&s.dsts6), SPORT, DPORT, PAYLOAD),
-            _ => frames::arp(l2, 1, ROUTER, PEER4, [0; 6], rng.pick(&s.dsts4)),
+            0 => frames::udp4(l2, src4, rng.pick(&s.dsts4), SPORT, DPORT, PAYLOAD),
+            1 => frames::tcp4(l2, src4, rng.pick(&s.dsts4), SPORT, DPORT, PAYLOAD),
+            2 => frames::udp6(l2, src6, rng.pick(&s.dsts6), SPORT, DPORT, PAYLOAD),
+            3 => frames::tcp6(l2, src6, rng.pick(&s.dsts6), SPORT, DPORT, PAYLOAD),
+            _ => {
+                let sha = if rng.chance(85) {
+                    src_mac
+                } else {
+                    rng.pick(&s.src_macs)
+                };
+                let spa = if rng.chance(10) { [0; 4] } else { src4 };
+                frames::arp(l2, 1, sha, spa, [0; 6], rng.pick(&s.dsts4))
+            }
         };
         if rng.chance(85) {
             mutate(rng, &mut f, s);
@@ -441,7 +832,7 @@ fn mutate(rng: &mut Rng, f: &mut Vec<u8>, s: &Scenario) {
         _ => 14,
     };
     for _ in 0..1 + rng.below(3) {
-        match rng.below(9) {
+        match rng.below(11) {
             0 => {
                 // Flip a bit, mostly in the headers.
                 let span = if rng.chance(80) {
@@ -510,6 +901,37 @@ fn mutate(rng: &mut Rng, f: &mut Vec<u8>, s: &Scenario) {
                     f[at] = rng.pick(&[0x45, 0x46, 0x44, 0x4f, 0x60, 0x65, 0x55, any]);
                 }
             }
+            8 => {
+                // The source MAC: another of the pool, a group MAC, or any.
+                let mac = match rng.below(4) {
+                    0 => [0x01, 0x00, 0x5e, 0, 0, rng.byte()],
+                    1 => std::array::from_fn(|_| rng.byte()),
+                    _ => rng.pick(&s.src_macs),
+                };
+                f[6..12].copy_from_slice(&mac);
+            }
+            9 => {
+                // A source address byte (IPv4 at +12..16, IPv6 at +8..24,
+                // an ARP sender at +14..18), as for destinations below.
+                let (at, known) = match rng.below(3) {
+                    0 => {
+                        let i = rng.below(4);
+                        (12 + i, rng.pick(&s.dsts4)[i])
+                    }
+                    1 => {
+                        let i = rng.below(16);
+                        (8 + i, rng.pick(&s.dsts6)[i])
+                    }
+                    _ => {
+                        let i = rng.below(4);
+                        (14 + i, rng.pick(&s.dsts4)[i])
+                    }
+                };
+                let at = l3(f) + at;
+                if at < f.len() {
+                    f[at] = if rng.chance(75) { known } else { rng.byte() };
+                }
+            }
             _ => {
                 // A destination address byte (IPv4 at +16..20, IPv6 at
                 // +24..40): the same byte of another known destination
@@ -544,6 +966,9 @@ pub enum Wrong {
     /// Another verdict than pass, another output length, or a test run the
     /// kernel had no reason to refuse.
     Run,
+    /// After the run, an endpoint in the maps (hash map entry or array
+    /// slot) that differs from the oracle's table, or is missing there.
+    Learn,
 }
 
 /// A wrong frame, to replay: the seed, its index and its bytes.
@@ -559,6 +984,13 @@ pub struct Example {
 
 impl fmt::Display for Example {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.wrong == Wrong::Learn {
+            return write!(
+                f,
+                "{:?} seed {} after {} frames: wrong learn: {}",
+                self.prog, self.seed, self.index, self.detail
+            );
+        }
         let hex: String = self.frame.iter().map(|b| format!("{b:02x}")).collect();
         write!(
             f,
@@ -589,10 +1021,19 @@ pub struct Report {
     pub wrong_rewrites: u64,
     pub wrong_passes: u64,
     pub wrong_runs: u64,
+    /// Endpoints the maps hold otherwise than the oracle after the run.
+    pub wrong_learns: u64,
+    /// Learning as the oracle counts it: new endpoints, moved ones, and
+    /// failures (hash map full).
+    pub expected_learned_new: u64,
+    pub expected_learned_moved: u64,
+    pub expected_learn_failed: u64,
     /// The program's counters after the run (summed over CPUs).
     pub counters: Counters,
-    /// Events read from the ring buffer.
+    /// STALE events read from the ring buffer.
     pub events: u64,
+    /// LEARNED events read from the ring buffer.
+    pub learn_events: u64,
     pub examples: Vec<Example>,
     pub seconds: f64,
 }
@@ -610,8 +1051,13 @@ impl Report {
             wrong_rewrites: 0,
             wrong_passes: 0,
             wrong_runs: 0,
+            wrong_learns: 0,
+            expected_learned_new: 0,
+            expected_learned_moved: 0,
+            expected_learn_failed: 0,
             counters: Counters::default(),
             events: 0,
+            learn_events: 0,
             examples: Vec::new(),
             seconds: 0.0,
         }
@@ -619,11 +1065,17 @@ impl Report {
 
     /// Whether the program's counters agree with what the frames show:
     /// one `rewritten` per changed frame, at least one `stale` per
-    /// rewrite, at most one event per stale frame.
+    /// rewrite, at most one event per stale frame; learning counted as
+    /// the oracle counts it, at most one LEARNED event per endpoint learned.
     pub fn counters_consistent(&self) -> bool {
-        self.counters.rewritten == self.rewritten
-            && self.counters.stale >= self.counters.rewritten
-            && self.events <= self.counters.stale
+        let c = &self.counters;
+        c.rewritten == self.rewritten
+            && c.stale >= c.rewritten
+            && self.events <= c.stale
+            && c.learned_new == self.expected_learned_new
+            && c.learned_moved == self.expected_learned_moved
+            && c.learn_failed == self.expected_learn_failed
+            && self.learn_events <= c.learned_new + c.learned_moved
     }
 
     /// Nothing wrong: every frame as the oracle says, counters consistent.
@@ -631,6 +1083,7 @@ impl Report {
         self.wrong_rewrites == 0
             && self.wrong_passes == 0
             && self.wrong_runs == 0
+            && self.wrong_learns == 0
             && self.counters_consistent()
     }
 
@@ -639,6 +1092,7 @@ impl Report {
             Wrong::Rewrite => self.wrong_rewrites += 1,
             Wrong::Pass => self.wrong_passes += 1,
             Wrong::Run => self.wrong_runs += 1,
+            Wrong::Learn => self.wrong_learns += 1,
         }
         if self.examples.len() < EXAMPLES_KEPT {
             self.examples.push(Example {
@@ -672,15 +1126,30 @@ impl fmt::Display for Report {
         writeln!(
             f,
             "  rewritten {} of {} expected ({} via the array, {} via the hash map); \
-             wrong rewrites {}, wrong passes {}, wrong runs {}",
+             wrong rewrites {}, wrong passes {}, wrong runs {}, wrong learns {}",
             self.rewritten,
             self.expected_rewrites,
             self.expected_via_array,
             self.expected_rewrites - self.expected_via_array,
             self.wrong_rewrites,
             self.wrong_passes,
-            self.wrong_runs
+            self.wrong_runs,
+            self.wrong_learns
         )?;
+        if self.prog == Prog::TcLearn {
+            writeln!(
+                f,
+                "  learned {} new, {} moved, {} failed (hash map full) of {} new, {} moved, {} \
+                 failed expected; {} LEARNED events read",
+                c.learned_new,
+                c.learned_moved,
+                c.learn_failed,
+                self.expected_learned_new,
+                self.expected_learned_moved,
+                self.expected_learn_failed,
+                self.learn_events
+            )?;
+        }
         write!(
             f,
             "  counters: rewritten {} (changed frames {}), stale {}, ambiguous {}, events {} \
@@ -717,32 +1186,56 @@ pub fn run(
     mut progress: impl FnMut(&Report),
 ) -> progs::Result<Report> {
     let mut g = scenario.load()?;
-    let oracle = scenario.oracle();
+    let mut oracle = scenario.oracle();
     let mut source = FrameSource::new(scenario, seed);
     let mut report = Report::new(prog, seed);
     let started = Instant::now();
     for index in 0..frames {
         let frame = source.next_frame();
-        check(&g, prog, &oracle, index, &frame, &mut report);
+        check(&g, prog, &mut oracle, index, &frame, &mut report);
         report.frames += 1;
         if progress_every > 0
             && report.frames.is_multiple_of(progress_every)
             && report.frames < frames
         {
             // Keeps the ring buffer moving: events full and not.
-            report.events += g.drain_events().len() as u64;
+            drain(&mut g, &mut report);
             report.seconds = started.elapsed().as_secs_f64();
             progress(&report);
         }
     }
-    report.events += g.drain_events().len() as u64;
+    drain(&mut g, &mut report);
     report.counters = g.counters()?;
+    report.expected_learned_new = oracle.learned_new;
+    report.expected_learned_moved = oracle.learned_moved;
+    report.expected_learn_failed = oracle.learn_failed;
+    for detail in oracle.compare(&g)? {
+        report.wrong(Wrong::Learn, frames, &[], detail);
+    }
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
 
+/// Counts the events waiting, by kind.
+fn drain(g: &mut Guard, report: &mut Report) {
+    for ev in g.drain_events() {
+        if ev.kind == event_kind::LEARNED {
+            report.learn_events += 1;
+        } else {
+            report.events += 1;
+        }
+    }
+}
+
 /// Runs one frame and records what the oracle says of the outcome.
-fn check(g: &Guard, prog: Prog, oracle: &Oracle, index: u64, frame: &[u8], report: &mut Report) {
+fn check(
+    g: &Guard,
+    prog: Prog,
+    oracle: &mut Oracle,
+    index: u64,
+    frame: &[u8],
+    report: &mut Report,
+) {
     let out = match g.run(prog, frame) {
         Ok(out) => out,
         Err(e) if kernel_may_refuse(prog, frame) && errno(&e) == Some(libc::EINVAL) => {
@@ -754,6 +1247,10 @@ fn check(g: &Guard, prog: Prog, oracle: &Oracle, index: u64, frame: &[u8], repor
             return;
         }
     };
+    // The program ran: the learning one learns before it guards.
+    if prog == Prog::TcLearn {
+        oracle.learn(frame, index);
+    }
     if out.ret != prog.pass_value() || out.data.len() != frame.len() {
         let detail = format!(
             "verdict {} (pass is {}), {} bytes out of {}",

@@ -184,9 +184,26 @@ impl Guard {
     /// Loads the object from memory and every program in it. The
     /// direct-indexed array gets every slot it may have.
     pub fn load_bytes(bytes: &[u8]) -> Result<Self> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(map_names::ENDPOINTS_V4, MAX_ARRAY_SLOTS)
-            .load(bytes)?;
+        Self::load_bytes_with(bytes, None)
+    }
+
+    /// Loads the object from [`object_path`] with room for `max_endpoints`
+    /// entries in the hash map (the daemon's `--max-endpoints`), so that a
+    /// test can fill it quickly.
+    pub fn load_with_hash_capacity(max_endpoints: u32) -> Result<Self> {
+        let path = object_path();
+        let bytes = std::fs::read(&path)
+            .map_err(|e| format!("reading the eBPF object {}: {e}", path.display()))?;
+        Self::load_bytes_with(&bytes, Some(max_endpoints))
+    }
+
+    fn load_bytes_with(bytes: &[u8], max_endpoints: Option<u32>) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(map_names::ENDPOINTS_V4, MAX_ARRAY_SLOTS);
+        if let Some(n) = max_endpoints {
+            loader.map_max_entries(map_names::ENDPOINTS, n);
+        }
+        let mut ebpf = loader.load(bytes)?;
         for prog in Prog::ALL {
             let p = ebpf
                 .program_mut(prog.name())
@@ -274,6 +291,15 @@ impl Guard {
     /// Every endpoint in the maps.
     pub fn endpoints(&self) -> Result<Vec<(EndpointKey, Endpoint)>> {
         Ok(self.endpoints.entries()?)
+    }
+
+    /// The hash map's entries alone (the array's are not in it).
+    pub fn hash_entries(&self) -> Result<Vec<(EndpointKey, Endpoint)>> {
+        Ok(self
+            .endpoints
+            .hash
+            .iter()
+            .collect::<std::result::Result<_, _>>()?)
     }
 
     /// Entries in the hash map alone.

@@ -836,7 +836,8 @@ fn every_truncation_of_a_stale_frame_passes_untouched() {
 
 /// The frame fuzz's fast subset (`cargo xtask fuzz` runs a million frames
 /// per program): random and mutated frames, each checked against the
-/// oracle, on prefixes in the array and in the hash map.
+/// oracle, on prefixes in the array and in the hash map; for the learning
+/// program, the endpoints learned too (into a small hash map that fills).
 #[test]
 fn random_frames_are_passed_and_either_untouched_or_correctly_rewritten() {
     if !have_root() {
@@ -846,7 +847,7 @@ fn random_frames_are_passed_and_either_untouched_or_correctly_rewritten() {
     const SEED: u64 = 0x5eed_f10e_6a4d;
     let scenario = Scenario::from_seed(SEED);
     println!("{scenario}");
-    for prog in GUARDS {
+    for prog in fuzz::FUZZED {
         let report = fuzz::run(prog, &scenario, SEED, FRAMES, 0, |_| {})
             .expect("loading the guard for the fuzz");
         println!("{report}");
@@ -856,6 +857,17 @@ fn random_frames_are_passed_and_either_untouched_or_correctly_rewritten() {
             "{prog:?}: only {} rewrites: the generator misses the stale path",
             report.rewritten
         );
+        if prog == Prog::TcLearn {
+            let c = &report.counters;
+            assert!(
+                c.learned_new > 20 && c.learned_moved > 20 && c.learn_failed > 0,
+                "{prog:?}: learned {} new, {} moved, {} failed: the generator misses a \
+                 learning path",
+                c.learned_new,
+                c.learned_moved,
+                c.learn_failed
+            );
+        }
     }
 }
 

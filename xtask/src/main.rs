@@ -59,10 +59,11 @@ enum Verb {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Build, then fuzz the guard programs: random and mutated frames (a
-    /// million per program by default) through BPF_PROG_TEST_RUN, each
-    /// checked against the oracle; fails on any wrong rewrite or pass
-    /// (needs root).
+    /// Build, then fuzz the programs (both guards and the learning tc
+    /// program): random and mutated frames (a million per program by
+    /// default) through BPF_PROG_TEST_RUN, each checked against the
+    /// oracle, and the learned endpoints compared with the oracle's; fails
+    /// on any wrong rewrite, pass or learn (needs root).
     Fuzz {
         /// Arguments for flowguard-fuzz (`--seed N`, `--frames N`), after `--`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -1,8 +1,10 @@
 //! The frame fuzz at scale: a million random and mutated frames (by
-//! default) through each guard program, run by BPF_PROG_TEST_RUN on the
-//! loaded object with real maps, each checked against the oracle
-//! (`flowguard_tests::fuzz`). Reports wrong rewrites and wrong passes per
-//! program and exits non-zero if there is any.
+//! default) through each program (both guards and the learning tc
+//! program), run by BPF_PROG_TEST_RUN on the loaded object with real maps,
+//! each checked against the oracle (`flowguard_tests::fuzz`), and the
+//! learned endpoints compared with the oracle's after the run. Reports
+//! wrong rewrites, passes and learns per program and exits non-zero if
+//! there is any.
 //!
 //! `cargo xtask fuzz [-- --seed N --frames N]` (needs root).
 
@@ -13,10 +15,13 @@ use std::{
 };
 
 use clap::Parser;
-use flowguard_tests::fuzz::{self, FrameSource, Scenario, GUARDS};
+use flowguard_tests::{
+    fuzz::{self, FrameSource, Scenario, FUZZED},
+    progs::{self, Prog},
+};
 
-/// Fuzzes flowguard's guard programs (XDP and tc) with random and mutated
-/// frames against an independent oracle of the spec (needs root).
+/// Fuzzes flowguard's programs (XDP, tc, tc with learning) with random and
+/// mutated frames against an independent oracle of the spec (needs root).
 #[derive(Parser)]
 struct Args {
     /// The seed: the same seed gives the same prefixes, endpoints and
@@ -56,11 +61,11 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let mut clean = true;
     let mut reports = Vec::new();
-    for prog in GUARDS {
+    for prog in FUZZED {
         let report = fuzz::run(prog, &scenario, seed, args.frames, args.progress, |r| {
             println!(
                 "  {prog:?}: {} frames, {:.0} frames/s, {} rewritten, {} wrong rewrites, {} \
-                 wrong passes",
+                 wrong passes (learns: compared at the end)",
                 r.frames,
                 r.frames_per_second(),
                 r.rewritten,
@@ -84,8 +89,8 @@ fn main() -> ExitCode {
         .iter()
         .map(|r| {
             format!(
-                "{:?} {} wrong rewrites, {} wrong passes",
-                r.prog, r.wrong_rewrites, r.wrong_passes
+                "{:?} {} wrong rewrites, {} wrong passes, {} wrong learns",
+                r.prog, r.wrong_rewrites, r.wrong_passes, r.wrong_learns
             )
         })
         .collect();
@@ -103,36 +108,52 @@ fn main() -> ExitCode {
 }
 
 /// Frame `index` of `seed`: its bytes, what the oracle expects, and what
-/// each program made of it.
+/// each program made of it. The learning program (and its oracle) first
+/// runs the frames before it, which decide what it has learned.
 fn show(scenario: &Scenario, seed: u64, index: u64) -> ExitCode {
     let mut source = FrameSource::new(scenario, seed);
-    let frame = (0..=index)
-        .map(|_| source.next_frame())
-        .last()
-        .expect("at least one frame");
+    let before: Vec<Vec<u8>> = (0..index).map(|_| source.next_frame()).collect();
+    let frame = source.next_frame();
     let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
     println!("guarding {scenario}");
     println!("seed {seed} frame #{index} ({} bytes): {hex}", frame.len());
-    println!(
-        "oracle: {}",
-        match scenario.oracle().expected_via(&frame) {
-            Some((mac, lookup)) => format!("rewrite to {mac:02x?} (endpoint in the {lookup:?})"),
-            None => "pass untouched".to_owned(),
-        }
-    );
-    for prog in GUARDS {
-        let outcome = scenario
-            .load()
-            .and_then(|g| g.run(prog, &frame))
-            .map(|out| {
-                format!(
-                    "verdict {} (pass {}), {} bytes, {}",
-                    out.ret,
-                    prog.pass_value(),
-                    out.data.len(),
-                    fuzz::changes(&frame, &out.data)
-                )
-            });
+    for prog in FUZZED {
+        let mut oracle = scenario.oracle();
+        let outcome = scenario.load().and_then(|g| {
+            if prog == Prog::TcLearn {
+                for (i, f) in before.iter().enumerate() {
+                    match g.run(prog, f) {
+                        Ok(_) => {
+                            oracle.learn(f, i as u64);
+                        }
+                        Err(e) if progs::errno(&e) == Some(libc::EINVAL) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            let out = g.run(prog, &frame)?;
+            let learned = if prog == Prog::TcLearn {
+                match oracle.learn(&frame, index) {
+                    Some(place) => format!("learn at {place:?}, then "),
+                    None => "learn nothing, then ".to_owned(),
+                }
+            } else {
+                String::new()
+            };
+            let want = match oracle.expected_via(&frame) {
+                Some((mac, lookup)) => {
+                    format!("rewrite to {mac:02x?} (endpoint in the {lookup:?})")
+                }
+                None => "pass untouched".to_owned(),
+            };
+            Ok(format!(
+                "oracle: {learned}{want}; program: verdict {} (pass {}), {} bytes, {}",
+                out.ret,
+                prog.pass_value(),
+                out.data.len(),
+                fuzz::changes(&frame, &out.data)
+            ))
+        });
         match outcome {
             Ok(text) => println!("{prog:?}: {text}"),
             Err(e) => println!("{prog:?}: test_run: {e}"),
