@@ -16,7 +16,7 @@ use std::{
 
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
 
-use crate::neigh::source::set_receive_buffer;
+use crate::netlink::set_socket_receive_buffer;
 
 /// Directories whose entries are namespace bind mounts, with how a
 /// namespace found there is named in sentences.
@@ -181,7 +181,7 @@ fn subscribed_socket() -> io::Result<Socket> {
     let mut s = Socket::new(NETLINK_ROUTE)?;
     s.bind_auto()?;
     s.set_non_blocking(true)?;
-    set_receive_buffer(s.as_raw_fd(), RECEIVE_BUFFER)?;
+    set_socket_receive_buffer(&s, RECEIVE_BUFFER)?;
     for group in [
         libc::RTNLGRP_LINK,
         libc::RTNLGRP_IPV4_IFADDR,

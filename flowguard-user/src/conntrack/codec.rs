@@ -20,6 +20,7 @@ use netlink_packet_netfilter::{
 };
 
 use super::{ConntrackError, Flow, Tuple, IPPROTO_ICMP, IPPROTO_ICMPV6, IPS_CONFIRMED};
+use crate::netlink::{self, Control};
 
 // include/uapi/linux/netfilter/nfnetlink_conntrack.h
 const IPCTNL_MSG_CT_GET_STATS: u8 = 5;
@@ -412,44 +413,34 @@ pub(crate) enum Body {
 /// error for the whole datagram; a message whose content does not decode is
 /// returned as [`Body::Undecodable`] (or an error, for acks and dones).
 pub(crate) fn parse_datagram(buf: &[u8]) -> Result<Vec<Received>, ConntrackError> {
-    let mut out = Vec::new();
-    let mut offset = 0;
-    while offset < buf.len() {
-        let rest = &buf[offset..];
-        if rest.len() < NLMSG_HDRLEN {
-            return Err(ConntrackError::Malformed(format!(
-                "{} trailing bytes after message {}",
-                rest.len(),
-                out.len()
-            )));
-        }
-        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        if len < NLMSG_HDRLEN || len > rest.len() {
-            return Err(ConntrackError::Malformed(format!(
-                "message {} claims {len} bytes, {} are left",
-                out.len(),
-                rest.len()
-            )));
-        }
-        let flags = u16::from_ne_bytes([rest[6], rest[7]]);
-        let seq = u32::from_ne_bytes([rest[8], rest[9], rest[10], rest[11]]);
-        out.push(Received {
-            seq,
-            flags,
-            body: parse_message(&rest[..len])?,
-        });
-        // NLMSG_ALIGN; the last message may end unaligned.
-        offset += (len + 3) & !3;
-    }
-    Ok(out)
+    netlink::messages(buf)
+        .map(|m| {
+            let m = m.map_err(|e| ConntrackError::Malformed(e.reason))?;
+            Ok(Received {
+                seq: m.seq,
+                flags: m.flags,
+                body: parse_message(&m)?,
+            })
+        })
+        .collect()
 }
 
-fn parse_message(bytes: &[u8]) -> Result<Body, ConntrackError> {
-    let message_type = u16::from_ne_bytes([bytes[4], bytes[5]]);
-    let message = match NetlinkMessage::<NetfilterMessage>::deserialize(bytes) {
-        Ok(m) => m,
+fn parse_message(m: &netlink::Message) -> Result<Body, ConntrackError> {
+    match m.control() {
+        Some(Ok(Control::Ack)) => return Ok(Body::Ack),
+        Some(Ok(Control::Error(errno))) => return Ok(Body::Error(errno)),
+        Some(Ok(Control::Done(status))) => return Ok(Body::Done(status)),
+        Some(Err(e)) => {
+            return Err(ConntrackError::Malformed(format!(
+                "netlink control message: {e}"
+            )))
+        }
+        None => {}
+    }
+    let message = match NetlinkMessage::<NetfilterMessage>::deserialize(m.bytes) {
+        Ok(message) => message,
         // Control messages must decode; an entry that does not is skipped.
-        Err(e) if message_type < 0x10 => {
+        Err(e) if m.kind < 0x10 => {
             return Err(ConntrackError::Malformed(format!(
                 "netlink control message: {e}"
             )));
@@ -457,11 +448,6 @@ fn parse_message(bytes: &[u8]) -> Result<Body, ConntrackError> {
         Err(e) => return Ok(Body::Undecodable(e.to_string())),
     };
     Ok(match message.payload {
-        NetlinkPayload::Error(e) => match e.code {
-            None => Body::Ack,
-            Some(code) => Body::Error(code.get().saturating_abs()),
-        },
-        NetlinkPayload::Done(done) => Body::Done(done.code),
         NetlinkPayload::InnerMessage(nf) => match nf.inner {
             NetfilterMessageInner::Conntrack(
                 ConntrackMessage::New(attrs)
