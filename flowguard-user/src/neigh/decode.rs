@@ -162,8 +162,8 @@ pub(super) fn dump_request(family: AddressFamily, seq: u32) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::super::nud;
-    use netlink_packet_core::NLM_F_DUMP_INTR;
     use super::*;
+    use netlink_packet_core::NLM_F_DUMP_INTR;
 
     const NLMSG_ERROR: u16 = 2;
     const NLMSG_DONE: u16 = 3;
