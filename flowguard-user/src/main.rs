@@ -402,7 +402,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         let capacity = guard.endpoint_capacity;
         let mut map = guard.endpoints()?;
         for s in &args.statics {
-            endpoints::upsert(&mut map, endpoint_key(s.ip), s.mac, source::STATIC).map_err(
+            endpoints::upsert(&mut map, endpoint_key(s.ip), s.mac, source::STATIC, None).map_err(
                 |e| match &e {
                     aya::maps::MapError::SyscallError(sys_err)
                         if sys_err.io_error.raw_os_error() == Some(libc::E2BIG) =>
