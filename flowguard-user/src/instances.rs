@@ -6,9 +6,7 @@
 use std::{fs, io, path::PathBuf, process::Command};
 
 use aya::programs::{tc::SchedClassifier, TcAttachType};
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
-};
+use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_route::{
     tc::{TcHandle, TcMessage},
     RouteNetlinkMessage,
@@ -93,17 +91,11 @@ fn clsact_parent(direction: TcAttachType) -> u32 {
 fn dump_request(index: u32, direction: TcAttachType) -> Vec<u8> {
     let mut tc = TcMessage::with_index(index as i32);
     tc.header.parent = TcHandle::from(clsact_parent(direction));
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    header.sequence_number = 1;
-    let mut msg = NetlinkMessage::new(
-        header,
-        NetlinkPayload::InnerMessage(RouteNetlinkMessage::GetTrafficFilter(tc)),
-    );
-    msg.finalize();
-    let mut buf = vec![0; msg.buffer_len()];
-    msg.serialize(&mut buf);
-    buf
+    netlink::request(
+        NLM_F_REQUEST | NLM_F_DUMP,
+        1,
+        RouteNetlinkMessage::GetTrafficFilter(tc),
+    )
 }
 
 fn dump_filters(index: u32, direction: TcAttachType) -> io::Result<Vec<ClsactFilter>> {
@@ -274,6 +266,7 @@ pub fn describe_holder(p: &Attached) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::netlink::test_bytes::nla;
 
     #[test]
     fn the_pin_dir_comes_from_either_spelling() {
@@ -304,15 +297,6 @@ mod tests {
 
     /// An RTM_NEWTFILTER as the kernel dumps a cls_bpf filter.
     fn bpf_filter(handle: u32, priority: u16, kind: &[u8], id: u32, name: &[u8]) -> Vec<u8> {
-        fn nla(kind: u16, value: &[u8]) -> Vec<u8> {
-            let mut v = ((4 + value.len()) as u16).to_ne_bytes().to_vec();
-            v.extend(kind.to_ne_bytes());
-            v.extend(value);
-            while !v.len().is_multiple_of(4) {
-                v.push(0);
-            }
-            v
-        }
         let mut tcmsg = vec![0u8; 4];
         tcmsg.extend(7i32.to_ne_bytes());
         tcmsg.extend(handle.to_ne_bytes());
@@ -326,13 +310,7 @@ mod tests {
     }
 
     fn message(kind: u16, payload: &[u8]) -> Vec<u8> {
-        let mut v = ((16 + payload.len()) as u32).to_ne_bytes().to_vec();
-        v.extend(kind.to_ne_bytes());
-        v.extend(2u16.to_ne_bytes());
-        v.extend(1u32.to_ne_bytes());
-        v.extend(0u32.to_ne_bytes());
-        v.extend(payload);
-        v
+        crate::netlink::test_bytes::message(kind, 2, 1, payload)
     }
 
     #[test]

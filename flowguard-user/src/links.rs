@@ -45,13 +45,9 @@ pub struct Subscription {
 
 impl Subscription {
     fn open(protocol: isize, group: u32, receive_buffer: usize) -> io::Result<Self> {
-        let mut s = Socket::new(protocol)?;
-        s.bind_auto()?;
-        s.set_non_blocking(true)?;
-        netlink::set_socket_receive_buffer(&s, receive_buffer)?;
-        s.add_membership(group)?;
+        let socket = netlink::subscribe(protocol, &[group], receive_buffer)?;
         Ok(Self {
-            socket: netlink::register(s)?,
+            socket: netlink::register(socket)?,
             buf: Vec::new(),
         })
     }
@@ -122,33 +118,18 @@ pub fn parse_links(buf: &[u8]) -> Vec<LinkEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::netlink::test_bytes::{self, nla};
 
     fn message(kind: u16, index: u32, name: Option<&str>) -> Vec<u8> {
-        let mut attrs = Vec::new();
-        // An attribute before the name, as the kernel sends (IFLA_MTU).
-        attrs.extend_from_slice(&8u16.to_ne_bytes());
-        attrs.extend_from_slice(&4u16.to_ne_bytes());
-        attrs.extend_from_slice(&1500u32.to_ne_bytes());
+        let mut ifinfomsg = vec![0, 0, 1, 0]; // family, pad, type (ether)
+        ifinfomsg.extend(index.to_ne_bytes());
+        ifinfomsg.extend([0; 8]); // flags, change
+                                  // An attribute before the name, as the kernel sends (IFLA_MTU).
+        ifinfomsg.extend(nla(4, &1500u32.to_ne_bytes()));
         if let Some(n) = name {
-            let len = 4 + n.len() + 1;
-            attrs.extend_from_slice(&(len as u16).to_ne_bytes());
-            attrs.extend_from_slice(&IFLA_IFNAME.to_ne_bytes());
-            attrs.extend_from_slice(n.as_bytes());
-            attrs.push(0);
-            while attrs.len() % 4 != 0 {
-                attrs.push(0);
-            }
+            ifinfomsg.extend(nla(IFLA_IFNAME, format!("{n}\0").as_bytes()));
         }
-        let total = 16 + IFINFOMSG_LEN + attrs.len();
-        let mut m = Vec::new();
-        m.extend_from_slice(&(total as u32).to_ne_bytes());
-        m.extend_from_slice(&kind.to_ne_bytes());
-        m.extend_from_slice(&[0; 10]); // flags, seq, pid
-        m.extend_from_slice(&[0, 0, 1, 0]); // family, pad, type (ether)
-        m.extend_from_slice(&index.to_ne_bytes());
-        m.extend_from_slice(&[0; 8]); // flags, change
-        m.extend_from_slice(&attrs);
-        m
+        test_bytes::message(kind, 0, 0, &ifinfomsg)
     }
 
     #[test]

@@ -10,8 +10,8 @@ use std::{
 };
 
 use netlink_packet_core::{
-    DoneBuffer, ErrorBuffer, NetlinkBuffer, NlasIterator, NLA_HEADER_SIZE, NLMSG_DONE, NLMSG_ERROR,
-    NLM_F_DUMP_INTR,
+    DoneBuffer, ErrorBuffer, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NetlinkSerializable, NlasIterator, NLA_HEADER_SIZE, NLMSG_DONE, NLMSG_ERROR, NLM_F_DUMP_INTR,
 };
 use netlink_sys::Socket;
 use tokio::io::{unix::AsyncFd, Interest};
@@ -66,6 +66,20 @@ pub async fn receive_async(socket: &AsyncFd<Socket>, buf: &mut Vec<u8>) -> io::R
     }
 }
 
+/// A non-blocking socket of `protocol` with a receive buffer of
+/// `receive_buffer` bytes, subscribed to the multicast `groups`, in the
+/// network namespace of the calling thread. Not registered with tokio yet.
+pub fn subscribe(protocol: isize, groups: &[u32], receive_buffer: usize) -> io::Result<Socket> {
+    let mut socket = Socket::new(protocol)?;
+    socket.bind_auto()?;
+    socket.set_non_blocking(true)?;
+    set_socket_receive_buffer(&socket, receive_buffer)?;
+    for group in groups {
+        socket.add_membership(*group)?;
+    }
+    Ok(socket)
+}
+
 /// Registers a netlink socket with the current tokio runtime for reading
 /// (panics outside one).
 pub fn register(socket: Socket) -> io::Result<AsyncFd<Socket>> {
@@ -73,6 +87,19 @@ pub fn register(socket: Socket) -> io::Result<AsyncFd<Socket>> {
     // always returns the same one; the `AsyncFd` owns the `Socket`, which is
     // never swapped for another.
     unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }.map_err(io::Error::from)
+}
+
+/// A request to the kernel: `inner` under a header with `flags` and `seq`
+/// (the kernel fills in the port).
+pub fn request<I: NetlinkSerializable>(flags: u16, seq: u32, inner: I) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    header.sequence_number = seq;
+    let mut message = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(inner));
+    message.finalize();
+    let mut buf = vec![0; message.buffer_len()];
+    message.serialize(&mut buf);
+    buf
 }
 
 /// Sends one request whole (a short send is an error).
@@ -280,13 +307,11 @@ pub fn string(value: &[u8]) -> String {
     String::from_utf8_lossy(&value[..end]).into_owned()
 }
 
+/// Raw netlink bytes as the kernel lays them out, for the readers' tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const RTM_NEWLINK: u16 = 16;
-
-    fn header(kind: u16, flags: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
+pub(crate) mod test_bytes {
+    /// A message: header (port 4242), then `payload` as it is.
+    pub fn message(kind: u16, flags: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();
         v.extend_from_slice(&((16 + payload.len()) as u32).to_ne_bytes());
         v.extend_from_slice(&kind.to_ne_bytes());
@@ -297,7 +322,8 @@ mod tests {
         v
     }
 
-    fn nla(kind: u16, value: &[u8]) -> Vec<u8> {
+    /// An attribute, padded to four bytes.
+    pub fn nla(kind: u16, value: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();
         v.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
         v.extend_from_slice(&kind.to_ne_bytes());
@@ -306,6 +332,28 @@ mod tests {
             v.push(0);
         }
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_bytes::{message as header, nla};
+    use super::*;
+
+    const RTM_NEWLINK: u16 = 16;
+
+    #[test]
+    fn a_request_has_its_flags_seq_and_length() {
+        use netlink_packet_route::{link::LinkMessage, RouteNetlinkMessage};
+        let r = request(
+            0x301,
+            77,
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+        );
+        let m: Vec<_> = messages(&r).map(Result::unwrap).collect();
+        assert_eq!(m.len(), 1);
+        assert_eq!((m[0].kind, m[0].flags, m[0].seq), (18, 0x301, 77)); // RTM_GETLINK
+        assert_eq!(m[0].bytes.len(), r.len());
     }
 
     fn all(d: &[u8]) -> Vec<Result<Message<'_>, Malformed>> {

@@ -4,9 +4,7 @@
 
 use std::net::IpAddr;
 
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
-};
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
     link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
@@ -199,14 +197,8 @@ fn addr_of(m: &AddressMessage) -> Option<IpAddr> {
 }
 
 fn request(payload: RouteNetlinkMessage, seq: u32, dump: bool) -> Vec<u8> {
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
-    header.sequence_number = seq;
-    let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(payload));
-    msg.finalize();
-    let mut buf = vec![0; msg.buffer_len()];
-    msg.serialize(&mut buf);
-    buf
+    let flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
+    netlink::request(flags, seq, payload)
 }
 
 /// `RTM_GETLINK` dump of every link.

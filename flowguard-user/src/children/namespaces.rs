@@ -16,7 +16,7 @@ use std::{
 
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
 
-use crate::{netlink::set_socket_receive_buffer, sys};
+use crate::{netlink, sys};
 
 /// Directories whose entries are namespace bind mounts, with how a
 /// namespace found there is named in sentences.
@@ -148,18 +148,15 @@ pub fn sockets_inside(namespaces: Vec<(u64, File)>) -> Vec<(u64, io::Result<Sock
 }
 
 fn subscribed_socket() -> io::Result<Socket> {
-    let mut s = Socket::new(NETLINK_ROUTE)?;
-    s.bind_auto()?;
-    s.set_non_blocking(true)?;
-    set_socket_receive_buffer(&s, RECEIVE_BUFFER)?;
-    for group in [
-        libc::RTNLGRP_LINK,
-        libc::RTNLGRP_IPV4_IFADDR,
-        libc::RTNLGRP_IPV6_IFADDR,
-    ] {
-        s.add_membership(group)?;
-    }
-    Ok(s)
+    netlink::subscribe(
+        NETLINK_ROUTE,
+        &[
+            libc::RTNLGRP_LINK,
+            libc::RTNLGRP_IPV4_IFADDR,
+            libc::RTNLGRP_IPV6_IFADDR,
+        ],
+        RECEIVE_BUFFER,
+    )
 }
 
 /// A pidfd: readable once the process has exited.

@@ -8,8 +8,7 @@
 use std::net::IpAddr;
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
-    NLM_F_REQUEST,
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
 };
 use netlink_packet_netfilter::{
     conntrack::{
@@ -82,17 +81,11 @@ impl AddressFilter {
 }
 
 fn build(seq: u32, flags: u16, family: u8, message: ConntrackMessage) -> Vec<u8> {
-    let mut header = NetlinkHeader::default();
-    header.flags = flags;
-    header.sequence_number = seq;
     let payload = NetfilterMessage::new(
         NetfilterHeader::new(family.into(), NFNETLINK_V0, 0),
         message,
     );
-    let mut message = NetlinkMessage::new(header, NetlinkPayload::from(payload));
-    message.finalize();
-    let mut buf = vec![0; message.buffer_len()];
-    message.serialize(&mut buf);
+    let mut buf = netlink::request(flags, seq, payload);
     gaps::mark_filter_nested(&mut buf);
     buf
 }
@@ -482,8 +475,8 @@ pub(crate) mod tests {
         IPS_ASSURED, IPS_HW_OFFLOAD, IPS_OFFLOAD, IPS_SEEN_REPLY,
     };
     use netlink_packet_core::{
-        DefaultNla, DoneMessage, Emitable, ErrorMessage, Nla, NLA_F_NESTED, NLA_TYPE_MASK,
-        NLM_F_MULTIPART,
+        DefaultNla, DoneMessage, Emitable, ErrorMessage, NetlinkHeader, Nla, NLA_F_NESTED,
+        NLA_TYPE_MASK, NLM_F_MULTIPART,
     };
     use std::net::{Ipv4Addr, Ipv6Addr};
 

@@ -4,9 +4,7 @@
 
 use std::net::IpAddr;
 
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
-};
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_route::{
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage},
     AddressFamily, RouteNetlinkMessage,
@@ -146,23 +144,18 @@ fn entry_of(m: &NeighbourMessage) -> Option<NeighEntry> {
 pub(super) fn dump_request(family: AddressFamily, seq: u32) -> Vec<u8> {
     let mut neigh = NeighbourMessage::default();
     neigh.header.family = family;
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    header.sequence_number = seq;
-    let mut msg = NetlinkMessage::new(
-        header,
-        NetlinkPayload::InnerMessage(RouteNetlinkMessage::GetNeighbour(neigh)),
-    );
-    msg.finalize();
-    let mut buf = vec![0; msg.buffer_len()];
-    msg.serialize(&mut buf);
-    buf
+    netlink::request(
+        NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+        RouteNetlinkMessage::GetNeighbour(neigh),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::nud;
     use super::*;
+    use crate::netlink::test_bytes::{message as header, nla};
     use netlink_packet_core::NLM_F_DUMP_INTR;
 
     const NLMSG_ERROR: u16 = 2;
@@ -176,17 +169,6 @@ mod tests {
     const NDA_LLADDR: u16 = 2;
     const NDA_CACHEINFO: u16 = 3;
     const NDA_PROBES: u16 = 4;
-
-    fn nla(kind: u16, value: &[u8]) -> Vec<u8> {
-        let mut v = Vec::new();
-        v.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
-        v.extend_from_slice(&kind.to_ne_bytes());
-        v.extend_from_slice(value);
-        while v.len() % 4 != 0 {
-            v.push(0);
-        }
-        v
-    }
 
     /// A neighbour message as the kernel builds it (`neigh_fill_info`).
     #[expect(
@@ -215,17 +197,6 @@ mod tests {
         payload.extend(nla(NDA_PROBES, &0u32.to_ne_bytes()));
         payload.extend(nla(NDA_CACHEINFO, &[0; 16]));
         header(kind, 2, seq, &payload)
-    }
-
-    fn header(kind: u16, flags: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
-        let mut v = Vec::new();
-        v.extend_from_slice(&((16 + payload.len()) as u32).to_ne_bytes());
-        v.extend_from_slice(&kind.to_ne_bytes());
-        v.extend_from_slice(&flags.to_ne_bytes());
-        v.extend_from_slice(&seq.to_ne_bytes());
-        v.extend_from_slice(&4242u32.to_ne_bytes());
-        v.extend_from_slice(payload);
-        v
     }
 
     const MAC: [u8; 6] = [0x3a, 0xea, 0x10, 0xf9, 0xa1, 0x2e];
