@@ -6,7 +6,7 @@
 use std::borrow::{Borrow, BorrowMut};
 
 use aya::maps::{Array, HashMap, MapData, MapError};
-use flowguard_common::{Config, Endpoint, EndpointKey, V4Place, MAX_V4_PREFIXES};
+use flowguard_common::{endpoint_flags, Config, Endpoint, EndpointKey, V4Place, MAX_V4_PREFIXES};
 
 use crate::{neigh::EndpointStore, settings::Mac, sys};
 
@@ -110,28 +110,94 @@ impl<H: Borrow<MapData>, A: Borrow<MapData>> EndpointMaps<H, A> {
     }
 }
 
-/// Sets the current MAC and source of an endpoint. Evidence (stale counts,
-/// last stale MAC) already in the map is kept; the rate limit is reset when
-/// the MAC changes so that the next stale frame is reported at once.
+/// Sets the current MAC and source of an endpoint: the one rule every
+/// writer (static entries, the neighbour table, macvlan children) follows.
+/// Evidence (stale counts, last stale MAC) already in the map is kept; the
+/// rate limit is reset when the MAC changes so that the next stale frame is
+/// reported at once. `ambiguous` sets or clears the `AMBIGUOUS` flag
+/// (`None` leaves it as it is). Nothing is written when nothing changes.
 /// Returns the previous MAC, if the endpoint was known.
 pub fn upsert<S: EndpointStore + ?Sized>(
     map: &mut S,
     key: EndpointKey,
     mac: Mac,
     source: u8,
+    ambiguous: Option<bool>,
 ) -> Result<Option<Mac>, MapError> {
     let existing = map.get(&key)?;
-    let mut value = existing.unwrap_or_default();
     let previous = existing.map(|e| Mac(e.mac));
-    if existing.is_some_and(|e| e.mac == mac.0 && e.source == source) {
+    let flags = |e: &Endpoint| match ambiguous {
+        Some(true) => e.flags | endpoint_flags::AMBIGUOUS,
+        Some(false) => e.flags & !endpoint_flags::AMBIGUOUS,
+        None => e.flags,
+    };
+    if existing.is_some_and(|e| e.mac == mac.0 && e.source == source && flags(&e) == e.flags) {
         return Ok(previous);
     }
+    let mut value = existing.unwrap_or_default();
     if previous != Some(mac) {
         value.last_event_jiffies = 0;
         value.updated_ns = sys::monotonic_ns();
     }
     value.mac = mac.0;
     value.source = source;
+    value.flags = flags(&value);
     map.insert(key, value)?;
     Ok(previous)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap as Store;
+
+    use flowguard_common::source;
+
+    use super::*;
+
+    const A: Mac = Mac([0x02, 0, 0, 0, 0, 0xaa]);
+    const B: Mac = Mac([0x02, 0, 0, 0, 0, 0xbb]);
+
+    #[test]
+    fn upsert_keeps_evidence_resets_the_rate_limit_and_sets_the_flag_only_when_asked() {
+        let mut map = Store::new();
+        let key = crate::settings::endpoint_key("192.168.1.240".parse().unwrap());
+        assert_eq!(
+            upsert(&mut map, key, A, source::STATIC, None).unwrap(),
+            None
+        );
+        let e = map[&key];
+        assert_eq!((e.mac, e.source, e.flags), (A.0, source::STATIC, 0));
+        // Evidence gathered by the kernel side, and a flag set by someone.
+        let ev = map.get_mut(&key).unwrap();
+        ev.stale_packets = 7;
+        ev.last_event_jiffies = 99;
+        ev.flags = endpoint_flags::AMBIGUOUS;
+        // Same MAC and source, flag left alone: nothing is written.
+        let before = map[&key];
+        assert_eq!(
+            upsert(&mut map, key, A, source::STATIC, None).unwrap(),
+            Some(A)
+        );
+        assert_eq!(map[&key], before);
+        // Same MAC, flag cleared: the rate limit is not reset.
+        upsert(&mut map, key, A, source::STATIC, Some(false)).unwrap();
+        let e = map[&key];
+        assert_eq!((e.flags, e.last_event_jiffies), (0, 99));
+        // A new MAC from another source, flagged: evidence kept, rate limit reset.
+        assert_eq!(
+            upsert(&mut map, key, B, source::NEIGHBOUR, Some(true)).unwrap(),
+            Some(A)
+        );
+        let e = map[&key];
+        assert_eq!(
+            (
+                e.mac,
+                e.source,
+                e.flags,
+                e.stale_packets,
+                e.last_event_jiffies
+            ),
+            (B.0, source::NEIGHBOUR, endpoint_flags::AMBIGUOUS, 7, 0)
+        );
+    }
 }

@@ -3,9 +3,17 @@
 //! instead of stacking a second guard on a port (TCX allows that silently)
 //! or failing with a raw "File exists" (XDP).
 
-use std::{fs, path::PathBuf, process::Command};
+use std::{fs, io, path::PathBuf, process::Command};
 
 use aya::programs::{tc::SchedClassifier, TcAttachType};
+use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST};
+use netlink_packet_route::{
+    tc::{TcHandle, TcMessage},
+    RouteNetlinkMessage,
+};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
+
+use crate::netlink::{self, Control, Received};
 
 /// A BPF program attached to an interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,13 +73,12 @@ pub fn clsact_filters(iface: &str, direction: TcAttachType) -> Vec<ClsactFilter>
 }
 
 const RTM_NEWTFILTER: u16 = 44;
-const RTM_GETTFILTER: u16 = 46;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 const TCA_KIND: u16 = 1;
 const TCA_OPTIONS: u16 = 2;
 const TCA_BPF_NAME: u16 = 7;
 const TCA_BPF_ID: u16 = 11;
+/// `struct tcmsg`: family, pads, ifindex, handle, parent, info.
+const TCMSG_LEN: usize = 20;
 /// `TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS / TC_H_MIN_EGRESS)`.
 fn clsact_parent(direction: TcAttachType) -> u32 {
     match direction {
@@ -80,26 +87,34 @@ fn clsact_parent(direction: TcAttachType) -> u32 {
     }
 }
 
-fn dump_filters(index: u32, direction: TcAttachType) -> std::io::Result<Vec<ClsactFilter>> {
-    use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
+/// An `RTM_GETTFILTER` dump of one clsact hook of interface `index`.
+fn dump_request(index: u32, direction: TcAttachType) -> Vec<u8> {
+    let mut tc = TcMessage::with_index(index as i32);
+    tc.header.parent = TcHandle::from(clsact_parent(direction));
+    netlink::request(
+        NLM_F_REQUEST | NLM_F_DUMP,
+        1,
+        RouteNetlinkMessage::GetTrafficFilter(tc),
+    )
+}
+
+fn dump_filters(index: u32, direction: TcAttachType) -> io::Result<Vec<ClsactFilter>> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
     socket.bind_auto()?;
-    let mut req = Vec::with_capacity(36);
-    req.extend_from_slice(&36u32.to_ne_bytes());
-    req.extend_from_slice(&RTM_GETTFILTER.to_ne_bytes());
-    req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
-    req.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    req.extend_from_slice(&0u32.to_ne_bytes()); // pid
-    req.extend_from_slice(&[0, 0, 0, 0]); // family, pads
-    req.extend_from_slice(&(index as i32).to_ne_bytes());
-    req.extend_from_slice(&0u32.to_ne_bytes()); // handle
-    req.extend_from_slice(&clsact_parent(direction).to_ne_bytes());
-    req.extend_from_slice(&0u32.to_ne_bytes()); // info
-    socket.send(&req, 0)?;
+    netlink::send(&socket, &dump_request(index, direction))?;
     let mut filters = Vec::new();
     let mut buf = Vec::new();
     loop {
-        crate::neigh::source::recv(std::os::fd::AsRawFd::as_raw_fd(&socket), &mut buf)?;
+        match netlink::receive(&socket, &mut buf)? {
+            Received::Whole => {}
+            Received::Truncated(n) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("a filter dump reply of {n} bytes was truncated"),
+                ))
+            }
+            Received::Overflow => return Err(io::Error::from_raw_os_error(libc::ENOBUFS)),
+        }
         let (done, more) = parse_filters(&buf)?;
         filters.extend(more);
         if done {
@@ -109,75 +124,50 @@ fn dump_filters(index: u32, direction: TcAttachType) -> std::io::Result<Vec<Clsa
 }
 
 /// The BPF filters in one dump datagram, and whether the dump is done.
-fn parse_filters(mut buf: &[u8]) -> std::io::Result<(bool, Vec<ClsactFilter>)> {
-    let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+fn parse_filters(buf: &[u8]) -> io::Result<(bool, Vec<ClsactFilter>)> {
     let u32_at = |b: &[u8], i: usize| u32::from_ne_bytes(b[i..i + 4].try_into().expect("4 bytes"));
     let mut out = Vec::new();
-    while buf.len() >= 16 {
-        let len = u32_at(buf, 0) as usize;
-        let kind = u16_at(buf, 4);
-        if len < 16 || len > buf.len() {
-            break;
+    for m in netlink::messages(buf) {
+        let m = m?;
+        match m.control() {
+            Some(Ok(Control::Done(_))) => return Ok((true, out)),
+            Some(Ok(Control::Error(errno))) => return Err(io::Error::from_raw_os_error(errno)),
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(Control::Ack)) | None => {}
         }
-        let msg = &buf[16..len];
-        match kind {
-            NLMSG_DONE => return Ok((true, out)),
-            NLMSG_ERROR if msg.len() >= 4 => {
-                let code = i32::from_ne_bytes(msg[..4].try_into().expect("4 bytes"));
-                return Err(std::io::Error::from_raw_os_error(-code));
-            }
-            RTM_NEWTFILTER if msg.len() >= 20 => {
-                let handle = u32_at(msg, 8);
-                let priority = (u32_at(msg, 16) >> 16) as u16;
-                let (mut bpf, mut id, mut name) = (false, None, String::new());
-                for (t, v) in attributes(&msg[20..]) {
-                    match t {
-                        TCA_KIND => bpf = v.starts_with(b"bpf\0") || v == b"bpf",
-                        TCA_OPTIONS => {
-                            for (t, v) in attributes(v) {
-                                match t {
-                                    TCA_BPF_ID if v.len() >= 4 => id = Some(u32_at(v, 0)),
-                                    TCA_BPF_NAME => {
-                                        let end = v.iter().position(|b| *b == 0).unwrap_or(v.len());
-                                        name = String::from_utf8_lossy(&v[..end]).into_owned();
-                                    }
-                                    _ => {}
-                                }
-                            }
+        let msg = m.payload();
+        if m.kind != RTM_NEWTFILTER || msg.len() < TCMSG_LEN {
+            continue;
+        }
+        let handle = u32_at(msg, 8);
+        let priority = (u32_at(msg, 16) >> 16) as u16;
+        let (mut bpf, mut id, mut name) = (false, None, String::new());
+        for (kind, value) in netlink::attributes(&msg[TCMSG_LEN..]) {
+            match kind {
+                TCA_KIND => bpf = netlink::string(value) == "bpf",
+                TCA_OPTIONS => {
+                    for (kind, value) in netlink::attributes(value) {
+                        match kind {
+                            TCA_BPF_ID if value.len() >= 4 => id = Some(u32_at(value, 0)),
+                            TCA_BPF_NAME => name = netlink::string(value),
+                            _ => {}
                         }
-                        _ => {}
                     }
                 }
-                if let (true, Some(id)) = (bpf, id) {
-                    // aya names the filter after the program (`tc` after
-                    // the object file and section).
-                    out.push(ClsactFilter {
-                        program: Attached { id, name },
-                        priority,
-                        handle,
-                    });
-                }
+                _ => {}
             }
-            _ => {}
         }
-        buf = buf.get((len + 3) & !3..).unwrap_or_default();
+        if let (true, Some(id)) = (bpf, id) {
+            // aya names the filter after the program (`tc` after the object
+            // file and section).
+            out.push(ClsactFilter {
+                program: Attached { id, name },
+                priority,
+                handle,
+            });
+        }
     }
     Ok((false, out))
-}
-
-/// Netlink attributes: (type without flags, value).
-fn attributes(mut b: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = Vec::new();
-    while b.len() >= 4 {
-        let len = usize::from(u16::from_ne_bytes([b[0], b[1]]));
-        let kind = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
-        if len < 4 || len > b.len() {
-            break;
-        }
-        out.push((kind, &b[4..len]));
-        b = b.get((len + 3) & !3..).unwrap_or_default();
-    }
-    out
 }
 
 /// The XDP program on `iface`, as `ip -j -d link show` reports it (`None`
@@ -276,6 +266,7 @@ pub fn describe_holder(p: &Attached) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::netlink::test_bytes::nla;
 
     #[test]
     fn the_pin_dir_comes_from_either_spelling() {
@@ -284,6 +275,67 @@ mod tests {
         let c = b"flowguard\0run\0--pin-dir=/x/b\0";
         assert_eq!(pin_dir_in_cmdline(c), Some(PathBuf::from("/x/b")));
         assert_eq!(pin_dir_in_cmdline(b"flowguard\0run\0"), None);
+    }
+
+    #[test]
+    fn the_filter_dump_request_is_a_tcmsg_for_the_clsact_hook() {
+        let mut expected = Vec::new();
+        expected.extend_from_slice(&36u32.to_ne_bytes());
+        expected.extend_from_slice(&46u16.to_ne_bytes()); // RTM_GETTFILTER
+        expected.extend_from_slice(&0x301u16.to_ne_bytes()); // NLM_F_REQUEST | NLM_F_DUMP
+        expected.extend_from_slice(&1u32.to_ne_bytes()); // seq
+        expected.extend_from_slice(&0u32.to_ne_bytes()); // pid
+        expected.extend_from_slice(&[0, 0, 0, 0]); // family, pads
+        expected.extend_from_slice(&7i32.to_ne_bytes()); // ifindex
+        expected.extend_from_slice(&0u32.to_ne_bytes()); // handle
+        expected.extend_from_slice(&0xffff_fff3u32.to_ne_bytes()); // parent: clsact egress
+        expected.extend_from_slice(&0u32.to_ne_bytes()); // info
+        assert_eq!(dump_request(7, TcAttachType::Egress), expected);
+        let ingress = dump_request(7, TcAttachType::Ingress);
+        assert_eq!(ingress[28..32], 0xffff_fff2u32.to_ne_bytes());
+    }
+
+    /// An RTM_NEWTFILTER as the kernel dumps a cls_bpf filter.
+    fn bpf_filter(handle: u32, priority: u16, kind: &[u8], id: u32, name: &[u8]) -> Vec<u8> {
+        let mut tcmsg = vec![0u8; 4];
+        tcmsg.extend(7i32.to_ne_bytes());
+        tcmsg.extend(handle.to_ne_bytes());
+        tcmsg.extend(0xffff_fff3u32.to_ne_bytes());
+        tcmsg.extend((u32::from(priority) << 16 | 0x0300).to_ne_bytes());
+        tcmsg.extend(nla(TCA_KIND, kind));
+        let mut options = nla(TCA_BPF_NAME, name);
+        options.extend(nla(TCA_BPF_ID, &id.to_ne_bytes()));
+        tcmsg.extend(nla(TCA_OPTIONS | 0x8000, &options));
+        message(RTM_NEWTFILTER, &tcmsg)
+    }
+
+    fn message(kind: u16, payload: &[u8]) -> Vec<u8> {
+        crate::netlink::test_bytes::message(kind, 2, 1, payload)
+    }
+
+    #[test]
+    fn bpf_filters_are_read_from_a_dump() {
+        let mut d = bpf_filter(1, 49152, b"bpf\0", 42, b"flowguard_tc\0");
+        d.extend(bpf_filter(2, 1, b"u32\0", 43, b"x\0"));
+        let (done, filters) = parse_filters(&d).unwrap();
+        assert!(!done);
+        assert_eq!(
+            filters,
+            [ClsactFilter {
+                program: Attached {
+                    id: 42,
+                    name: "flowguard_tc".into()
+                },
+                priority: 49152,
+                handle: 1,
+            }]
+        );
+        d.extend(message(3, &0i32.to_ne_bytes())); // NLMSG_DONE
+        assert!(parse_filters(&d).unwrap().0);
+        let refused = message(2, &(-libc::EINVAL).to_ne_bytes()); // NLMSG_ERROR
+        let e = parse_filters(&refused).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+        assert!(parse_filters(&d[..d.len() - 2]).is_err());
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod links;
 pub mod loader;
 pub mod metrics;
 pub mod neigh;
+pub mod netlink;
 pub mod out;
 pub mod probe;
 pub mod run_config;

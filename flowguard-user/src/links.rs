@@ -9,16 +9,15 @@
 //! is. When the kernel drops notifications (`ENOBUFS`), the subscriber says
 //! so ([`Notice::Lost`]) and the caller looks everything up again.
 
-use std::{io, os::fd::AsRawFd as _};
+use std::io;
 
-use netlink_packet_core::NetlinkBuffer;
 use netlink_sys::{
     protocols::{NETLINK_NETFILTER, NETLINK_ROUTE},
     Socket,
 };
-use tokio::io::{unix::AsyncFd, Interest};
+use tokio::io::unix::AsyncFd;
 
-use crate::neigh::source::{recv, set_receive_buffer, Received};
+use crate::netlink::{self, Received};
 
 /// One change of an interface.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,16 +45,9 @@ pub struct Subscription {
 
 impl Subscription {
     fn open(protocol: isize, group: u32, receive_buffer: usize) -> io::Result<Self> {
-        let mut s = Socket::new(protocol)?;
-        s.bind_auto()?;
-        s.set_non_blocking(true)?;
-        set_receive_buffer(s.as_raw_fd(), receive_buffer)?;
-        s.add_membership(group)?;
-        // SAFETY: `Socket` owns its descriptor and closes it only when
-        // dropped; the `AsyncFd` owns the `Socket` for its whole life.
-        let socket = unsafe { AsyncFd::register_with_interest(s, Interest::READABLE) }?;
+        let socket = netlink::subscribe(protocol, &[group], receive_buffer)?;
         Ok(Self {
-            socket,
+            socket: netlink::register(socket)?,
             buf: Vec::new(),
         })
     }
@@ -72,22 +64,12 @@ impl Subscription {
 
     /// The next datagram, decoded by `decode`, or `Lost` after an overflow.
     async fn next_with<T>(&mut self, decode: fn(&[u8]) -> Vec<T>) -> io::Result<Notice<T>> {
-        loop {
-            let received = {
-                let mut guard = self.socket.readable().await?;
-                match guard.try_io(|s| recv(s.get_ref().as_raw_fd(), &mut self.buf)) {
-                    Ok(r) => r,
-                    Err(_would_block) => continue,
-                }
-            };
-            return match received {
-                Ok(Received::Whole) => Ok(Notice::Events(decode(&self.buf))),
-                Ok(Received::Truncated(_)) => Ok(Notice::Lost),
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(Notice::Lost),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => Err(e),
-            };
-        }
+        Ok(
+            match netlink::receive_async(&self.socket, &mut self.buf).await? {
+                Received::Whole => Notice::Events(decode(&self.buf)),
+                Received::Truncated(_) | Received::Overflow => Notice::Lost,
+            },
+        )
     }
 
     /// The next interface changes.
@@ -105,87 +87,49 @@ impl Subscription {
 
 const RTM_NEWLINK: u16 = 16;
 const RTM_DELLINK: u16 = 17;
-const NETLINK_HEADER_LEN: usize = 16;
 /// `struct ifinfomsg`: family, pad, type, index, flags, change.
 const IFINFOMSG_LEN: usize = 16;
 const IFLA_IFNAME: u16 = 3;
 
 /// The link events in one rtnetlink datagram. Only the index and the name
 /// are read (the rest of `ifinfomsg` and its attributes change with every
-/// kernel; nothing here needs them).
-pub fn parse_links(mut buf: &[u8]) -> Vec<LinkEvent> {
-    let mut out = Vec::new();
-    while buf.len() >= NETLINK_HEADER_LEN {
-        let (len, kind) = {
-            let nl = NetlinkBuffer::new(buf);
-            (nl.length() as usize, nl.message_type())
-        };
-        if len < NETLINK_HEADER_LEN || len > buf.len() {
-            break;
-        }
-        let msg = &buf[NETLINK_HEADER_LEN..len];
-        if matches!(kind, RTM_NEWLINK | RTM_DELLINK) && msg.len() >= IFINFOMSG_LEN {
+/// kernel; nothing here needs them). Broken framing ends the list.
+pub fn parse_links(buf: &[u8]) -> Vec<LinkEvent> {
+    netlink::messages(buf)
+        .map_while(Result::ok)
+        .filter_map(|m| {
+            let msg = m.payload();
+            if !matches!(m.kind, RTM_NEWLINK | RTM_DELLINK) || msg.len() < IFINFOMSG_LEN {
+                return None;
+            }
             let index = u32::from_ne_bytes(msg[4..8].try_into().expect("four bytes"));
-            let name = ifname_attr(&msg[IFINFOMSG_LEN..]);
-            out.push(if kind == RTM_NEWLINK {
+            let name = netlink::attributes(&msg[IFINFOMSG_LEN..])
+                .find(|(kind, _)| *kind == IFLA_IFNAME)
+                .map(|(_, value)| netlink::string(value));
+            Some(if m.kind == RTM_NEWLINK {
                 LinkEvent::New { index, name }
             } else {
                 LinkEvent::Gone { index, name }
-            });
-        }
-        buf = buf.get((len + 3) & !3..).unwrap_or_default();
-    }
-    out
-}
-
-/// `IFLA_IFNAME` among rtattrs (length and type in host order, 4-aligned).
-fn ifname_attr(mut attrs: &[u8]) -> Option<String> {
-    while attrs.len() >= 4 {
-        let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
-        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
-        if len < 4 || len > attrs.len() {
-            return None;
-        }
-        if kind == IFLA_IFNAME {
-            let value = &attrs[4..len];
-            let end = value.iter().position(|b| *b == 0).unwrap_or(value.len());
-            return Some(String::from_utf8_lossy(&value[..end]).into_owned());
-        }
-        attrs = attrs.get((len + 3) & !3..).unwrap_or_default();
-    }
-    None
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::netlink::test_bytes::{self, nla};
 
     fn message(kind: u16, index: u32, name: Option<&str>) -> Vec<u8> {
-        let mut attrs = Vec::new();
-        // An attribute before the name, as the kernel sends (IFLA_MTU).
-        attrs.extend_from_slice(&8u16.to_ne_bytes());
-        attrs.extend_from_slice(&4u16.to_ne_bytes());
-        attrs.extend_from_slice(&1500u32.to_ne_bytes());
+        let mut ifinfomsg = vec![0, 0, 1, 0]; // family, pad, type (ether)
+        ifinfomsg.extend(index.to_ne_bytes());
+        ifinfomsg.extend([0; 8]); // flags, change
+                                  // An attribute before the name, as the kernel sends (IFLA_MTU).
+        ifinfomsg.extend(nla(4, &1500u32.to_ne_bytes()));
         if let Some(n) = name {
-            let len = 4 + n.len() + 1;
-            attrs.extend_from_slice(&(len as u16).to_ne_bytes());
-            attrs.extend_from_slice(&IFLA_IFNAME.to_ne_bytes());
-            attrs.extend_from_slice(n.as_bytes());
-            attrs.push(0);
-            while attrs.len() % 4 != 0 {
-                attrs.push(0);
-            }
+            ifinfomsg.extend(nla(IFLA_IFNAME, format!("{n}\0").as_bytes()));
         }
-        let total = NETLINK_HEADER_LEN + IFINFOMSG_LEN + attrs.len();
-        let mut m = Vec::new();
-        m.extend_from_slice(&(total as u32).to_ne_bytes());
-        m.extend_from_slice(&kind.to_ne_bytes());
-        m.extend_from_slice(&[0; 10]); // flags, seq, pid
-        m.extend_from_slice(&[0, 0, 1, 0]); // family, pad, type (ether)
-        m.extend_from_slice(&index.to_ne_bytes());
-        m.extend_from_slice(&[0; 8]); // flags, change
-        m.extend_from_slice(&attrs);
-        m
+        test_bytes::message(kind, 0, 0, &ifinfomsg)
     }
 
     #[test]

@@ -268,7 +268,7 @@ impl Guard {
         let capacity = self.endpoint_capacity;
         let mut map = self.endpoints()?;
         for s in statics {
-            endpoints::upsert(&mut map, endpoint_key(s.ip), s.mac, source::STATIC).map_err(
+            endpoints::upsert(&mut map, endpoint_key(s.ip), s.mac, source::STATIC, None).map_err(
                 |source| match &source {
                     aya::maps::MapError::SyscallError(e)
                         if e.io_error.raw_os_error() == Some(libc::E2BIG) =>

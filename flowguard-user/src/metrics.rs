@@ -19,6 +19,7 @@ use std::{
 };
 
 use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
     sync::Semaphore,
     task::JoinHandle,
@@ -303,36 +304,13 @@ fn plain(status: &str, body: &str) -> Vec<u8> {
     response(status, "text/plain; charset=utf-8", body, false)
 }
 
-/// Reads some bytes (tokio's `io-util` feature is not needed for this much).
-async fn read_some(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        stream.readable().await?;
-        match stream.try_read(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            other => return other,
-        }
-    }
-}
-
-async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        stream.writable().await?;
-        match stream.try_write(buf) {
-            Ok(n) => buf = &buf[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Reads one request head, at most [`MAX_REQUEST`] bytes. `Ok(None)`: the
 /// client closed without sending anything.
-async fn read_head(stream: &TcpStream) -> io::Result<Option<Result<Vec<u8>, ()>>> {
+async fn read_head(stream: &mut TcpStream) -> io::Result<Option<Result<Vec<u8>, ()>>> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
-        let n = read_some(stream, &mut chunk).await?;
+        let n = stream.read(&mut chunk).await?;
         if n == 0 {
             return Ok((!buf.is_empty()).then_some(Err(())));
         }
@@ -348,12 +326,12 @@ async fn read_head(stream: &TcpStream) -> io::Result<Option<Result<Vec<u8>, ()>>
 }
 
 async fn serve_connection(
-    stream: TcpStream,
+    mut stream: TcpStream,
     pin_dir: Arc<Path>,
     idle: Arc<IdleConnections>,
     id: u64,
 ) -> io::Result<()> {
-    let head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&stream)).await;
+    let head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await;
     // From here on the connection is busy, not evictable.
     idle.forget(id);
     let head = head.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request head"))?;
@@ -376,10 +354,9 @@ async fn serve_connection(
             Route::BadRequest => plain("400 Bad Request", "bad request\n"),
         },
     };
-    write_all(&stream, &reply).await?;
-    let stream = stream.into_std()?;
-    stream.shutdown(std::net::Shutdown::Write)?;
-    let stream = TcpStream::from_std(stream)?;
+    stream.write_all(&reply).await?;
+    // Our side is done (FIN after the response).
+    stream.shutdown().await?;
     // Read what the client still sends until it closes (bounded), so that
     // closing with unread bytes does not reset the connection under the
     // response.
@@ -387,7 +364,7 @@ async fn serve_connection(
     let drain = async {
         let mut left: usize = 64 * 1024;
         while left > 0 {
-            match read_some(&stream, &mut sink).await {
+            match stream.read(&mut sink).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => left = left.saturating_sub(n),
             }

@@ -236,10 +236,16 @@ fn flock_holder_in(locks: &str, id: &str) -> Option<u32> {
     })
 }
 
-/// Runs `f` in the network namespace of process `pid` (on a thread of its
-/// own, which ends with it: the caller's namespace never changes).
+/// Runs `f` in the network namespace of process `pid` (see [`in_netns`]).
 pub fn in_netns_of<T: Send>(pid: u32, f: impl FnOnce() -> T + Send) -> io::Result<T> {
-    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    in_netns(&fs::File::open(format!("/proc/{pid}/ns/net"))?, f)
+}
+
+/// Runs `f` in the network namespace `ns` (an open namespace file), on a
+/// thread of its own which ends with it: the caller's namespace never
+/// changes, and no thread is ever left in another namespace. What `f`
+/// creates there (a socket) stays bound to that namespace.
+pub fn in_netns<T: Send>(ns: &fs::File, f: impl FnOnce() -> T + Send) -> io::Result<T> {
     std::thread::scope(|scope| {
         scope
             .spawn(move || {
@@ -383,6 +389,28 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn in_netns_runs_on_a_thread_of_its_own_and_leaves_the_caller_where_it_was() {
+        let here = || fs::read_link("/proc/thread-self/ns/net").unwrap();
+        let before = here();
+        let me = std::thread::current().id();
+        let ns = fs::File::open("/proc/self/ns/net").unwrap();
+        match in_netns(&ns, || (std::thread::current().id(), here())) {
+            Ok((thread, inside)) => {
+                assert_ne!(thread, me);
+                assert_eq!(inside, before);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                eprintln!("skipped: setns needs CAP_SYS_ADMIN");
+            }
+            Err(e) => panic!("{e}"),
+        }
+        assert_eq!(here(), before);
+        // A namespace file that is not one: the error, and nothing ran.
+        let not_ns = fs::File::open("/proc/self/stat").unwrap();
+        assert!(in_netns(&not_ns, || panic!("ran")).is_err());
+    }
 
     #[test]
     fn loopback_exists_and_unknown_does_not() {

@@ -4,10 +4,7 @@
 
 use std::net::IpAddr;
 
-use netlink_packet_core::{
-    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR,
-    NLM_F_REQUEST,
-};
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
     link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
@@ -16,7 +13,10 @@ use netlink_packet_route::{
 };
 
 use super::ChildKind;
-use crate::settings::Mac;
+use crate::{
+    netlink::{self, Control},
+    settings::Mac,
+};
 
 /// One link as a namespace reports it; only what deciding "is this a child
 /// of a guarded interface" needs.
@@ -64,9 +64,10 @@ pub enum Message {
         seq: u32,
         intr: bool,
     },
+    /// NLMSG_ERROR: the request `seq` failed with `errno` (acks are ignored).
     Error {
         seq: u32,
-        code: i32,
+        errno: i32,
     },
     Ignored,
     Undecodable {
@@ -74,35 +75,35 @@ pub enum Message {
     },
 }
 
-const NETLINK_HEADER_LEN: usize = 16;
 const RTM_DELLINK: u16 = 17;
 
-/// Splits a datagram into its messages and decodes each.
-pub fn parse_datagram(mut buf: &[u8]) -> Vec<Message> {
-    let mut out = Vec::new();
-    while buf.len() >= NETLINK_HEADER_LEN {
-        let len = NetlinkBuffer::new(buf).length() as usize;
-        if len < NETLINK_HEADER_LEN || len > buf.len() {
-            out.push(Message::Undecodable {
-                reason: format!("netlink length {len} with {} bytes left", buf.len()),
-            });
-            return out;
-        }
-        out.push(decode_one(&buf[..len]));
-        buf = buf.get((len + 3) & !3..).unwrap_or_default();
-    }
-    out
+/// Splits a datagram into its messages and decodes each; broken framing
+/// ends the list with one `Undecodable`.
+pub fn parse_datagram(buf: &[u8]) -> Vec<Message> {
+    netlink::messages(buf)
+        .map(|m| match m {
+            Ok(m) => decode_one(&m),
+            Err(e) => Message::Undecodable { reason: e.reason },
+        })
+        .collect()
 }
 
-fn decode_one(bytes: &[u8]) -> Message {
-    let msg = match NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes) {
-        Ok(m) => m,
+fn decode_one(m: &netlink::Message) -> Message {
+    let (seq, intr) = (m.seq, m.dump_interrupted());
+    match m.control() {
+        Some(Ok(Control::Done(_))) => return Message::Done { seq, intr },
+        Some(Ok(Control::Error(errno))) => return Message::Error { seq, errno },
+        Some(Ok(Control::Ack)) => return Message::Ignored,
+        Some(Err(e)) => return Message::Undecodable { reason: e.reason },
+        None => {}
+    }
+    let msg = match NetlinkMessage::<RouteNetlinkMessage>::deserialize(m.bytes) {
+        Ok(msg) => msg,
         Err(e) => {
             // A removal must never be missed because one attribute of an
             // exotic link did not parse: its index is at a fixed offset.
-            let raw = NetlinkBuffer::new(bytes);
-            let payload = raw.payload();
-            if raw.message_type() == RTM_DELLINK && payload.len() >= 8 {
+            let payload = m.payload();
+            if m.kind == RTM_DELLINK && payload.len() >= 8 {
                 let ifindex = u32::from_ne_bytes(payload[4..8].try_into().expect("4 bytes"));
                 return Message::LinkGone { ifindex };
             }
@@ -111,14 +112,7 @@ fn decode_one(bytes: &[u8]) -> Message {
             };
         }
     };
-    let seq = msg.header.sequence_number;
-    let intr = msg.header.flags & NLM_F_DUMP_INTR != 0;
     match msg.payload {
-        NetlinkPayload::Done(_) => Message::Done { seq, intr },
-        NetlinkPayload::Error(e) => Message::Error {
-            seq,
-            code: e.code.map_or(0, |c| c.get()),
-        },
         NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => Message::Link {
             seq,
             intr,
@@ -203,14 +197,8 @@ fn addr_of(m: &AddressMessage) -> Option<IpAddr> {
 }
 
 fn request(payload: RouteNetlinkMessage, seq: u32, dump: bool) -> Vec<u8> {
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
-    header.sequence_number = seq;
-    let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(payload));
-    msg.finalize();
-    let mut buf = vec![0; msg.buffer_len()];
-    msg.serialize(&mut buf);
-    buf
+    let flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
+    netlink::request(flags, seq, payload)
 }
 
 /// `RTM_GETLINK` dump of every link.

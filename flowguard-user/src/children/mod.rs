@@ -52,10 +52,8 @@ use tokio::{
 pub use table::{Applied, ChildTable};
 
 use crate::{
-    neigh::{
-        source::{recv, send, Received},
-        EndpointStore,
-    },
+    neigh::EndpointStore,
+    netlink::{self, send, Received},
     settings::{Mac, Prefix},
 };
 use decode::Message;
@@ -412,21 +410,18 @@ impl ChildrenSource {
                     continue;
                 }
             };
-            // SAFETY: the Socket owns its descriptor and is owned by the
-            // AsyncFd for its whole life.
-            let reader =
-                match unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) } {
-                    Ok(fd) => tokio::spawn(follow(
-                        ino,
-                        fd,
-                        self.own_fd.as_raw_fd() as u32,
-                        self.tx.clone(),
-                    )),
-                    Err(e) => {
-                        log::warn!("cannot watch {}: {e}", f.label);
-                        continue;
-                    }
-                };
+            let reader = match netlink::register(socket) {
+                Ok(fd) => tokio::spawn(follow(
+                    ino,
+                    fd,
+                    self.own_fd.as_raw_fd() as u32,
+                    self.tx.clone(),
+                )),
+                Err(e) => {
+                    log::warn!("cannot watch {}: {e}", f.label);
+                    continue;
+                }
+            };
             let named = f.pid.is_none() && ino != self.own_ino;
             let holder = match f.pid {
                 Some(pid) if ino != self.own_ino => watch_holder(&self.tx, ino, pid),
@@ -618,21 +613,9 @@ async fn follow(
         return;
     }
     loop {
-        let received = {
-            let Ok(mut guard) = socket.readable().await else {
-                report(NsEvent::Failed("the socket broke".into()));
-                return;
-            };
-            match guard.try_io(|s| recv(s.get_ref().as_raw_fd(), &mut buf)) {
-                Ok(r) => r,
-                Err(_would_block) => continue,
-            }
-        };
-        let overflow = match received {
+        let overflow = match netlink::receive_async(&socket, &mut buf).await {
             Ok(Received::Whole) => false,
-            Ok(Received::Truncated(_)) => true,
-            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => true,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Ok(Received::Truncated(_) | Received::Overflow) => true,
             Err(e) => {
                 report(NsEvent::Failed(format!("reading: {e}")));
                 return;
@@ -681,10 +664,10 @@ async fn follow(
                         after.push(NsEvent::DumpDone);
                     }
                 }
-                Message::Error { seq, code } if code != 0 && Some(seq) == dumping => {
+                Message::Error { seq, errno } if Some(seq) == dumping => {
                     report(NsEvent::Failed(format!(
                         "the dump failed: {}",
-                        io::Error::from_raw_os_error(-code)
+                        io::Error::from_raw_os_error(errno)
                     )));
                     return;
                 }
@@ -695,10 +678,7 @@ async fn follow(
                         nsid_asked = false;
                     }
                 }
-                Message::Error {
-                    seq: SEQ_NSID,
-                    code,
-                } if code != 0 => nsid_asked = false,
+                Message::Error { seq: SEQ_NSID, .. } => nsid_asked = false,
                 Message::Link {
                     ref link,
                     intr,

@@ -16,7 +16,7 @@ use std::{
 
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
 
-use crate::neigh::source::set_receive_buffer;
+use crate::{netlink, sys};
 
 /// Directories whose entries are namespace bind mounts, with how a
 /// namespace found there is named in sentences.
@@ -134,62 +134,29 @@ pub fn open_namespace(path: &Path, ino: u64) -> io::Result<File> {
 
 /// Creates, for each namespace file, a netlink socket inside that
 /// namespace subscribed to link and address changes. A socket stays bound
-/// to the namespace it was created in; the helper thread enters each
-/// namespace in turn, returns to its own, and ends.
+/// to the namespace it was created in.
 pub fn sockets_inside(namespaces: Vec<(u64, File)>) -> Vec<(u64, io::Result<Socket>)> {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(move || {
-                let origin = File::open("/proc/thread-self/ns/net");
-                let mut out = Vec::new();
-                for (ino, ns) in namespaces {
-                    let origin = match &origin {
-                        Ok(o) => o,
-                        Err(e) => {
-                            out.push((ino, Err(io::Error::new(e.kind(), e.to_string()))));
-                            continue;
-                        }
-                    };
-                    out.push((ino, socket_in(&ns, origin)));
-                }
-                out
-            })
-            .join()
-            .unwrap_or_default()
-    })
-}
-
-fn setns(f: &File) -> io::Result<()> {
-    // SAFETY: `f` is an open namespace file; setns changes only the calling
-    // thread's network namespace.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn socket_in(ns: &File, origin: &File) -> io::Result<Socket> {
-    setns(ns)?;
-    let made = subscribed_socket();
-    // Back home before anything else: a failure here leaves this helper
-    // thread stranded, so no later socket may be created by it.
-    setns(origin).map_err(|e| io::Error::new(e.kind(), format!("returning to own netns: {e}")))?;
-    made
+    namespaces
+        .into_iter()
+        .map(|(ino, ns)| {
+            (
+                ino,
+                sys::in_netns(&ns, subscribed_socket).and_then(|made| made),
+            )
+        })
+        .collect()
 }
 
 fn subscribed_socket() -> io::Result<Socket> {
-    let mut s = Socket::new(NETLINK_ROUTE)?;
-    s.bind_auto()?;
-    s.set_non_blocking(true)?;
-    set_receive_buffer(s.as_raw_fd(), RECEIVE_BUFFER)?;
-    for group in [
-        libc::RTNLGRP_LINK,
-        libc::RTNLGRP_IPV4_IFADDR,
-        libc::RTNLGRP_IPV6_IFADDR,
-    ] {
-        s.add_membership(group)?;
-    }
-    Ok(s)
+    netlink::subscribe(
+        NETLINK_ROUTE,
+        &[
+            libc::RTNLGRP_LINK,
+            libc::RTNLGRP_IPV4_IFADDR,
+            libc::RTNLGRP_IPV6_IFADDR,
+        ],
+        RECEIVE_BUFFER,
+    )
 }
 
 /// A pidfd: readable once the process has exited.

@@ -285,8 +285,7 @@ impl ChildTable {
                 }) {
                     return Ok(());
                 }
-                let previous = endpoints::upsert(store, key, f.mac, source::CHILD)?;
-                set_ambiguous(store, &key, false)?;
+                let previous = endpoints::upsert(store, key, f.mac, source::CHILD, Some(false))?;
                 applied.added += 1;
                 let was = match previous {
                     Some(old) if old != f.mac => format!(", was {old}"),
@@ -304,11 +303,12 @@ impl ChildTable {
                     .map(|e| Mac(e.mac))
                     .filter(|m| macs.contains(&m.0))
                     .unwrap_or_else(|| facts[0].mac);
-                if !existing.is_some_and(|e| e.mac == mac.0 && e.source == source::CHILD) {
-                    endpoints::upsert(store, key, mac, source::CHILD)?;
+                let rewritten =
+                    !existing.is_some_and(|e| e.mac == mac.0 && e.source == source::CHILD);
+                endpoints::upsert(store, key, mac, source::CHILD, Some(true))?;
+                if rewritten {
                     applied.added += 1;
                 }
-                set_ambiguous(store, &key, true)?;
                 if self.ambiguous.insert(ip) {
                     let list: Vec<String> = facts
                         .iter()
@@ -324,26 +324,6 @@ impl ChildTable {
         }
         Ok(())
     }
-}
-
-fn set_ambiguous<S: EndpointStore + ?Sized>(
-    store: &mut S,
-    key: &flowguard_common::EndpointKey,
-    on: bool,
-) -> Result<(), MapError> {
-    let Some(mut e) = store.get(key)? else {
-        return Ok(());
-    };
-    let flags = if on {
-        e.flags | endpoint_flags::AMBIGUOUS
-    } else {
-        e.flags & !endpoint_flags::AMBIGUOUS
-    };
-    if flags != e.flags {
-        e.flags = flags;
-        store.insert(*key, e)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

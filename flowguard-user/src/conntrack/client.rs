@@ -12,12 +12,10 @@ use super::{
     policy::select_for_eviction,
     ConntrackError, EvictScope, Flow,
 };
+use crate::netlink;
 
 /// How long one receive may wait for the kernel.
 const RECV_TIMEOUT: Duration = Duration::from_secs(10);
-/// The kernel caps a dump datagram at 32 KiB (max_recvmsg_len); twice that
-/// means a datagram is never cut.
-const RECV_BUFFER: usize = 64 * 1024;
 /// Attempts of one dump when the kernel reports it interrupted or overran.
 const DUMP_ATTEMPTS: usize = 5;
 /// The kernel's IPv6 address match in CTA_FILTER is inverted in every
@@ -46,7 +44,7 @@ impl Conntrack {
             seq: 0,
             kernel_filter: false,
             userspace_filter_forced: false,
-            buf: vec![0; RECV_BUFFER],
+            buf: Vec::with_capacity(netlink::DATAGRAM_BYTES),
             undecodable: 0,
         };
         conntrack.check_available()?;
@@ -210,38 +208,34 @@ impl Conntrack {
     }
 
     fn send(&self, request: &[u8], op: &'static str) -> Result<(), ConntrackError> {
-        self.socket
-            .send(request, 0)
-            .map(drop)
-            .map_err(|source| socket_error(op, source))
+        netlink::send(&self.socket, request).map_err(|source| socket_error(op, source))
     }
 
-    /// One datagram from the kernel, split into its messages.
+    /// One datagram from the kernel, split into its messages. An overflow
+    /// is the ENOBUFS error that [`Conntrack::dump`] retries on.
     fn recv(&mut self, op: &'static str) -> Result<Vec<Received>, ConntrackError> {
-        loop {
-            let mut space = &mut self.buf[..];
-            match self.socket.recv(&mut space, libc::MSG_TRUNC) {
-                Ok(n) if n > self.buf.len() => {
-                    return Err(ConntrackError::Malformed(format!(
-                        "a {n}-byte datagram did not fit the {}-byte buffer",
-                        self.buf.len()
-                    )));
-                }
-                Ok(n) => return codec::parse_datagram(&self.buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Err(ConntrackError::Timeout {
-                        op,
-                        secs: RECV_TIMEOUT.as_secs(),
-                    });
-                }
-                Err(e) => return Err(socket_error(op, e)),
+        match netlink::receive(&self.socket, &mut self.buf) {
+            Ok(netlink::Received::Whole) => codec::parse_datagram(&self.buf),
+            Ok(netlink::Received::Truncated(n)) => Err(ConntrackError::Malformed(format!(
+                "a {n}-byte datagram did not fit the {}-byte buffer",
+                self.buf.len()
+            ))),
+            Ok(netlink::Received::Overflow) => Err(socket_error(
+                op,
+                io::Error::from_raw_os_error(libc::ENOBUFS),
+            )),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(ConntrackError::Timeout {
+                    op,
+                    secs: RECV_TIMEOUT.as_secs(),
+                })
             }
+            Err(e) => Err(socket_error(op, e)),
         }
     }
 

@@ -1,15 +1,14 @@
 //! The ctnetlink messages flowguard sends (dumps, filtered dumps, deletes,
 //! inserts) and the reading of the kernel's answers. Built on
-//! netlink-packet-netfilter's conntrack types; what that crate has no variant
-//! for (zone, id, the ICMP tuple fields, CTA_FILTER) travels as raw attributes.
+//! netlink-packet-netfilter's conntrack types; what that crate lacks (zone,
+//! id, the ICMP tuple fields, CTA_FILTER and its nesting flag) is in `gaps`.
 //! Nothing here panics on what the kernel (or anyone) sends: bad framing is an
 //! error, an undecodable entry is reported as such and can be skipped.
 
 use std::net::IpAddr;
 
 use netlink_packet_core::{
-    DefaultNla, Emitable, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla, NLA_F_NESTED,
-    NLA_TYPE_MASK, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
 };
 use netlink_packet_netfilter::{
     conntrack::{
@@ -19,24 +18,12 @@ use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner,
 };
 
-use super::{ConntrackError, Flow, Tuple, IPPROTO_ICMP, IPPROTO_ICMPV6, IPS_CONFIRMED};
+use super::{
+    gaps::{self, IcmpField, TopLevel},
+    ConntrackError, Flow, Tuple, IPS_CONFIRMED,
+};
+use crate::netlink::{self, Control};
 
-// include/uapi/linux/netfilter/nfnetlink_conntrack.h
-const IPCTNL_MSG_CT_GET_STATS: u8 = 5;
-const CTA_ID: u16 = 12;
-const CTA_ZONE: u16 = 18;
-const CTA_FILTER: u16 = 25;
-const CTA_FILTER_ORIG_FLAGS: u16 = 1;
-const CTA_FILTER_REPLY_FLAGS: u16 = 2;
-const CTA_PROTO_ICMP_ID: u16 = 4;
-const CTA_PROTO_ICMP_TYPE: u16 = 5;
-const CTA_PROTO_ICMP_CODE: u16 = 6;
-const CTA_PROTO_ICMPV6_ID: u16 = 7;
-const CTA_PROTO_ICMPV6_TYPE: u16 = 8;
-const CTA_PROTO_ICMPV6_CODE: u16 = 9;
-// net/netfilter/nf_internals.h (kernel-internal, stable since 5.8)
-const CTA_FILTER_F_CTA_IP_SRC: u32 = 1 << 0;
-const CTA_FILTER_F_CTA_IP_DST: u32 = 1 << 1;
 // include/uapi/linux/netfilter/nf_conntrack_common.h
 const IPS_EXPECTED: u32 = 1 << 0;
 const IPS_DYING: u32 = 1 << 9;
@@ -45,8 +32,6 @@ const NFPROTO_UNSPEC: u8 = 0;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
 const NFNETLINK_V0: u8 = 0;
-const NLMSG_HDRLEN: usize = 16;
-const NFGENMSG_LEN: usize = 4;
 
 /// The netfilter family (`nfgen_family`) of an address.
 pub(crate) fn family_of(ip: IpAddr) -> u8 {
@@ -96,75 +81,26 @@ impl AddressFilter {
 }
 
 fn build(seq: u32, flags: u16, family: u8, message: ConntrackMessage) -> Vec<u8> {
-    let mut header = NetlinkHeader::default();
-    header.flags = flags;
-    header.sequence_number = seq;
     let payload = NetfilterMessage::new(
         NetfilterHeader::new(family.into(), NFNETLINK_V0, 0),
         message,
     );
-    let mut message = NetlinkMessage::new(header, NetlinkPayload::from(payload));
-    message.finalize();
-    let mut buf = vec![0; message.buffer_len()];
-    message.serialize(&mut buf);
-    mark_filter_nested(&mut buf);
+    let mut buf = netlink::request(flags, seq, payload);
+    gaps::mark_filter_nested(&mut buf);
     buf
-}
-
-/// netlink-packet-netfilter drops NLA_F_NESTED from the attributes it has no
-/// variant for, and the kernel parses CTA_FILTER strictly (it requires the
-/// flag), so the flag is set on the encoded top-level attribute here.
-fn mark_filter_nested(buf: &mut [u8]) {
-    let mut offset = NLMSG_HDRLEN + NFGENMSG_LEN;
-    while offset + 4 <= buf.len() {
-        let len = u16::from_ne_bytes([buf[offset], buf[offset + 1]]) as usize;
-        let kind = u16::from_ne_bytes([buf[offset + 2], buf[offset + 3]]);
-        if kind & NLA_TYPE_MASK == CTA_FILTER {
-            buf[offset + 2..offset + 4].copy_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
-        }
-        if len < 4 {
-            break;
-        }
-        offset += (len + 3) & !3;
-    }
-}
-
-fn emit_nlas(nlas: &[DefaultNla]) -> Vec<u8> {
-    let mut buf = vec![0; nlas.buffer_len()];
-    nlas.emit(&mut buf);
-    buf
-}
-
-fn raw_value(nla: &DefaultNla) -> Vec<u8> {
-    let mut value = vec![0; nla.value_len()];
-    nla.emit_value(&mut value);
-    value
-}
-
-fn raw(kind: u16, value: &[u8]) -> DefaultNla {
-    DefaultNla::new(kind, value.to_vec())
 }
 
 /// The nested CTA_TUPLE_IP and CTA_TUPLE_PROTO of a tuple, complete: both
 /// addresses, the protocol, and its ports or ICMP id/type/code.
 fn tuple_nlas(t: &Tuple) -> Vec<NfTuple> {
     let mut proto = vec![ProtoTuple::Protocol(Protocol::from(t.proto))];
-    let (id, kind_type, kind_code) = match t.proto {
-        IPPROTO_ICMP => (CTA_PROTO_ICMP_ID, CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMP_CODE),
-        IPPROTO_ICMPV6 => (
-            CTA_PROTO_ICMPV6_ID,
-            CTA_PROTO_ICMPV6_TYPE,
-            CTA_PROTO_ICMPV6_CODE,
-        ),
-        _ => (0, 0, 0),
-    };
     if t.is_icmp() {
-        proto.push(ProtoTuple::Other(raw(id, &t.src_port.to_be_bytes())));
-        proto.push(ProtoTuple::Other(raw(
-            kind_type,
-            &[(t.dst_port >> 8) as u8],
-        )));
-        proto.push(ProtoTuple::Other(raw(kind_code, &[t.dst_port as u8])));
+        proto.extend(gaps::icmp_fields(
+            t.proto,
+            t.src_port,
+            (t.dst_port >> 8) as u8,
+            t.dst_port as u8,
+        ));
     } else if t.has_ports() {
         proto.push(ProtoTuple::SourcePort(t.src_port));
         proto.push(ProtoTuple::DestinationPort(t.dst_port));
@@ -199,26 +135,12 @@ pub(crate) fn dump_request(seq: u32, family: Option<IpAddr>) -> Vec<u8> {
     )
 }
 
-fn filter_attribute(direction: Direction, flags: u32) -> ConntrackAttribute {
-    let kind = match direction {
-        Direction::Orig => CTA_FILTER_ORIG_FLAGS,
-        Direction::Reply => CTA_FILTER_REPLY_FLAGS,
-    };
-    // The flags are host-endian (nla_get_u32), unlike every other value here,
-    // and the kernel parses CTA_FILTER strictly: NLA_F_NESTED is required.
-    let inner = emit_nlas(&[raw(kind, &flags.to_ne_bytes())]);
-    ConntrackAttribute::Other(DefaultNla::new(CTA_FILTER | NLA_F_NESTED, inner))
-}
-
 /// A dump the kernel filters itself (CTA_FILTER, Linux >= 5.8): only the
 /// entries whose `direction` tuple has `ip` as its `field` address.
 pub(crate) fn filtered_dump_request(seq: u32, filter: AddressFilter) -> Vec<u8> {
-    let (ip_nla, flag) = match filter.field {
-        Field::Src => (IPTuple::SourceAddress(filter.ip), CTA_FILTER_F_CTA_IP_SRC),
-        Field::Dst => (
-            IPTuple::DestinationAddress(filter.ip),
-            CTA_FILTER_F_CTA_IP_DST,
-        ),
+    let ip_nla = match filter.field {
+        Field::Src => IPTuple::SourceAddress(filter.ip),
+        Field::Dst => IPTuple::DestinationAddress(filter.ip),
     };
     let tuple = vec![NfTuple::Ip(vec![ip_nla])];
     let tuple = match filter.direction {
@@ -229,7 +151,7 @@ pub(crate) fn filtered_dump_request(seq: u32, filter: AddressFilter) -> Vec<u8> 
         seq,
         NLM_F_REQUEST | NLM_F_DUMP,
         family_of(filter.ip),
-        ConntrackMessage::Get(vec![tuple, filter_attribute(filter.direction, flag)]),
+        ConntrackMessage::Get(vec![tuple, gaps::filter(filter.direction, filter.field)]),
     )
 }
 
@@ -241,10 +163,7 @@ pub(crate) fn filter_probe_request(seq: u32) -> Vec<u8> {
         seq,
         NLM_F_REQUEST | NLM_F_DUMP,
         NFPROTO_IPV4,
-        ConntrackMessage::Get(vec![filter_attribute(
-            Direction::Orig,
-            CTA_FILTER_F_CTA_IP_SRC,
-        )]),
+        ConntrackMessage::Get(vec![gaps::filter(Direction::Orig, Field::Src)]),
     )
 }
 
@@ -255,10 +174,7 @@ pub(crate) fn stats_request(seq: u32) -> Vec<u8> {
         seq,
         NLM_F_REQUEST | NLM_F_ACK,
         NFPROTO_UNSPEC,
-        ConntrackMessage::Other {
-            message_type: IPCTNL_MSG_CT_GET_STATS,
-            attributes: vec![],
-        },
+        gaps::stats(),
     )
 }
 
@@ -269,13 +185,10 @@ pub(crate) fn delete_request(seq: u32, flow: &Flow) -> Result<Vec<u8>, Conntrack
     check_tuple(&flow.orig, "original").map_err(ConntrackError::IncompleteTuple)?;
     let mut attrs = vec![ConntrackAttribute::CtaTupleOrig(tuple_nlas(&flow.orig))];
     if flow.zone != 0 {
-        attrs.push(ConntrackAttribute::Other(raw(
-            CTA_ZONE,
-            &flow.zone.to_be_bytes(),
-        )));
+        attrs.push(gaps::zone(flow.zone));
     }
     if let Some(id) = flow.id {
-        attrs.push(ConntrackAttribute::Other(raw(CTA_ID, &id.to_be_bytes())));
+        attrs.push(gaps::id(id));
     }
     let bytes = build(
         seq,
@@ -310,7 +223,9 @@ pub(crate) fn ensure_targeted_delete(bytes: &[u8], expected: &Tuple) -> Result<(
         match attr {
             ConntrackAttribute::CtaTupleOrig(t) => orig = Some(t),
             ConntrackAttribute::CtaTupleReply(_) => return refuse("it carries a reply tuple"),
-            ConntrackAttribute::Other(nla) if nla.kind() & NLA_TYPE_MASK == CTA_FILTER => {
+            ConntrackAttribute::Other(nla)
+                if gaps::top_level(nla).is_ok_and(|a| a == TopLevel::Filter) =>
+            {
                 return refuse("it carries CTA_FILTER");
             }
             _ => {}
@@ -367,10 +282,7 @@ pub(crate) fn new_request(
         ConntrackAttribute::CtaStatus(Status::from_bits_retain(status)),
     ];
     if flow.zone != 0 {
-        attrs.push(ConntrackAttribute::Other(raw(
-            CTA_ZONE,
-            &flow.zone.to_be_bytes(),
-        )));
+        attrs.push(gaps::zone(flow.zone));
     }
     if let Some(mark) = flow.mark {
         attrs.push(ConntrackAttribute::CtaMark(mark));
@@ -412,44 +324,34 @@ pub(crate) enum Body {
 /// error for the whole datagram; a message whose content does not decode is
 /// returned as [`Body::Undecodable`] (or an error, for acks and dones).
 pub(crate) fn parse_datagram(buf: &[u8]) -> Result<Vec<Received>, ConntrackError> {
-    let mut out = Vec::new();
-    let mut offset = 0;
-    while offset < buf.len() {
-        let rest = &buf[offset..];
-        if rest.len() < NLMSG_HDRLEN {
-            return Err(ConntrackError::Malformed(format!(
-                "{} trailing bytes after message {}",
-                rest.len(),
-                out.len()
-            )));
-        }
-        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        if len < NLMSG_HDRLEN || len > rest.len() {
-            return Err(ConntrackError::Malformed(format!(
-                "message {} claims {len} bytes, {} are left",
-                out.len(),
-                rest.len()
-            )));
-        }
-        let flags = u16::from_ne_bytes([rest[6], rest[7]]);
-        let seq = u32::from_ne_bytes([rest[8], rest[9], rest[10], rest[11]]);
-        out.push(Received {
-            seq,
-            flags,
-            body: parse_message(&rest[..len])?,
-        });
-        // NLMSG_ALIGN; the last message may end unaligned.
-        offset += (len + 3) & !3;
-    }
-    Ok(out)
+    netlink::messages(buf)
+        .map(|m| {
+            let m = m.map_err(|e| ConntrackError::Malformed(e.reason))?;
+            Ok(Received {
+                seq: m.seq,
+                flags: m.flags,
+                body: parse_message(&m)?,
+            })
+        })
+        .collect()
 }
 
-fn parse_message(bytes: &[u8]) -> Result<Body, ConntrackError> {
-    let message_type = u16::from_ne_bytes([bytes[4], bytes[5]]);
-    let message = match NetlinkMessage::<NetfilterMessage>::deserialize(bytes) {
-        Ok(m) => m,
+fn parse_message(m: &netlink::Message) -> Result<Body, ConntrackError> {
+    match m.control() {
+        Some(Ok(Control::Ack)) => return Ok(Body::Ack),
+        Some(Ok(Control::Error(errno))) => return Ok(Body::Error(errno)),
+        Some(Ok(Control::Done(status))) => return Ok(Body::Done(status)),
+        Some(Err(e)) => {
+            return Err(ConntrackError::Malformed(format!(
+                "netlink control message: {e}"
+            )))
+        }
+        None => {}
+    }
+    let message = match NetlinkMessage::<NetfilterMessage>::deserialize(m.bytes) {
+        Ok(message) => message,
         // Control messages must decode; an entry that does not is skipped.
-        Err(e) if message_type < 0x10 => {
+        Err(e) if m.kind < 0x10 => {
             return Err(ConntrackError::Malformed(format!(
                 "netlink control message: {e}"
             )));
@@ -457,11 +359,6 @@ fn parse_message(bytes: &[u8]) -> Result<Body, ConntrackError> {
         Err(e) => return Ok(Body::Undecodable(e.to_string())),
     };
     Ok(match message.payload {
-        NetlinkPayload::Error(e) => match e.code {
-            None => Body::Ack,
-            Some(code) => Body::Error(code.get().saturating_abs()),
-        },
-        NetlinkPayload::Done(done) => Body::Done(done.code),
         NetlinkPayload::InnerMessage(nf) => match nf.inner {
             NetfilterMessageInner::Conntrack(
                 ConntrackMessage::New(attrs)
@@ -477,14 +374,6 @@ fn parse_message(bytes: &[u8]) -> Result<Body, ConntrackError> {
     })
 }
 
-fn be16(value: &[u8]) -> Option<u16> {
-    Some(u16::from_be_bytes(value.try_into().ok()?))
-}
-
-fn be32(value: &[u8]) -> Option<u32> {
-    Some(u32::from_be_bytes(value.try_into().ok()?))
-}
-
 /// An entry from its top-level attributes. Both tuples are required; zone,
 /// id, mark and status are optional (status defaults to 0).
 pub(crate) fn decode_flow(attrs: &[ConntrackAttribute]) -> Result<Flow, String> {
@@ -497,14 +386,10 @@ pub(crate) fn decode_flow(attrs: &[ConntrackAttribute]) -> Result<Flow, String> 
             ConntrackAttribute::CtaTupleReply(t) => reply = Some(decode_tuple(t)?),
             ConntrackAttribute::CtaStatus(s) => flow_status = s.bits(),
             ConntrackAttribute::CtaMark(m) => mark = Some(*m),
-            ConntrackAttribute::Other(nla) => match nla.kind() & NLA_TYPE_MASK {
-                CTA_ZONE => {
-                    zone = be16(&raw_value(nla)).ok_or("CTA_ZONE is not 2 bytes")?;
-                }
-                CTA_ID => {
-                    id = Some(be32(&raw_value(nla)).ok_or("CTA_ID is not 4 bytes")?);
-                }
-                _ => {}
+            ConntrackAttribute::Other(nla) => match gaps::top_level(nla)? {
+                TopLevel::Zone(z) => zone = z,
+                TopLevel::Id(i) => id = Some(i),
+                TopLevel::Filter | TopLevel::Unknown => {}
             },
             _ => {}
         }
@@ -543,24 +428,12 @@ pub(crate) fn decode_tuple(nlas: &[NfTuple]) -> Result<Tuple, String> {
                         ProtoTuple::Protocol(p) => proto = Some(u8::from(*p)),
                         ProtoTuple::SourcePort(p) => src_port = *p,
                         ProtoTuple::DestinationPort(p) => dst_port = *p,
-                        ProtoTuple::Other(raw) => {
-                            let value = raw_value(raw);
-                            let bad = || {
-                                format!("ICMP attribute {} of {} bytes", raw.kind(), value.len())
-                            };
-                            match raw.kind() & NLA_TYPE_MASK {
-                                CTA_PROTO_ICMP_ID | CTA_PROTO_ICMPV6_ID => {
-                                    icmp_id = be16(&value).ok_or_else(bad)?;
-                                }
-                                CTA_PROTO_ICMP_TYPE | CTA_PROTO_ICMPV6_TYPE => {
-                                    icmp_type = *value.first().ok_or_else(bad)?;
-                                }
-                                CTA_PROTO_ICMP_CODE | CTA_PROTO_ICMPV6_CODE => {
-                                    icmp_code = *value.first().ok_or_else(bad)?;
-                                }
-                                _ => {}
-                            }
-                        }
+                        ProtoTuple::Other(raw) => match gaps::icmp_field(raw)? {
+                            Some(IcmpField::Id(v)) => icmp_id = v,
+                            Some(IcmpField::Type(v)) => icmp_type = v,
+                            Some(IcmpField::Code(v)) => icmp_code = v,
+                            None => {}
+                        },
                         _ => {}
                     }
                 }
@@ -593,8 +466,18 @@ pub(crate) fn decode_tuple(nlas: &[NfTuple]) -> Result<Tuple, String> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::conntrack::{IPS_ASSURED, IPS_HW_OFFLOAD, IPS_OFFLOAD, IPS_SEEN_REPLY};
-    use netlink_packet_core::{DoneMessage, ErrorMessage, NLM_F_MULTIPART};
+    use crate::conntrack::{
+        gaps::{
+            emit_nlas, raw, raw_value, CTA_FILTER, CTA_FILTER_F_CTA_IP_DST,
+            CTA_FILTER_F_CTA_IP_SRC, CTA_FILTER_ORIG_FLAGS, CTA_FILTER_REPLY_FLAGS, CTA_ID,
+            CTA_ZONE,
+        },
+        IPS_ASSURED, IPS_HW_OFFLOAD, IPS_OFFLOAD, IPS_SEEN_REPLY,
+    };
+    use netlink_packet_core::{
+        DefaultNla, DoneMessage, Emitable, ErrorMessage, NetlinkHeader, Nla, NLA_F_NESTED,
+        NLA_TYPE_MASK, NLM_F_MULTIPART,
+    };
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     pub fn v4(s: &str) -> IpAddr {
@@ -624,13 +507,10 @@ pub(crate) mod tests {
             ConntrackAttribute::CtaTupleReply(tuple_nlas(&flow.reply)),
         ];
         if flow.zone != 0 {
-            attrs.push(ConntrackAttribute::Other(raw(
-                CTA_ZONE,
-                &flow.zone.to_be_bytes(),
-            )));
+            attrs.push(gaps::zone(flow.zone));
         }
         if let Some(id) = flow.id {
-            attrs.push(ConntrackAttribute::Other(raw(CTA_ID, &id.to_be_bytes())));
+            attrs.push(gaps::id(id));
         }
         attrs.push(ConntrackAttribute::CtaStatus(Status::from_bits_retain(
             flow.status,
@@ -855,7 +735,7 @@ pub(crate) mod tests {
             NFPROTO_IPV4,
             ConntrackMessage::Delete(vec![
                 ConntrackAttribute::CtaTupleOrig(tuple_nlas(&flow.orig)),
-                filter_attribute(Direction::Orig, CTA_FILTER_F_CTA_IP_SRC),
+                gaps::filter(Direction::Orig, Field::Src),
             ]),
         );
         let partial = build(

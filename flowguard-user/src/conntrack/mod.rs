@@ -8,6 +8,7 @@
 
 mod client;
 mod codec;
+mod gaps;
 mod policy;
 
 use std::{fmt, io, net::IpAddr};

@@ -4,17 +4,17 @@
 
 use std::net::IpAddr;
 
-use netlink_packet_core::{
-    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR,
-    NLM_F_REQUEST,
-};
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_route::{
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage},
     AddressFamily, RouteNetlinkMessage,
 };
 
 use super::{NeighEntry, NeighEvent};
-use crate::settings::Mac;
+use crate::{
+    netlink::{self, Control},
+    settings::Mac,
+};
 
 /// What one netlink message means.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,8 +27,8 @@ pub(super) enum Message {
     },
     /// The end of a dump.
     Done { seq: u32, intr: bool },
-    /// An error (negative errno) or, with 0, an acknowledgement.
-    Error { seq: u32, code: i32 },
+    /// The request `seq` failed with `errno` (acknowledgements are ignored).
+    Error { seq: u32, errno: i32 },
     /// Nothing flowguard follows: another family (the bridge FDB), a proxy
     /// entry, an entry without an address, another message type.
     Ignored { seq: u32 },
@@ -36,73 +36,57 @@ pub(super) enum Message {
     Undecodable { seq: u32, reason: String },
 }
 
-const NETLINK_HEADER_LEN: usize = 16;
-
-/// Splits a datagram into its netlink messages and decodes each. A
-/// truncated tail ends the list with one `Undecodable`.
-pub(super) fn parse_datagram(mut buf: &[u8]) -> Vec<Message> {
-    let mut out = Vec::new();
-    while buf.len() >= NETLINK_HEADER_LEN {
-        let (len, seq) = {
-            let nl = NetlinkBuffer::new(buf);
-            (nl.length() as usize, nl.sequence_number())
-        };
-        if len < NETLINK_HEADER_LEN || len > buf.len() {
-            out.push(Message::Undecodable {
-                seq,
-                reason: format!("netlink length {len} with {} bytes left", buf.len()),
-            });
-            return out;
-        }
-        out.push(decode_one(&buf[..len]));
-        // Messages are aligned to four bytes.
-        let next = (len + 3) & !3;
-        buf = buf.get(next..).unwrap_or_default();
-    }
-    if !buf.is_empty() {
-        out.push(Message::Undecodable {
-            seq: 0,
-            reason: format!("{} stray bytes after the last message", buf.len()),
-        });
-    }
-    out
+/// Splits a datagram into its netlink messages and decodes each. Broken
+/// framing (a truncated tail) ends the list with one `Undecodable`.
+pub(super) fn parse_datagram(buf: &[u8]) -> Vec<Message> {
+    netlink::messages(buf)
+        .map(|m| match m {
+            Ok(m) => decode_one(&m),
+            Err(e) => Message::Undecodable {
+                seq: e.seq,
+                reason: e.reason,
+            },
+        })
+        .collect()
 }
 
 const RTM_NEWNEIGH: u16 = 28;
 const RTM_DELNEIGH: u16 = 29;
 
-fn decode_one(bytes: &[u8]) -> Message {
+fn decode_one(m: &netlink::Message) -> Message {
+    let (seq, intr) = (m.seq, m.dump_interrupted());
+    match m.control() {
+        Some(Ok(Control::Done(_))) => return Message::Done { seq, intr },
+        Some(Ok(Control::Error(errno))) => return Message::Error { seq, errno },
+        Some(Ok(Control::Ack)) => return Message::Ignored { seq },
+        Some(Err(e)) => {
+            return Message::Undecodable {
+                seq,
+                reason: e.reason,
+            }
+        }
+        None => {}
+    }
     // Bridge FDB changes share the group and are frequent on a router:
     // skip them (and any other family) on the raw `ndm_family` byte, before
     // their attributes are parsed at all.
-    let raw = NetlinkBuffer::new(bytes);
-    if matches!(raw.message_type(), RTM_NEWNEIGH | RTM_DELNEIGH)
-        && raw
-            .payload()
+    if matches!(m.kind, RTM_NEWNEIGH | RTM_DELNEIGH)
+        && m.payload()
             .first()
             .is_some_and(|f| !matches!(i32::from(*f), libc::AF_INET | libc::AF_INET6))
     {
-        return Message::Ignored {
-            seq: raw.sequence_number(),
-        };
+        return Message::Ignored { seq };
     }
-    let msg = match NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes) {
-        Ok(m) => m,
+    let msg = match NetlinkMessage::<RouteNetlinkMessage>::deserialize(m.bytes) {
+        Ok(msg) => msg,
         Err(e) => {
             return Message::Undecodable {
-                seq: NetlinkBuffer::new(bytes).sequence_number(),
+                seq,
                 reason: e.to_string(),
             }
         }
     };
-    let seq = msg.header.sequence_number;
-    let intr = msg.header.flags & NLM_F_DUMP_INTR != 0;
     match msg.payload {
-        NetlinkPayload::Done(_) => Message::Done { seq, intr },
-        NetlinkPayload::Error(e) => Message::Error {
-            seq,
-            code: e.code.map_or(0, |c| c.get()),
-        },
         NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(m)) => match entry_of(&m) {
             Some(entry) => Message::Neigh {
                 seq,
@@ -160,23 +144,19 @@ fn entry_of(m: &NeighbourMessage) -> Option<NeighEntry> {
 pub(super) fn dump_request(family: AddressFamily, seq: u32) -> Vec<u8> {
     let mut neigh = NeighbourMessage::default();
     neigh.header.family = family;
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    header.sequence_number = seq;
-    let mut msg = NetlinkMessage::new(
-        header,
-        NetlinkPayload::InnerMessage(RouteNetlinkMessage::GetNeighbour(neigh)),
-    );
-    msg.finalize();
-    let mut buf = vec![0; msg.buffer_len()];
-    msg.serialize(&mut buf);
-    buf
+    netlink::request(
+        NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+        RouteNetlinkMessage::GetNeighbour(neigh),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::nud;
     use super::*;
+    use crate::netlink::test_bytes::{message as header, nla};
+    use netlink_packet_core::NLM_F_DUMP_INTR;
 
     const NLMSG_ERROR: u16 = 2;
     const NLMSG_DONE: u16 = 3;
@@ -189,17 +169,6 @@ mod tests {
     const NDA_LLADDR: u16 = 2;
     const NDA_CACHEINFO: u16 = 3;
     const NDA_PROBES: u16 = 4;
-
-    fn nla(kind: u16, value: &[u8]) -> Vec<u8> {
-        let mut v = Vec::new();
-        v.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
-        v.extend_from_slice(&kind.to_ne_bytes());
-        v.extend_from_slice(value);
-        while v.len() % 4 != 0 {
-            v.push(0);
-        }
-        v
-    }
 
     /// A neighbour message as the kernel builds it (`neigh_fill_info`).
     #[expect(
@@ -228,17 +197,6 @@ mod tests {
         payload.extend(nla(NDA_PROBES, &0u32.to_ne_bytes()));
         payload.extend(nla(NDA_CACHEINFO, &[0; 16]));
         header(kind, 2, seq, &payload)
-    }
-
-    fn header(kind: u16, flags: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
-        let mut v = Vec::new();
-        v.extend_from_slice(&((16 + payload.len()) as u32).to_ne_bytes());
-        v.extend_from_slice(&kind.to_ne_bytes());
-        v.extend_from_slice(&flags.to_ne_bytes());
-        v.extend_from_slice(&seq.to_ne_bytes());
-        v.extend_from_slice(&4242u32.to_ne_bytes());
-        v.extend_from_slice(payload);
-        v
     }
 
     const MAC: [u8; 6] = [0x3a, 0xea, 0x10, 0xf9, 0xa1, 0x2e];
@@ -457,7 +415,7 @@ mod tests {
                 intr: false
             }
         );
-        assert_eq!(v[3], Message::Error { seq: 9, code: -16 });
+        assert_eq!(v[3], Message::Error { seq: 9, errno: 16 });
     }
 
     #[test]

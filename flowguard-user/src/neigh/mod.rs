@@ -61,7 +61,7 @@
 
 mod cache;
 mod decode;
-pub(crate) mod source;
+mod source;
 mod sync;
 
 pub use cache::{Desired, NeighCache};

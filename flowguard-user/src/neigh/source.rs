@@ -1,20 +1,17 @@
 //! The neighbour table over rtnetlink: one socket subscribed to
 //! `RTNLGRP_NEIGH` for events, one socket for dump requests.
 
-use std::{
-    collections::VecDeque,
-    io,
-    os::fd::{AsRawFd, RawFd},
-};
+use std::{collections::VecDeque, io};
 
 use netlink_packet_route::AddressFamily;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
-use tokio::io::{unix::AsyncFd, Interest};
+use tokio::io::unix::AsyncFd;
 
 use super::{
     decode::{dump_request, parse_datagram, Message},
     NeighEntry, NeighEvent,
 };
+use crate::netlink::{self, Received, DATAGRAM_BYTES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NeighError {
@@ -45,9 +42,6 @@ impl Default for SourceOptions {
     }
 }
 
-/// Receive buffer for one datagram: the kernel sends at most 32 KiB of
-/// dump replies at once and far less per event.
-const DATAGRAM_BYTES: usize = 64 * 1024;
 /// Attempts at a consistent dump (the kernel flags a dump that raced with a
 /// table change with `NLM_F_DUMP_INTR`).
 const DUMP_ATTEMPTS: usize = 4;
@@ -108,15 +102,11 @@ impl NeighbourSource {
             if let Some(ev) = self.pending.pop_front() {
                 return Ok(ev);
             }
-            let received = {
-                let mut guard = self.events.readable().await.map_err(NeighError::Receive)?;
-                match guard.try_io(|s| recv(s.get_ref().as_raw_fd(), &mut self.buf)) {
-                    Ok(r) => r,
-                    Err(_would_block) => continue,
-                }
-            };
+            let received = netlink::receive_async(&self.events, &mut self.buf)
+                .await
+                .map_err(NeighError::Receive)?;
             match received {
-                Ok(Received::Whole) => {
+                Received::Whole => {
                     let mut lost = false;
                     for m in parse_datagram(&self.buf) {
                         match m {
@@ -134,13 +124,11 @@ impl NeighbourSource {
                         return self.overflow();
                     }
                 }
-                Ok(Received::Truncated(len)) => {
+                Received::Truncated(len) => {
                     log::warn!("neighbour event of {len} bytes truncated: re-dumping the table");
                     return self.overflow();
                 }
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return self.overflow(),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(NeighError::Receive(e)),
+                Received::Overflow => return self.overflow(),
             }
         }
     }
@@ -197,26 +185,25 @@ impl NeighbourSource {
         let seq = *seq;
         let request = dump_request(family, seq);
         *dump_running = true;
-        send(requests.get_ref(), &request).map_err(NeighError::Dump)?;
+        netlink::send(requests.get_ref(), &request).map_err(NeighError::Dump)?;
         let mut interrupted = false;
         loop {
-            let received = {
-                let mut guard = requests.readable().await.map_err(NeighError::Dump)?;
-                match guard.try_io(|s| recv(s.get_ref().as_raw_fd(), buf)) {
-                    Ok(r) => r,
-                    Err(_would_block) => continue,
-                }
-            };
-            match received {
-                Ok(Received::Whole) => {}
-                Ok(Received::Truncated(len)) => {
+            match netlink::receive_async(requests, buf)
+                .await
+                .map_err(NeighError::Dump)?
+            {
+                Received::Whole => {}
+                Received::Truncated(len) => {
                     return Err(NeighError::Dump(io::Error::new(
                         io::ErrorKind::InvalidData,
                         format!("a dump reply of {len} bytes was truncated"),
                     )))
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(NeighError::Dump(e)),
+                Received::Overflow => {
+                    return Err(NeighError::Dump(io::Error::from_raw_os_error(
+                        libc::ENOBUFS,
+                    )))
+                }
             }
             for m in parse_datagram(buf) {
                 match m {
@@ -232,9 +219,9 @@ impl NeighbourSource {
                         *dump_running = false;
                         return Ok(interrupted || intr);
                     }
-                    Message::Error { seq: s, code } if s == seq && code != 0 => {
+                    Message::Error { seq: s, errno } if s == seq => {
                         *dump_running = false;
-                        return Err(NeighError::Dump(io::Error::from_raw_os_error(-code)));
+                        return Err(NeighError::Dump(io::Error::from_raw_os_error(errno)));
                     }
                     Message::Undecodable { seq: s, reason } if s == seq => {
                         log::warn!("skipping an undecodable neighbour entry in a dump: {reason}");
@@ -258,89 +245,13 @@ fn open_socket() -> Result<Socket, NeighError> {
 fn subscribed_socket(options: &SourceOptions) -> Result<AsyncFd<Socket>, NeighError> {
     let s = open_socket()?;
     if let Some(bytes) = options.receive_buffer {
-        set_receive_buffer(s.as_raw_fd(), bytes).map_err(NeighError::Socket)?;
+        netlink::set_socket_receive_buffer(&s, bytes).map_err(NeighError::Socket)?;
     }
     s.add_membership(libc::RTNLGRP_NEIGH)
         .map_err(NeighError::Subscribe)?;
-    register(s)
+    netlink::register(s).map_err(NeighError::Socket)
 }
 
 fn request_socket() -> Result<AsyncFd<Socket>, NeighError> {
-    register(open_socket()?)
-}
-
-/// Registers a socket with the current tokio runtime (panics outside one).
-fn register(s: Socket) -> Result<AsyncFd<Socket>, NeighError> {
-    // SAFETY: `Socket` owns its descriptor, closes it only when dropped and
-    // always returns the same one; the `AsyncFd` owns the `Socket`, which is
-    // never swapped for another.
-    unsafe { AsyncFd::register_with_interest(s, Interest::READABLE) }
-        .map_err(|e| NeighError::Socket(e.into()))
-}
-
-pub(crate) fn set_receive_buffer(fd: RawFd, bytes: usize) -> io::Result<()> {
-    let value = libc::c_int::try_from(bytes / 2).unwrap_or(libc::c_int::MAX / 2);
-    let set = |opt| {
-        // SAFETY: setsockopt reads one c_int from the pointer we pass.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&value as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    };
-    // The kernel doubles the value it is given; FORCE needs CAP_NET_ADMIN.
-    set(libc::SO_RCVBUFFORCE).or_else(|_| set(libc::SO_RCVBUF))
-}
-
-pub(crate) fn send(s: &Socket, request: &[u8]) -> io::Result<()> {
-    loop {
-        match s.send(request, 0) {
-            Ok(n) if n == request.len() => return Ok(()),
-            Ok(n) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    format!("sent {n} of {} bytes", request.len()),
-                ))
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-pub(crate) enum Received {
-    /// `buf` holds the whole datagram.
-    Whole,
-    /// The datagram had this many bytes, more than the buffer.
-    Truncated(usize),
-}
-
-/// Receives one datagram into `buf` (replacing its contents).
-pub(crate) fn recv(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<Received> {
-    buf.clear();
-    buf.reserve(DATAGRAM_BYTES);
-    let cap = buf.capacity();
-    // SAFETY: recv writes at most `cap` bytes into the vector's allocation;
-    // MSG_TRUNC makes it return the datagram's real length.
-    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), cap, libc::MSG_TRUNC) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let n = n as usize;
-    // SAFETY: the kernel initialised min(n, cap) bytes.
-    unsafe { buf.set_len(n.min(cap)) };
-    Ok(if n > cap {
-        Received::Truncated(n)
-    } else {
-        Received::Whole
-    })
+    netlink::register(open_socket()?).map_err(NeighError::Socket)
 }

@@ -8,8 +8,8 @@ use flowguard_common::{endpoint_flags, source, Endpoint, EndpointKey};
 
 use super::{Desired, NeighCache};
 use crate::{
+    endpoints::upsert,
     settings::{endpoint_key, key_ip, Mac},
-    sys,
 };
 
 /// What [`sync_ip`] or [`reconcile`] changed in the endpoint map.
@@ -171,14 +171,14 @@ pub fn sync_store<S: EndpointStore + ?Sized>(
             }))
         }
         (Desired::Mac(mac), None) => {
-            write(map, key, None, mac, false)?;
+            upsert(map, key, mac, source::NEIGHBOUR, Some(false))?;
             Ok(Some(MapChange::Added { ip, mac }))
         }
         (Desired::Mac(mac), Some(old)) => {
             if old.mac == mac.0 && !ambiguous(&old) {
                 return Ok(None);
             }
-            write(map, key, Some(old), mac, false)?;
+            upsert(map, key, mac, source::NEIGHBOUR, Some(false))?;
             Ok(Some(if old.mac != mac.0 {
                 MapChange::Moved {
                     ip,
@@ -200,7 +200,7 @@ pub fn sync_store<S: EndpointStore + ?Sized>(
             if was_ambiguous && keep.is_some() {
                 return Ok(None);
             }
-            write(map, key, old, mac, true)?;
+            upsert(map, key, mac, source::NEIGHBOUR, Some(true))?;
             Ok((!was_ambiguous).then_some(MapChange::Ambiguous { ip }))
         }
     }
@@ -235,31 +235,6 @@ pub fn reconcile_store<S: EndpointStore + ?Sized>(
 /// Whether a map write failed because the map is full (E2BIG).
 pub fn is_full(e: &MapError) -> bool {
     matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG))
-}
-
-/// Writes an entry of ours, keeping the evidence of `old` (the same rules
-/// as `endpoints::upsert`, plus the AMBIGUOUS flag).
-fn write<S: EndpointStore + ?Sized>(
-    map: &mut S,
-    key: EndpointKey,
-    old: Option<Endpoint>,
-    mac: Mac,
-    ambiguous: bool,
-) -> Result<(), MapError> {
-    let mut value = old.unwrap_or_default();
-    if old.map(|o| o.mac) != Some(mac.0) {
-        // Report the next stale frame at once.
-        value.last_event_jiffies = 0;
-        value.updated_ns = sys::monotonic_ns();
-    }
-    value.mac = mac.0;
-    value.source = source::NEIGHBOUR;
-    if ambiguous {
-        value.flags |= endpoint_flags::AMBIGUOUS;
-    } else {
-        value.flags &= !endpoint_flags::AMBIGUOUS;
-    }
-    map.insert(key, value)
 }
 
 #[cfg(test)]
