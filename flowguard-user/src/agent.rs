@@ -187,6 +187,10 @@ pub async fn run(
     let mut reconcile_timer = tokio::time::interval(opts.reconcile);
     reconcile_timer.tick().await;
 
+    // Every change is followed from here on (interfaces, the neighbour
+    // table, the ruleset, children) and the stop signals are handled: a
+    // port deleted after this line is seen.
+    crate::say!("flowguard: ready");
     loop {
         tokio::select! {
             _ = term.recv() => return Ok(()),

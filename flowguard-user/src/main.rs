@@ -411,7 +411,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(m) = &metrics {
         say!("flowguard: Prometheus metrics at {}", m.url());
     }
-    say!("flowguard: ready");
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -234,19 +234,6 @@ fn assert_refused(setup: impl Fn(&Netns), args: &[&str], wanted: &[&str]) {
     assert_eq!(attached_in(&ns), "", "{args:?}: nothing attached");
 }
 
-/// Stops `fg` once its event loop handles SIGINT: a SIGINT between "ready"
-/// and the loop's start ends flowguard at once, its pins left behind (the
-/// loop's handlers are installed after the last startup line). `flowguard
-/// status` cannot see into a private mount namespace, so a settle time.
-fn stop_once_looping(fg: &mut Flowguard) -> std::process::ExitStatus {
-    fg.wait_for_line(Duration::from_secs(5), |l| {
-        l.starts_with("flowguard: evicting")
-    })
-    .expect("the last line before the event loop");
-    std::thread::sleep(Duration::from_millis(500));
-    fg.stop()
-}
-
 #[test]
 fn a_missing_prefix_is_named() {
     let bin = require_flowguard_bin();
@@ -329,7 +316,7 @@ fn repeated_and_overlapping_prefixes_are_merged_with_a_note() {
         text.contains("--prefix 192.168.1.0/24 is given twice"),
         "{text}"
     );
-    assert!(stop_once_looping(&mut fg).success());
+    assert!(fg.stop().success());
 }
 
 #[test]
@@ -430,7 +417,7 @@ fn a_pin_dir_whose_parents_are_missing_gets_them_for_its_life() {
         "says so: {text}"
     );
     assert!(!pins_in(&pin_dir).is_empty());
-    assert!(stop_once_looping(&mut fg).success());
+    assert!(fg.stop().success());
     assert!(!parent.exists(), "the directories it created are gone");
 }
 
@@ -495,7 +482,7 @@ fn ten_thousand_statics_are_counted_not_listed() {
     );
     assert!(line.ends_with('…'), "{line}");
     assert_eq!(fg.status().endpoints.len(), 10_000);
-    assert!(stop_once_looping(&mut fg).success());
+    assert!(fg.stop().success());
 }
 
 #[test]
@@ -529,7 +516,7 @@ fn without_a_bpffs_at_sys_fs_bpf_root_mounts_one_and_says_so() {
         text.contains("no bpf filesystem was mounted at /sys/fs/bpf: mounted one there"),
         "says so: {text}"
     );
-    let stopped = stop_once_looping(&mut fg);
+    let stopped = fg.stop();
     assert!(
         stopped.success(),
         "{stopped}: {}\n{}",
@@ -567,7 +554,7 @@ fn learn_with_only_ingress_learns_on_its_egress_and_says_so() {
             && l.ends_with(" on lan1")),
         "learns on lan1's egress: {text}"
     );
-    assert!(stop_once_looping(&mut fg).success());
+    assert!(fg.stop().success());
 }
 
 #[test]
@@ -610,5 +597,5 @@ fn learning_on_more_interfaces_than_own_macs_fit_is_refused() {
     let mut fg = Flowguard::start(&ns, &bpffs.pin_dir(), &args[1..]);
     let text = fg.stdout_lines().join("\n");
     assert!(text.contains(" on lan9"), "{text}");
-    assert!(stop_once_looping(&mut fg).success());
+    assert!(fg.stop().success());
 }
