@@ -20,7 +20,7 @@ use netlink_packet_netfilter::{
 
 use super::{
     gaps::{self, IcmpField, TopLevel},
-    ConntrackError, Flow, Tuple, IPS_CONFIRMED,
+    ConntrackError, Direction, Field, Flow, Tuple, IPS_CONFIRMED,
 };
 use crate::netlink::{self, Control};
 
@@ -39,20 +39,6 @@ pub(crate) fn family_of(ip: IpAddr) -> u8 {
         IpAddr::V4(_) => NFPROTO_IPV4,
         IpAddr::V6(_) => NFPROTO_IPV6,
     }
-}
-
-/// Which direction of an entry a kernel-side filter looks at.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Direction {
-    Orig,
-    Reply,
-}
-
-/// Which address of that direction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Field {
-    Src,
-    Dst,
 }
 
 /// A kernel-side (CTA_FILTER) match on one address of one direction.

@@ -16,10 +16,7 @@
 use netlink_packet_core::{DefaultNla, Emitable, Nla, NLA_F_NESTED, NLA_TYPE_MASK};
 use netlink_packet_netfilter::conntrack::{ConntrackAttribute, ConntrackMessage, ProtoTuple};
 
-use super::{
-    codec::{Direction, Field},
-    IPPROTO_ICMP, IPPROTO_ICMPV6,
-};
+use super::{Direction, Field, IPPROTO_ICMP, IPPROTO_ICMPV6};
 
 // include/uapi/linux/netfilter/nfnetlink_conntrack.h
 const IPCTNL_MSG_CT_GET_STATS: u8 = 5;

@@ -13,6 +13,20 @@ mod policy;
 
 use std::{fmt, io, net::IpAddr};
 
+/// Which direction of an entry a kernel-side (CTA_FILTER) filter looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Direction {
+    Orig,
+    Reply,
+}
+
+/// Which address of that direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Field {
+    Src,
+    Dst,
+}
+
 pub use client::Conntrack;
 pub use policy::{select_for_eviction, Admission, DeferredEvictions, EvictionPolicy};
 
