@@ -221,7 +221,7 @@ pub fn dist(args: &DistArgs) -> Result<()> {
         let package = if TEST_ARCHES.iter().any(|t| t.name == arch.name) {
             None
         } else {
-            Some(crate::ipk::build(arch, &dest, &out_dir)?)
+            Some(crate::ipk::build(arch.openwrt_arch, &dest, &out_dir)?)
         };
         println!(
             "{}: {} in {:.0} s",

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{dist::Arch, step};
+use crate::step;
 
 const PACKAGE: &str = "flowguard";
 /// OpenWrt's package release, appended to the crate version.
@@ -40,8 +40,9 @@ pub fn version() -> String {
 
 /// Builds `<out_dir>/flowguard_<version>_<openwrt arch>.ipk` holding `binary`
 /// as /usr/sbin/flowguard and the procd init script and UCI config from
-/// dist/openwrt. Returns the package's path.
-pub fn build(arch: &Arch, binary: &Path, out_dir: &Path) -> Result<PathBuf> {
+/// dist/openwrt, for OpenWrt's package architecture `openwrt_arch`
+/// (`aarch64_cortex-a53`, ...). Returns the package's path.
+pub fn build(openwrt_arch: &str, binary: &Path, out_dir: &Path) -> Result<PathBuf> {
     let root = step::workspace_root();
     let stage = out_dir.join("ipk");
     let _ = fs::remove_dir_all(&stage);
@@ -63,7 +64,7 @@ pub fn build(arch: &Arch, binary: &Path, out_dir: &Path) -> Result<PathBuf> {
     let installed_size = tree_size(&data)?;
     write(
         &control.join("control"),
-        &control_file(arch, installed_size),
+        &control_file(openwrt_arch, installed_size),
         0o644,
     )?;
     write(&control.join("conffiles"), "/etc/config/flowguard\n", 0o644)?;
@@ -74,7 +75,7 @@ pub fn build(arch: &Arch, binary: &Path, out_dir: &Path) -> Result<PathBuf> {
     let epoch = source_date_epoch();
     tar_gz(&data, &["."], &stage.join("data.tar.gz"), &epoch)?;
     tar_gz(&control, &["."], &stage.join("control.tar.gz"), &epoch)?;
-    let package = out_dir.join(format!("{PACKAGE}_{}_{}.ipk", version(), arch.openwrt_arch));
+    let package = out_dir.join(format!("{PACKAGE}_{}_{openwrt_arch}.ipk", version()));
     tar_gz(
         &stage,
         &["./debian-binary", "./data.tar.gz", "./control.tar.gz"],
@@ -91,7 +92,7 @@ pub fn build(arch: &Arch, binary: &Path, out_dir: &Path) -> Result<PathBuf> {
 /// kmod-sched-bpf (cls_bpf) is only needed below 6.6, which opkg cannot
 /// express for a prebuilt package, so `flowguard doctor` names it there (the
 /// feed Makefile adds it for 5.15 builds).
-fn control_file(arch: &Arch, installed_size: u64) -> String {
+fn control_file(arch: &str, installed_size: u64) -> String {
     format!(
         "Package: {PACKAGE}\n\
          Version: {version}\n\
@@ -110,7 +111,6 @@ fn control_file(arch: &Arch, installed_size: u64) -> String {
          rewrite those frames and evict the stale flows. Configure in\n \
          /etc/config/flowguard; check the router with `flowguard doctor`.\n",
         version = version(),
-        arch = arch.openwrt_arch,
     )
 }
 
