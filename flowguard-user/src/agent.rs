@@ -21,7 +21,7 @@ use tokio::{
 use crate::{
     children,
     conntrack::{Admission, Conntrack, DeferredEvictions, EvictScope, EvictionPolicy},
-    events,
+    endpoints, events,
     links::{LinkEvent, Notice, Subscription},
     loader::{Guard, KernelLogger},
     metrics,
@@ -281,7 +281,7 @@ pub async fn run(
                             Ok(Some(c)) => changes.push(c),
                             Ok(None) => {}
                             // A full map ends nothing: the endpoints in it stay guarded.
-                            Err(e) if neigh::is_full(&e) => dropped += u64::from(full.left_out(ip)),
+                            Err(e) if endpoints::is_full(&e) => dropped += u64::from(full.left_out(ip)),
                             Err(e) => return Err(e).with_context(|| format!("updating endpoint {ip}")),
                         }
                     }

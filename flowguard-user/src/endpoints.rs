@@ -8,7 +8,70 @@ use std::borrow::{Borrow, BorrowMut};
 use aya::maps::{Array, HashMap, MapData, MapError};
 use flowguard_common::{endpoint_flags, Config, Endpoint, EndpointKey, V4Place, MAX_V4_PREFIXES};
 
-use crate::{neigh::EndpointStore, settings::Mac, sys};
+use crate::{settings::Mac, sys};
+
+/// The operations on the endpoint map that syncing needs, so that the
+/// policy runs against the real BPF map and, in tests, against a plain one.
+pub trait EndpointStore {
+    fn get(&self, key: &EndpointKey) -> Result<Option<Endpoint>, MapError>;
+    fn insert(&mut self, key: EndpointKey, value: Endpoint) -> Result<(), MapError>;
+    /// Removes `key`; a key that is already gone is not an error.
+    fn remove(&mut self, key: &EndpointKey) -> Result<(), MapError>;
+    /// Every entry (a snapshot; entries may come and go meanwhile).
+    fn entries(&self) -> Result<Vec<(EndpointKey, Endpoint)>, MapError>;
+}
+
+impl<T: BorrowMut<MapData>> EndpointStore for HashMap<T, EndpointKey, Endpoint> {
+    fn get(&self, key: &EndpointKey) -> Result<Option<Endpoint>, MapError> {
+        match HashMap::get(self, key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn insert(&mut self, key: EndpointKey, value: Endpoint) -> Result<(), MapError> {
+        HashMap::insert(self, key, value, 0)
+    }
+
+    fn remove(&mut self, key: &EndpointKey) -> Result<(), MapError> {
+        match HashMap::remove(self, key) {
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
+    fn entries(&self) -> Result<Vec<(EndpointKey, Endpoint)>, MapError> {
+        self.iter().collect()
+    }
+}
+
+impl EndpointStore for std::collections::HashMap<EndpointKey, Endpoint> {
+    fn get(&self, key: &EndpointKey) -> Result<Option<Endpoint>, MapError> {
+        Ok(std::collections::HashMap::get(self, key).copied())
+    }
+
+    fn insert(&mut self, key: EndpointKey, value: Endpoint) -> Result<(), MapError> {
+        std::collections::HashMap::insert(self, key, value);
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &EndpointKey) -> Result<(), MapError> {
+        std::collections::HashMap::remove(self, key);
+        Ok(())
+    }
+
+    fn entries(&self) -> Result<Vec<(EndpointKey, Endpoint)>, MapError> {
+        Ok(self.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+}
+
+/// Whether a map write failed because the map is full (E2BIG).
+pub fn is_full(e: &MapError) -> bool {
+    matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG))
+}
 
 /// ENDPOINTS and ENDPOINTS_V4 together. The same `Config` as the kernel
 /// side's decides where an endpoint goes (`Config::v4_place`), so both sides

@@ -29,9 +29,8 @@ use flowguard_common::{
 };
 
 use crate::{
-    endpoints::{self, EndpointMaps},
+    endpoints::{self, EndpointMaps, EndpointStore as _},
     instances,
-    neigh::EndpointStore as _,
     run_config::{GuardConfig, XdpAttach},
     settings::{self, endpoint_key, Mac, StaticEndpoint},
     sys,

@@ -15,7 +15,7 @@ use flowguard_common::{
     map_names, mode, program_names, source, Config, Counters, Endpoint, EndpointKey, Event, OwnMac,
     V4Prefix, V6Prefix, MAX_ARRAY_SLOTS, MAX_OWN_MACS, MAX_V4_PREFIXES, MAX_V6_PREFIXES,
 };
-use flowguard_user::{endpoints::EndpointMaps, neigh::EndpointStore as _};
+use flowguard_user::endpoints::{EndpointMaps, EndpointStore as _};
 
 /// `XDP_PASS` from `enum xdp_action`.
 pub const XDP_PASS: u32 = 2;

@@ -52,7 +52,7 @@ use tokio::{
 pub use table::{Applied, ChildTable};
 
 use crate::{
-    neigh::EndpointStore,
+    endpoints::EndpointStore,
     netlink::{self, send, Received},
     settings::{Mac, Prefix},
 };

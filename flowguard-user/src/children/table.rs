@@ -12,8 +12,7 @@ use flowguard_common::{endpoint_flags, source, MAX_ENDPOINTS};
 
 use super::{decode::Link, decode::Message, ChildChange, ChildFact};
 use crate::{
-    endpoints,
-    neigh::EndpointStore,
+    endpoints::{self, EndpointStore},
     settings::{endpoint_key, Mac, Prefix},
 };
 

@@ -66,9 +66,7 @@ mod sync;
 
 pub use cache::{Desired, NeighCache};
 pub use source::{NeighError, NeighbourSource, SourceOptions};
-pub use sync::{
-    is_full, reconcile, reconcile_store, sync_ip, sync_store, EndpointStore, MapChange,
-};
+pub use sync::{reconcile, reconcile_store, sync_ip, sync_store, MapChange};
 
 use std::net::IpAddr;
 
