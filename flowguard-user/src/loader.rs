@@ -136,9 +136,6 @@ pub struct Guard {
     _lock: fs::File,
     logger: Option<KernelLogger>,
     pub attachments: Vec<Attachment>,
-    /// The router's own MACs the kernel side knows (when learning).
-    pub own_macs: Vec<Mac>,
-    learn: bool,
     /// Entries the endpoint map can hold.
     pub endpoint_capacity: u32,
     /// The tc program the egress ports get (guarding, or learning too).
@@ -230,12 +227,6 @@ impl Guard {
             _lock: lock,
             logger,
             attachments: Vec::new(),
-            own_macs: if opts.learn {
-                opts.own_macs.clone()
-            } else {
-                Vec::new()
-            },
-            learn: opts.learn,
             endpoint_capacity: opts.max_endpoints,
             egress_program: if opts.learn {
                 program_names::TC_LEARN
@@ -454,9 +445,9 @@ impl Guard {
             xdp_mode: None,
         });
         // Frames the router itself sends from that port are never learned.
-        if self.learn {
+        if self.egress_program == program_names::TC_LEARN {
             match sys::if_mac(iface) {
-                Ok(mac) if mac.is_unicast() && !self.own_macs.contains(&mac) => {
+                Ok(mac) if mac.is_unicast() && !self.own_macs().any(|m| m == mac) => {
                     if let Err(e) = self.add_own_mac(iface, mac) {
                         crate::say_err!("flowguard: {e}");
                     }
@@ -467,28 +458,31 @@ impl Guard {
         Ok(how)
     }
 
+    /// The router's own MACs the kernel side knows (set when learning).
+    fn own_macs(&self) -> impl Iterator<Item = Mac> + '_ {
+        let n = (self.config.own_mac_count as usize).min(MAX_OWN_MACS);
+        self.config.own_macs[..n].iter().map(|o| Mac(o.mac))
+    }
+
     fn add_own_mac(&mut self, iface: &str, mac: Mac) -> Result<(), LoadError> {
-        if self.own_macs.len() >= MAX_OWN_MACS {
+        let mut own: Vec<Mac> = self.own_macs().collect();
+        if own.len() >= MAX_OWN_MACS {
             return Err(LoadError::TooManyOwnMacs {
                 iface: iface.to_string(),
                 mac,
             });
         }
+        own.push(mac);
+        let mut config = self.config;
+        settings::set_own_macs(&mut config, &own);
         let map = self
             .ebpf
             .map_mut(map_names::CONFIG)
             .expect("the object defines its maps");
         let mut cfg: Array<&mut MapData, Config> =
             Array::try_from(map).map_err(|e| LoadError::Map(map_names::CONFIG, e))?;
-        let mut config = cfg
-            .get(&0, 0)
-            .map_err(|e| LoadError::Map(map_names::CONFIG, e))?;
-        let mut own = self.own_macs.clone();
-        own.push(mac);
-        settings::set_own_macs(&mut config, &own);
         cfg.set(0, config, 0)
             .map_err(|e| LoadError::Map(map_names::CONFIG, e))?;
-        self.own_macs = own;
         self.config = config;
         Ok(())
     }

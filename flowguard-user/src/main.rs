@@ -349,9 +349,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         agent: agent_config,
         metrics,
         mut notes,
-        auto_found,
     } = RunConfig::check(args.into())?;
-    if let Some(found) = &auto_found {
+    if let Some(found) = &agent_config.auto {
         say!(
             "flowguard: the flowtable caches MACs on bridge ports {}: attaching tc egress there",
             found.join(", ")

@@ -109,9 +109,6 @@ pub struct GuardConfig {
     /// interfaces' own MACs. The loader adds the event interval, in the
     /// kernel's jiffies.
     pub kernel: Config,
-    /// The distinct unicast MACs of the guarded interfaces, as written to
-    /// `kernel` when learning (frames the router sends are never learned).
-    pub own_macs: Vec<Mac>,
     /// Minimum time between two events about one endpoint.
     pub event_interval: Duration,
     /// Entries of the endpoint hash map (its size is fixed at load time).
@@ -157,8 +154,6 @@ pub struct RunConfig {
     pub metrics: Option<SocketAddr>,
     /// Sentences for the operator about what was merged or chosen for them.
     pub notes: Vec<String>,
-    /// `--auto`'s bridge ports, for the startup line.
-    pub auto_found: Option<Vec<String>>,
 }
 
 /// Why `flowguard run` refuses its options. Each is one sentence that
@@ -313,7 +308,7 @@ impl RunConfig {
             max_evictions_per_sec,
             probe,
             children: (children && !ingress.is_empty()).then(|| ingress.clone()),
-            auto: auto_found.clone(),
+            auto: auto_found,
         };
         let guard = GuardConfig {
             ingress,
@@ -322,7 +317,6 @@ impl RunConfig {
             xdp,
             pin_dir,
             kernel,
-            own_macs,
             event_interval,
             max_endpoints,
             statics,
@@ -332,7 +326,6 @@ impl RunConfig {
             agent,
             metrics,
             notes,
-            auto_found,
         })
     }
 }
