@@ -1024,15 +1024,21 @@ fn learning_counts_failure_when_the_map_is_full() {
     with_hash_layout(learning_into_a_full_hash_map);
 }
 
-fn learning_into_a_full_hash_map() {
-    let mut g = learning_setup();
-    // Fill the map (two endpoints are already in it).
-    let cap = flowguard_common::MAX_ENDPOINTS;
-    for i in 0..cap - 2 {
+/// Inserts `n` endpoints in 10.0.0.0/8, each with a MAC of its own: no
+/// array prefix covers them, so they go to the hash map.
+fn fill_hash_map(g: &mut Guard, n: u32) {
+    for i in 0..n {
         let [_, b, c, d] = i.to_be_bytes();
         g.insert_endpoint(key4([10, b, c, d]), &endpoint([0x02, 0x10, 0, b, c, d]))
             .expect("filling ENDPOINTS");
     }
+}
+
+fn learning_into_a_full_hash_map() {
+    let mut g = learning_setup();
+    // Fill the map (two endpoints are already in it).
+    let cap = flowguard_common::MAX_ENDPOINTS;
+    fill_hash_map(&mut g, cap - 2);
     assert_eq!(
         g.endpoints().expect("ENDPOINTS").len(),
         cap as usize,
@@ -1082,11 +1088,7 @@ fn learning_into_the_array_needs_no_room_in_the_hash_map() {
     let mut g = learning_setup();
     let cap = flowguard_common::MAX_ENDPOINTS;
     // EP6 is in the hash map already.
-    for i in 0..cap - 1 {
-        let [_, b, c, d] = i.to_be_bytes();
-        g.insert_endpoint(key4([10, b, c, d]), &endpoint([0x02, 0x10, 0, b, c, d]))
-            .expect("filling ENDPOINTS");
-    }
+    fill_hash_map(&mut g, cap - 1);
     assert_eq!(g.hash_len(), cap as usize, "hash map full");
     run_pass(
         &g,
