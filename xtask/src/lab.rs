@@ -33,23 +33,12 @@ const HOST_PACKAGES: &[&str] = &[
     "gcc",
     "libc6-dev",
 ];
-/// The same for `--arch arm64`: the VM's tools come from arm64 .debs
-/// (lab/fetch-userland.sh), so the host needs only the emulator, busybox for
-/// its applet list, depmod, cpio, readelf (the libraries the tools need) and
-/// clang/lld (the static udpwg against the arm64 musl).
-const HOST_PACKAGES_ARM64: &[&str] = &[
-    "qemu-system-arm",
-    "busybox-static",
-    "kmod",
-    "cpio",
-    "binutils",
-    "clang-22",
-    "lld-22",
-];
-
-/// The same for `--arch s390x`, with qemu-system-s390x.
-const HOST_PACKAGES_S390X: &[&str] = &[
-    "qemu-system-misc",
+/// The same for `--arch arm64` and `--arch s390x`, besides their emulator:
+/// the VM's tools come from .debs of its architecture
+/// (lab/fetch-userland.sh), so the host needs only busybox for its applet
+/// list, depmod, cpio, readelf (the libraries the tools need) and clang/lld
+/// (the static udpwg against the VM's musl).
+const HOST_PACKAGES_FOREIGN: &[&str] = &[
     "busybox-static",
     "kmod",
     "cpio",
@@ -357,14 +346,13 @@ fn lab_dir() -> PathBuf {
 }
 
 fn ensure_host_packages(arch: LabArch) -> Result<()> {
-    let packages = match arch {
-        LabArch::Amd64 => HOST_PACKAGES,
-        LabArch::Arm64 => HOST_PACKAGES_ARM64,
-        LabArch::S390x => HOST_PACKAGES_S390X,
+    let packages: Vec<&str> = match arch {
+        LabArch::Amd64 => HOST_PACKAGES.to_vec(),
+        LabArch::Arm64 => [&["qemu-system-arm"][..], HOST_PACKAGES_FOREIGN].concat(),
+        LabArch::S390x => [&["qemu-system-misc"][..], HOST_PACKAGES_FOREIGN].concat(),
     };
     let missing: Vec<&str> = packages
-        .iter()
-        .copied()
+        .into_iter()
         .filter(|p| {
             step::probe(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
                 .is_none_or(|s| !s.contains("install ok installed"))
