@@ -77,6 +77,66 @@ pub mod source {
     /// A macvlan/ipvlan child of a guarded interface, read from the host's
     /// own configuration (in any network namespace).
     pub const CHILD: u8 = 4;
+
+    /// [`merge`]: the claim that holds the entry stays.
+    pub const KEEP: u8 = 0;
+    /// [`merge`]: the incoming claim replaces the one that holds the entry.
+    pub const REPLACE: u8 = 1;
+    /// [`merge`]: neither settles it: the endpoint is ambiguous (its frames
+    /// are counted, never rewritten) while the two disagree.
+    pub const CONFLICT: u8 = 2;
+
+    /// The precedence of the sources, in one place for both sides: what a
+    /// claim from `incoming` does to an endpoint whose entry a claim from
+    /// `holder` wrote, when the two name different MACs. The kernel's
+    /// learning path calls it for `LEARNED`; user space's endpoint table
+    /// for every pair.
+    ///
+    /// | holder \ incoming | STATIC | CHILD | LEARNED | NEIGHBOUR |
+    /// |---|---|---|---|---|
+    /// | STATIC | replace | keep | keep | keep |
+    /// | CHILD | replace | replace | replace | conflict |
+    /// | LEARNED | replace | replace | replace | keep |
+    /// | NEIGHBOUR | replace | conflict | replace | replace |
+    ///
+    /// In words: the operator's static entry settles every disagreement. A
+    /// source's newer word replaces its older one. A child (the host's own
+    /// configuration) and a learned frame (the endpoint's own source MAC)
+    /// are both first-hand and present-tense: the newer wins, because the
+    /// kernel learns at line rate and cannot wait for user space. A learned
+    /// frame is newer evidence than the neighbour table, a cache that keeps
+    /// an old MAC for minutes, so it settles against it. A child that
+    /// disagrees with the neighbour table is the one pair neither side can
+    /// settle by rule (an address conflict, or a neighbour entry the host
+    /// never refreshed): the endpoint is ambiguous until they agree.
+    /// Unknown sources are never replaced.
+    #[inline(always)]
+    pub const fn merge(holder: u8, incoming: u8) -> u8 {
+        match (holder, incoming) {
+            (STATIC, STATIC) => REPLACE,
+            (STATIC, _) => KEEP,
+            (CHILD | LEARNED | NEIGHBOUR, STATIC) => REPLACE,
+            (CHILD, NEIGHBOUR) | (NEIGHBOUR, CHILD) => CONFLICT,
+            (LEARNED, NEIGHBOUR) => KEEP,
+            (CHILD | LEARNED | NEIGHBOUR, CHILD | LEARNED | NEIGHBOUR) => REPLACE,
+            _ => KEEP,
+        }
+    }
+
+    /// How strongly a source's claim holds an entry: the claim of the
+    /// highest rank names the endpoint's MAC (the newest among equals), and
+    /// [`merge`] says whether the others make it ambiguous. Consistent with
+    /// [`merge`]: a claim replaces one of a higher rank never, of a lower
+    /// rank always, except where the two conflict.
+    #[inline(always)]
+    pub const fn rank(s: u8) -> u8 {
+        match s {
+            STATIC => 3,
+            CHILD | LEARNED => 2,
+            NEIGHBOUR => 1,
+            _ => 4,
+        }
+    }
 }
 
 /// Bits of [`Endpoint::flags`].
@@ -487,6 +547,34 @@ mod user {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn precedence_is_one_table_and_agrees_with_the_ranks() {
+        use source::*;
+        let all = [STATIC, CHILD, LEARNED, NEIGHBOUR];
+        let want = [
+            // holder STATIC, CHILD, LEARNED, NEIGHBOUR; incoming in `all` order.
+            [REPLACE, KEEP, KEEP, KEEP],
+            [REPLACE, REPLACE, REPLACE, CONFLICT],
+            [REPLACE, REPLACE, REPLACE, KEEP],
+            [REPLACE, CONFLICT, REPLACE, REPLACE],
+        ];
+        for (h, row) in all.iter().zip(want) {
+            for (i, w) in all.iter().zip(row) {
+                assert_eq!(merge(*h, *i), w, "holder {h}, incoming {i}");
+                // A conflict is mutual; otherwise the higher rank holds.
+                match w {
+                    CONFLICT => assert_eq!(merge(*i, *h), CONFLICT),
+                    REPLACE if h != i => assert!(rank(*i) >= rank(*h)),
+                    KEEP => assert!(rank(*h) >= rank(*i)),
+                    _ => {}
+                }
+            }
+        }
+        // An entry of a source this build does not know is never replaced.
+        assert_eq!(merge(9, STATIC), KEEP);
+        assert!(rank(9) > rank(STATIC));
+    }
 
     #[test]
     fn v4_key_roundtrip() {

@@ -556,7 +556,12 @@ fn learn(f: &impl Frame) -> Option<()> {
     let old_mac = match found {
         Some(ep) => {
             let head = Head::read(ep);
-            if head.source != 0 && (head.mac == src_mac || head.source == source::STATIC) {
+            // The precedence both sides share: a learned frame replaces a
+            // child's or the neighbour table's entry, never a static one.
+            if head.source != 0
+                && (head.mac == src_mac
+                    || source::merge(head.source, source::LEARNED) != source::REPLACE)
+            {
                 return None;
             }
             // SAFETY: a live map value (see try_guard).

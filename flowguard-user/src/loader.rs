@@ -24,15 +24,14 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use flowguard_common::{
-    map_names, pin_names, program_names, source, Config, Endpoint, EndpointKey, UserCounters,
-    MAX_OWN_MACS,
+    map_names, pin_names, program_names, Config, Endpoint, EndpointKey, UserCounters, MAX_OWN_MACS,
 };
 
 use crate::{
-    endpoints::{self, EndpointMaps, EndpointStore as _},
+    endpoints::{self, EndpointMaps, EndpointTable, Fact, Origin},
     instances,
     run_config::{GuardConfig, XdpAttach},
-    settings::{self, endpoint_key, Mac, StaticEndpoint},
+    settings::{self, Mac, StaticEndpoint},
     sys,
 };
 
@@ -257,17 +256,19 @@ impl Guard {
     fn add_statics(&mut self, statics: &[StaticEndpoint]) -> Result<(), LoadError> {
         let capacity = self.endpoint_capacity;
         let mut map = self.endpoints()?;
+        // The table's rule, with the map as its record: the agent's table
+        // finds each static entry there as the endpoint's one claim.
+        let mut table = EndpointTable::new(capacity);
         for s in statics {
-            endpoints::upsert(&mut map, endpoint_key(s.ip), s.mac, source::STATIC, None).map_err(
-                |source| match &source {
-                    aya::maps::MapError::SyscallError(e)
-                        if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
-                    {
+            table
+                .set(&mut map, Fact::at(s.ip, Origin::Static, s.mac))
+                .map_err(|source| {
+                    if endpoints::is_full(&source) {
                         LoadError::StaticsFull { ip: s.ip, capacity }
+                    } else {
+                        LoadError::Static { ip: s.ip, source }
                     }
-                    _ => LoadError::Static { ip: s.ip, source },
-                },
-            )?;
+                })?;
         }
         Ok(())
     }
@@ -609,12 +610,7 @@ impl Guard {
         let Ok(mut map) = self.endpoints() else {
             return;
         };
-        let mut restored = 0;
-        for (k, v) in kept {
-            if map.insert(k, v).is_ok() {
-                restored += 1;
-            }
-        }
+        let restored = EndpointTable::restore(&mut map, kept);
         log::info!(
             "kept {restored} endpoints from the instance that was stopped without cleaning up"
         );

@@ -2,7 +2,7 @@
 //! bridge `br-lan` (192.168.1.1/24, fd00:1::1/64) and endpoints behind veth
 //! ports. The router's neighbour table is filled by real ARP and neighbour
 //! discovery, or by `ip neigh`, and followed by `flowguard_user::neigh`
-//! (NeighbourSource → NeighCache → sync_ip/reconcile) into the ENDPOINTS map
+//! (NeighbourSource → NeighCache → facts → EndpointTable) into the ENDPOINTS map
 //! of the real eBPF object, loaded but not attached.
 //!
 //! Needs root; without it each test prints `skipped: ...` and returns. The
@@ -29,10 +29,8 @@ use flowguard_tests::{
     wait::Wait,
 };
 use flowguard_user::{
-    neigh::{
-        reconcile, sync_ip, Desired, MapChange, NeighCache, NeighEvent, NeighbourSource,
-        SourceOptions,
-    },
+    endpoints::{Change as MapChange, EndpointTable, Origin},
+    neigh::{all_facts, facts, Desired, NeighCache, NeighEvent, NeighbourSource, SourceOptions},
     settings::{endpoint_key, key_ip, Mac, Prefix},
 };
 
@@ -164,6 +162,9 @@ fn endpoints(ebpf: &mut Ebpf) -> BpfHashMap<&mut MapData, EndpointKey, Endpoint>
 struct Follower {
     source: NeighbourSource,
     cache: NeighCache,
+    /// The endpoint table, the map's only writer, with the neighbour
+    /// table as its one source here.
+    table: EndpointTable,
     ebpf: Ebpf,
     changes: Vec<MapChange>,
     overflows: usize,
@@ -187,6 +188,7 @@ impl Follower {
         let mut f = Self {
             source,
             cache: NeighCache::new(prefixes()),
+            table: EndpointTable::new(flowguard_common::MAX_ENDPOINTS),
             ebpf,
             changes: Vec::new(),
             overflows: 0,
@@ -198,7 +200,17 @@ impl Follower {
     }
 
     fn reconcile(&mut self) -> Vec<MapChange> {
-        let changes = reconcile(&mut endpoints(&mut self.ebpf), &self.cache).expect("reconcile");
+        let changes: Vec<MapChange> = self
+            .table
+            .reconcile(
+                &mut endpoints(&mut self.ebpf),
+                Origin::Neighbour,
+                all_facts(&self.cache),
+            )
+            .expect("reconcile")
+            .into_iter()
+            .map(|u| u.change)
+            .collect();
         self.changes.extend(&changes);
         changes
     }
@@ -218,10 +230,9 @@ impl Follower {
             return;
         }
         let mut map = endpoints(&mut self.ebpf);
-        for ip in self.cache.apply(&ev) {
-            if let Some(c) = sync_ip(&mut map, &self.cache, ip).expect("sync_ip") {
-                self.changes.push(c);
-            }
+        let ips = self.cache.apply(&ev);
+        for u in self.table.apply(&mut map, facts(&self.cache, ips)) {
+            self.changes.push(u.change);
         }
     }
 

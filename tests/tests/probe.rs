@@ -25,6 +25,7 @@ use flowguard_tests::router::{
     MAC_B, PORT_A, WAN_PORT,
 };
 use flowguard_tests::skip_unless_router_role_supported;
+use flowguard_tests::wait::Wait;
 
 /// Bound on how long flowguard may take to see and act on a change.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -130,10 +131,21 @@ fn a_silent_endpoint_with_a_new_mac_is_found_by_probing_and_its_flows_evicted() 
         |s| s.counters.probe_moves >= 1 && s.counters.evicted >= PORTS.len() as u64,
     );
     assert_eq!(status.counters.probe_ambiguous, 0, "{:#?}", status.counters);
-    assert_eq!(
-        case.router_mac(ENDPOINT_A_IP).as_deref(),
-        Some(MAC_A2),
-        "the router's own ARP took the answer to the probe"
+    // The probe's report evicts at once; the router's own ARP takes the
+    // answer to the probe, and the endpoint map follows the neighbour table.
+    let router_mac = Wait::new(
+        "the router's own ARP took the answer to the probe",
+        SETTLE_TIMEOUT,
+    )
+    .until(
+        || case.router_mac(ENDPOINT_A_IP),
+        |m| m.as_deref() == Some(MAC_A2),
+    );
+    assert_eq!(router_mac.as_deref(), Some(MAC_A2));
+    let status = case.flowguard.wait_for_status(
+        ".240 at its new MAC in the endpoint map",
+        SETTLE_TIMEOUT,
+        |s| s.has_endpoint(&ENDPOINT_A_IP.to_string(), MAC_A2),
     );
     assert!(
         status.has_endpoint(&ENDPOINT_A_IP.to_string(), MAC_A2),

@@ -49,10 +49,10 @@ use tokio::{
     task::JoinHandle,
 };
 
-pub use table::{Applied, ChildTable};
+pub use table::ChildTable;
 
 use crate::{
-    endpoints::EndpointStore,
+    endpoints::Fact,
     netlink::{self, send, Received},
     settings::{Mac, Prefix},
 };
@@ -249,8 +249,7 @@ impl ChildrenSource {
         self.table.len()
     }
 
-    /// The next changes of the facts (never empty, except to retry writes
-    /// that failed: then [`ChildrenSource::apply`] retries them).
+    /// The next changes of the facts (never empty).
     pub async fn next_change(&mut self) -> Vec<ChildChange> {
         loop {
             let retry = self.retry_named;
@@ -274,11 +273,7 @@ impl ChildrenSource {
                     if let Some(d) = self.dirs.as_mut() {
                         d.get_mut().refresh();
                     }
-                    let changes = self.rescan(true, true);
-                    if changes.is_empty() && self.table.has_unwritten() {
-                        return changes;
-                    }
-                    changes
+                    self.rescan(true, true)
                 }
             };
             if !changes.is_empty() {
@@ -287,14 +282,10 @@ impl ChildrenSource {
         }
     }
 
-    /// Records `changes` and makes the endpoint map agree (see
-    /// [`ChildTable::apply`]).
-    pub fn apply<S: EndpointStore + ?Sized>(
-        &mut self,
-        store: &mut S,
-        changes: &[ChildChange],
-    ) -> Applied {
-        self.table.apply(store, changes)
+    /// Records `changes`; returns what the children say now about every
+    /// IP they touch (see [`ChildTable::apply`]).
+    pub fn facts(&mut self, changes: &[ChildChange]) -> Vec<Fact> {
+        self.table.apply(changes)
     }
 
     /// Looks for namespaces (named ones, and with `processes` those of
@@ -498,31 +489,18 @@ impl ChildrenSource {
     }
 }
 
-/// Starts the source for the agent: applies the first facts, says what is
-/// watched, and returns `None` (after saying why) when it cannot run.
-pub async fn start(
-    guard: &mut crate::loader::Guard,
-    parents: &[String],
-    prefixes: &[Prefix],
-) -> anyhow::Result<Option<ChildrenSource>> {
-    use anyhow::Context as _;
+/// Starts the source for the agent: says what is watched, and returns the
+/// source with its first facts, or `None` (after saying why) when it cannot run.
+pub async fn start(parents: &[String], prefixes: &[Prefix]) -> Option<(ChildrenSource, Vec<Fact>)> {
     let started = Instant::now();
     let (mut src, first) = match ChildrenSource::open(parents, prefixes).await {
         Ok(v) => v,
         Err(e) => {
             crate::say_err!("flowguard: not watching macvlan/ipvlan children: {e}");
-            return Ok(None);
+            return None;
         }
     };
-    let applied = src.apply(&mut guard.endpoints()?, &first);
-    for s in &applied.sentences {
-        crate::say!("{s}");
-    }
-    let mut counters = guard.user_counters()?;
-    let mut c = counters.get(&0, 0).context("reading user counters")?;
-    c.children_added += applied.added;
-    c.children_removed += applied.removed;
-    counters.set(0, c, 0).context("writing user counters")?;
+    let facts = src.facts(&first);
     crate::say!(
         "flowguard: guarding the macvlan/ipvlan children of {} in {} network namespaces \
          ({} endpoints, read in {:.0} ms)",
@@ -535,7 +513,7 @@ pub async fn start(
         "looking for the namespaces of running processes every {PROC_SCAN:?} (last scan: {:.1} ms)",
         src.last_proc_scan.as_secs_f64() * 1e3
     );
-    Ok(Some(src))
+    Some((src, facts))
 }
 
 /// The next changes of an optional source (pending forever without one).

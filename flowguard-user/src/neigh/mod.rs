@@ -14,10 +14,9 @@
 //!   [`NeighbourSource::next_event`] returns [`NeighEvent::Overflow`]: the
 //!   caller dumps again and calls [`NeighCache::replace_all`].
 //! - [`NeighCache`] (pure, no root): the policy below.
-//! - [`sync_ip`] and [`reconcile`]: make the endpoint map agree with the
-//!   cache for the entries this module owns (source `NEIGHBOUR`), and say
-//!   what changed ([`MapChange`]), so that the caller can log it and evict
-//!   the flows that were offloaded toward an old MAC.
+//! - [`fact`], [`facts`] and [`all_facts`]: what the cache says, as facts
+//!   for the endpoint table ([`crate::endpoints`]), which merges them with
+//!   the other sources and writes the endpoint map.
 //!
 //! # Policy
 //!
@@ -33,16 +32,15 @@
 //! six-byte) link-layer address, and `RTM_DELNEIGH` all mean the kernel no
 //! longer believes in any MAC for that `(ip, ifindex)`: the pair leaves the
 //! cache. When no usable pair is left for the IP, its desired state is
-//! [`Desired::Absent`] and its `NEIGHBOUR` entry is deleted from the map:
+//! [`Desired::Absent`]: the neighbour table withdraws its claim, and the
+//! endpoint table deletes the entry unless another source holds it:
 //! flowguard never rewrites frames toward a MAC the kernel gave up on.
 //!
 //! An IP with usable entries on two interfaces and **different** MACs is
-//! [`Desired::Ambiguous`]: it stays in the map with the `AMBIGUOUS` flag, so
-//! the kernel side counts frames to it that carry another MAC but never
-//! rewrites them; the ambiguity is reported ([`MapChange::Ambiguous`]). It is
-//! resolved as soon as only one MAC is left ([`MapChange::Moved`] if the map
-//! held another MAC, [`MapChange::Resolved`] otherwise). The same MAC on two
-//! interfaces is not ambiguous.
+//! [`Desired::Ambiguous`] (a split fact): it stays in the map with the
+//! `AMBIGUOUS` flag, so the kernel side counts frames to it that carry
+//! another MAC but never rewrites them. It is resolved as soon as only one
+//! MAC is left. The same MAC on two interfaces is not ambiguous.
 //!
 //! Ignored altogether: IPs outside the configured prefixes, families other
 //! than IPv4/IPv6 (the bridge FDB shares `RTNLGRP_NEIGH`), and proxy entries
@@ -51,22 +49,20 @@
 //! `RTM_DELNEIGH` must not remove a real entry of the same `(ip, ifindex)`.
 //! IPv4-mapped IPv6 addresses are treated as the IPv4 address.
 //!
-//! The map writer owns only entries whose source is `NEIGHBOUR`: it never
-//! modifies or deletes a `STATIC` or `LEARNED` entry (nor any other source),
-//! even when the neighbour table disagrees with it. When it changes the MAC
-//! of one of its entries it keeps the evidence the kernel side gathered
-//! (stale counts, last stale MAC), resets the event rate limit so that the
-//! next stale frame is reported at once, and clears `AMBIGUOUS` when the IP
-//! is no longer ambiguous.
+//! How the neighbour table's claims meet the other sources' (a static
+//! entry always wins, a learned MAC is never replaced by it, a child that
+//! disagrees makes the endpoint ambiguous) is the endpoint table's rule.
 
 mod cache;
 mod decode;
+mod facts;
+mod follow;
 mod source;
-mod sync;
 
 pub use cache::{Desired, NeighCache};
+pub use facts::{all_facts, fact, facts};
+pub use follow::{Heard, Neighbours, SharedCache};
 pub use source::{NeighError, NeighbourSource, SourceOptions};
-pub use sync::{reconcile, reconcile_store, sync_ip, sync_store, MapChange};
 
 use std::net::IpAddr;
 

@@ -1,14 +1,11 @@
-//! The kernel side's endpoint maps as one store (IPv4 endpoints of the small
-//! prefixes in the direct-indexed array, every other in the hash map), and
-//! writing endpoints into it without losing the evidence the kernel has
-//! gathered for them.
+//! The kernel side's endpoint maps as one store: IPv4 endpoints of the small
+//! prefixes in the direct-indexed array, every other in the hash map. Only
+//! the endpoint table (and tests that set up a map) write through it.
 
 use std::borrow::{Borrow, BorrowMut};
 
 use aya::maps::{Array, HashMap, MapData, MapError};
-use flowguard_common::{endpoint_flags, Config, Endpoint, EndpointKey, V4Place, MAX_V4_PREFIXES};
-
-use crate::{settings::Mac, sys};
+use flowguard_common::{Config, Endpoint, EndpointKey, V4Place, MAX_V4_PREFIXES};
 
 /// The operations on the endpoint map that syncing needs, so that the
 /// policy runs against the real BPF map and, in tests, against a plain one.
@@ -19,6 +16,8 @@ pub trait EndpointStore {
     fn remove(&mut self, key: &EndpointKey) -> Result<(), MapError>;
     /// Every entry (a snapshot; entries may come and go meanwhile).
     fn entries(&self) -> Result<Vec<(EndpointKey, Endpoint)>, MapError>;
+    /// Entries of the part that can be full (the hash map).
+    fn hash_len(&self) -> usize;
 }
 
 impl<T: BorrowMut<MapData>> EndpointStore for HashMap<T, EndpointKey, Endpoint> {
@@ -46,6 +45,10 @@ impl<T: BorrowMut<MapData>> EndpointStore for HashMap<T, EndpointKey, Endpoint> 
     fn entries(&self) -> Result<Vec<(EndpointKey, Endpoint)>, MapError> {
         self.iter().collect()
     }
+
+    fn hash_len(&self) -> usize {
+        self.keys().filter(Result::is_ok).count()
+    }
 }
 
 impl EndpointStore for std::collections::HashMap<EndpointKey, Endpoint> {
@@ -65,6 +68,10 @@ impl EndpointStore for std::collections::HashMap<EndpointKey, Endpoint> {
 
     fn entries(&self) -> Result<Vec<(EndpointKey, Endpoint)>, MapError> {
         Ok(self.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn hash_len(&self) -> usize {
+        self.len()
     }
 }
 
@@ -164,103 +171,15 @@ impl<H: BorrowMut<MapData>, A: BorrowMut<MapData>> EndpointStore for EndpointMap
     fn entries(&self) -> Result<Vec<(EndpointKey, Endpoint)>, MapError> {
         self.all()
     }
+
+    fn hash_len(&self) -> usize {
+        EndpointMaps::hash_len(self)
+    }
 }
 
 impl<H: Borrow<MapData>, A: Borrow<MapData>> EndpointMaps<H, A> {
     /// Every endpoint, for readers that cannot write (status, restarts).
     pub fn entries(&self) -> Result<Vec<(EndpointKey, Endpoint)>, MapError> {
         self.all()
-    }
-}
-
-/// Sets the current MAC and source of an endpoint: the one rule every
-/// writer (static entries, the neighbour table, macvlan children) follows.
-/// Evidence (stale counts, last stale MAC) already in the map is kept; the
-/// rate limit is reset when the MAC changes so that the next stale frame is
-/// reported at once. `ambiguous` sets or clears the `AMBIGUOUS` flag
-/// (`None` leaves it as it is). Nothing is written when nothing changes.
-/// Returns the previous MAC, if the endpoint was known.
-pub fn upsert<S: EndpointStore + ?Sized>(
-    map: &mut S,
-    key: EndpointKey,
-    mac: Mac,
-    source: u8,
-    ambiguous: Option<bool>,
-) -> Result<Option<Mac>, MapError> {
-    let existing = map.get(&key)?;
-    let previous = existing.map(|e| Mac(e.mac));
-    let flags = |e: &Endpoint| match ambiguous {
-        Some(true) => e.flags | endpoint_flags::AMBIGUOUS,
-        Some(false) => e.flags & !endpoint_flags::AMBIGUOUS,
-        None => e.flags,
-    };
-    if existing.is_some_and(|e| e.mac == mac.0 && e.source == source && flags(&e) == e.flags) {
-        return Ok(previous);
-    }
-    let mut value = existing.unwrap_or_default();
-    if previous != Some(mac) {
-        value.last_event_jiffies = 0;
-        value.updated_ns = sys::monotonic_ns();
-    }
-    value.mac = mac.0;
-    value.source = source;
-    value.flags = flags(&value);
-    map.insert(key, value)?;
-    Ok(previous)
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::HashMap as Store;
-
-    use flowguard_common::source;
-
-    use super::*;
-
-    const A: Mac = Mac([0x02, 0, 0, 0, 0, 0xaa]);
-    const B: Mac = Mac([0x02, 0, 0, 0, 0, 0xbb]);
-
-    #[test]
-    fn upsert_keeps_evidence_resets_the_rate_limit_and_sets_the_flag_only_when_asked() {
-        let mut map = Store::new();
-        let key = crate::settings::endpoint_key("192.168.1.240".parse().unwrap());
-        assert_eq!(
-            upsert(&mut map, key, A, source::STATIC, None).unwrap(),
-            None
-        );
-        let e = map[&key];
-        assert_eq!((e.mac, e.source, e.flags), (A.0, source::STATIC, 0));
-        // Evidence gathered by the kernel side, and a flag set by someone.
-        let ev = map.get_mut(&key).unwrap();
-        ev.stale_packets = 7;
-        ev.last_event_jiffies = 99;
-        ev.flags = endpoint_flags::AMBIGUOUS;
-        // Same MAC and source, flag left alone: nothing is written.
-        let before = map[&key];
-        assert_eq!(
-            upsert(&mut map, key, A, source::STATIC, None).unwrap(),
-            Some(A)
-        );
-        assert_eq!(map[&key], before);
-        // Same MAC, flag cleared: the rate limit is not reset.
-        upsert(&mut map, key, A, source::STATIC, Some(false)).unwrap();
-        let e = map[&key];
-        assert_eq!((e.flags, e.last_event_jiffies), (0, 99));
-        // A new MAC from another source, flagged: evidence kept, rate limit reset.
-        assert_eq!(
-            upsert(&mut map, key, B, source::NEIGHBOUR, Some(true)).unwrap(),
-            Some(A)
-        );
-        let e = map[&key];
-        assert_eq!(
-            (
-                e.mac,
-                e.source,
-                e.flags,
-                e.stale_packets,
-                e.last_event_jiffies
-            ),
-            (B.0, source::NEIGHBOUR, endpoint_flags::AMBIGUOUS, 7, 0)
-        );
     }
 }
