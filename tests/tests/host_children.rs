@@ -4,8 +4,10 @@
 //! its own namespaces (the host-role topology plus containers of its own)
 //! and bpffs; the guards remove them.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
+
+use flowguard_user::conntrack::{Conntrack, Flow, Tuple};
 
 use flowguard_tests::flow::UdpFlow;
 use flowguard_tests::flowguard_proc::{Flowguard, Status};
@@ -285,4 +287,67 @@ fn children_outside_the_prefixes_are_ignored_and_static_entries_stay() {
     assert_eq!(s.source, "static", "{s:?}");
     assert!(s.mac.eq_ignore_ascii_case(static_mac), "{s:?}");
     assert!(status.endpoint("10.9.9.9").is_none(), "{status:#?}");
+}
+
+/// A child's new MAC is a move of the endpoint table, and evicts like a
+/// neighbour change: the endpoint's entries in flowguard's own conntrack
+/// table go, a bystander's stay. The entries are inserted over ctnetlink
+/// (this kernel has no nf_flow_table, so none can be offloaded: hence
+/// `--evict all`; the VM lab evicts real `[OFFLOAD]` entries).
+#[test]
+fn a_childs_new_mac_evicts_the_endpoints_conntrack_entries() {
+    skip_unless_host_role_supported!();
+    let topology = HostRoleTopology::new(MAC_A);
+    let bpffs = BpffsMount::new();
+    let flowguard = start(&topology, &bpffs, &["--evict", "all"]);
+    let container = Netns::new("c5");
+    moved_child(&topology, &container, MAC_1, "192.168.1.241/24");
+    wait_child(&flowguard, IP_1, MAC_1);
+
+    let (moved, bystander) = (IpAddr::V4(IP_1), IpAddr::V4(CONTAINER_IP));
+    let router = IpAddr::V4(ROUTER_IP);
+    let flows = [
+        Flow::unnatted(Tuple::udp(router, 51820, moved, 51820)),
+        Flow::unnatted(Tuple::tcp(moved, 40000, router, 443)),
+        Flow::unnatted(Tuple::udp(router, 51821, bystander, 51821)),
+    ];
+    topology.host.enter(|| {
+        let mut ct = Conntrack::open().expect("ctnetlink in the host namespace");
+        for f in &flows {
+            ct.insert(f, 300)
+                .unwrap_or_else(|e| panic!("inserting {}: {e}", f.describe()));
+        }
+    });
+    let before = flowguard.status();
+    assert_eq!(before.counters.evicted, 0, "{:?}", before.counters);
+
+    // The container's own configuration changes: the child's MAC.
+    container.ip(&["link", "set", "mvt", "address", MAC_2]);
+    wait_child(&flowguard, IP_1, MAC_2);
+    let status = flowguard.wait_for_status(
+        "the entries of .241 evicted after its child's MAC changed",
+        SETTLE_TIMEOUT,
+        |s| s.counters.evicted >= 2,
+    );
+    assert_eq!(status.counters.evicted, 2, "{:?}", status.counters);
+    assert_says(
+        &flowguard,
+        &[
+            "192.168.1.241: evicted flow",
+            &format!("because its MAC changed from {MAC_1} to {MAC_2}"),
+        ],
+    );
+    let left = topology.host.enter(|| {
+        let mut ct = Conntrack::open().expect("ctnetlink in the host namespace");
+        (
+            ct.flows_involving(moved).expect("listing"),
+            ct.flows_involving(bystander).expect("listing"),
+        )
+    });
+    assert!(
+        left.0.is_empty(),
+        "the moved endpoint's entries: {:?}",
+        left.0
+    );
+    assert_eq!(left.1.len(), 1, "the bystander's entry stays: {:?}", left.1);
 }
