@@ -20,14 +20,14 @@ use tokio::{
 };
 
 use crate::{
-    children::{self, ChildrenSource},
-    endpoints::{EndpointTable, Fact, Origin, Update},
+    children,
+    endpoints::{Batch, EndpointTable, Fact, FactSender, Origin, Update},
     events,
     links::{LinkEvent, Notice, Subscription},
     loader::{Guard, KernelLogger},
     metrics,
     neigh::{self, Heard, NeighEvent, Neighbours},
-    probe::{self, ProbeReport},
+    probe,
     run_config::{AgentConfig, Selection},
     settings::{key_ip, Mac},
     sys,
@@ -118,10 +118,15 @@ pub async fn run(
         table: EndpointTable::new(guard.endpoint_capacity),
         evictions: Evictions::start(opts),
     };
-    // The sources, each started by one line.
+    // The sources, each started by one line. The neighbour table is
+    // followed here (SIGHUP and the reconcile timer re-read it); the others
+    // run on their own and send their facts to `facts`.
+    let (sources, mut facts) = mpsc::unbounded_channel::<Batch>();
     let mut neighbours = start_neighbours(guard, &mut endpoints, opts).await?;
-    let mut probe_reports = start_probing(opts, neighbours.as_ref());
-    let mut children = start_children(guard, &mut endpoints, opts).await?;
+    start_probing(opts, neighbours.as_ref(), sources.clone());
+    if let Some(parents) = &opts.children {
+        children::start(parents, &opts.prefixes, sources.clone()).await;
+    }
 
     // Interfaces are followed through rtnetlink: a guarded port deleted and
     // created again gets its programs at once. The timer only retries an
@@ -232,14 +237,11 @@ pub async fn run(
                     log::info!("periodic reconcile repaired {} endpoints", changes.len());
                 }
             }
-            Some(report) = probe_reports.recv() => {
-                let facts = probed(guard, &report)?;
-                endpoints.take(guard, facts, None, true)?;
-            }
-            changes = children::next(&mut children) => {
-                let src = children.as_mut().expect("only polled with a source");
-                let facts = src.facts(&changes);
-                endpoints.take(guard, facts, None, true)?;
+            Some(batch) = facts.recv() => {
+                if let Some(count) = batch.count {
+                    bump(guard, count)?;
+                }
+                endpoints.take(guard, batch.facts, None, true)?;
             }
             notice = next_links(&mut links) => {
                 match notice.context("following interface changes")? {
@@ -307,19 +309,14 @@ async fn start_neighbours(
     Ok(Some(n))
 }
 
-/// The prober (router role, with the neighbour table followed): its
-/// reports, or a channel that never speaks.
-fn start_probing(
-    opts: &AgentConfig,
-    neighbours: Option<&Neighbours>,
-) -> mpsc::UnboundedReceiver<ProbeReport> {
-    let (probe_tx, probe_reports) = mpsc::unbounded_channel();
+/// The prober (router role, with the neighbour table followed).
+fn start_probing(opts: &AgentConfig, neighbours: Option<&Neighbours>, tx: FactSender) {
     // Without the neighbour table there is no cached MAC to validate.
     let (Some(p), Some(n)) = (&opts.probe, neighbours) else {
-        return probe_reports;
+        return;
     };
     let active = probe::conntrack_active_set(p.selection, p.prefixes.clone());
-    match probe::start(p.clone(), n.shared(), active, probe_tx) {
+    match probe::start(p.clone(), n.shared(), active, tx) {
         Ok(()) => crate::say!(
             "flowguard: probing endpoints that carry {} every {} ms (ARP: the cached MAC, then broadcast)",
             match p.selection {
@@ -334,46 +331,6 @@ fn start_probing(
              endpoints that announce nothing after a MAC change are not found"
         ),
     }
-    probe_reports
-}
-
-/// The macvlan/ipvlan children of the guarded interfaces (host role).
-async fn start_children(
-    guard: &mut Guard,
-    endpoints: &mut Endpoints,
-    opts: &AgentConfig,
-) -> anyhow::Result<Option<ChildrenSource>> {
-    let Some(parents) = &opts.children else {
-        return Ok(None);
-    };
-    let Some((src, facts)) = children::start(parents, &opts.prefixes).await else {
-        return Ok(None);
-    };
-    endpoints.take(guard, facts, None, true)?;
-    Ok(Some(src))
-}
-
-/// Says and counts a probe report; a move found by probing is a fact.
-fn probed(guard: &mut Guard, report: &ProbeReport) -> anyhow::Result<Vec<Fact>> {
-    match report {
-        ProbeReport::Round { .. } => log::debug!("{report}"),
-        _ => crate::say!("{report}"),
-    }
-    bump(guard, |c| match report {
-        ProbeReport::Round {
-            sent, unanswered, ..
-        } => {
-            c.probes_sent += sent;
-            c.probes_unanswered += unanswered;
-        }
-        ProbeReport::Moved { .. } => c.probe_moves += 1,
-        ProbeReport::Ambiguous { .. } => c.probe_ambiguous += 1,
-        ProbeReport::Silent { .. } | ProbeReport::Failed(_) => {}
-    })?;
-    Ok(match report {
-        ProbeReport::Moved { ip, new, .. } => vec![Fact::at(*ip, Origin::Probe, *new)],
-        _ => Vec::new(),
-    })
 }
 
 /// Says each event of the kernel side; asks eviction for the endpoints of

@@ -52,7 +52,7 @@ use tokio::{
 pub use table::ChildTable;
 
 use crate::{
-    endpoints::Fact,
+    endpoints::{Batch, Fact, FactSender},
     netlink::{self, send, Received},
     settings::{Mac, Prefix},
 };
@@ -489,18 +489,20 @@ impl ChildrenSource {
     }
 }
 
-/// Starts the source for the agent: says what is watched, and returns the
-/// source with its first facts, or `None` (after saying why) when it cannot run.
-pub async fn start(parents: &[String], prefixes: &[Prefix]) -> Option<(ChildrenSource, Vec<Fact>)> {
+/// Starts the source for the agent: says what is watched, sends the
+/// first facts, and follows the children on a task of its own, which sends
+/// every change's facts to `tx` (it ends when the loop drops the channel).
+/// When the source cannot run, says why and sends nothing.
+pub async fn start(parents: &[String], prefixes: &[Prefix], tx: FactSender) {
     let started = Instant::now();
     let (mut src, first) = match ChildrenSource::open(parents, prefixes).await {
         Ok(v) => v,
         Err(e) => {
             crate::say_err!("flowguard: not watching macvlan/ipvlan children: {e}");
-            return None;
+            return;
         }
     };
-    let facts = src.facts(&first);
+    let _ = tx.send(Batch::facts(src.facts(&first)));
     crate::say!(
         "flowguard: guarding the macvlan/ipvlan children of {} in {} network namespaces \
          ({} endpoints, read in {:.0} ms)",
@@ -513,15 +515,14 @@ pub async fn start(parents: &[String], prefixes: &[Prefix]) -> Option<(ChildrenS
         "looking for the namespaces of running processes every {PROC_SCAN:?} (last scan: {:.1} ms)",
         src.last_proc_scan.as_secs_f64() * 1e3
     );
-    Some((src, facts))
-}
-
-/// The next changes of an optional source (pending forever without one).
-pub async fn next(source: &mut Option<ChildrenSource>) -> Vec<ChildChange> {
-    match source {
-        Some(s) => s.next_change().await,
-        None => std::future::pending().await,
-    }
+    tokio::spawn(async move {
+        loop {
+            let changes = src.next_change().await;
+            if tx.send(Batch::facts(src.facts(&changes))).is_err() {
+                return;
+            }
+        }
+    });
 }
 
 /// Watches the process that keeps a namespace in view: its exit is a reason

@@ -9,5 +9,27 @@
 mod store;
 mod table;
 
+use flowguard_common::UserCounters;
+
 pub use store::{is_full, EndpointMaps, EndpointStore};
 pub use table::{Change, EndpointTable, Fact, Origin, Says, Update};
+
+/// What a source counts, done by the loop (the counters' only writer).
+pub type Count = Box<dyn FnOnce(&mut UserCounters) + Send>;
+
+/// What a source that runs on its own (a task, a thread) sends the loop:
+/// its facts, and what it counts (the loop is the only writer of the
+/// counters).
+pub struct Batch {
+    pub facts: Vec<Fact>,
+    pub count: Option<Count>,
+}
+
+impl Batch {
+    pub fn facts(facts: Vec<Fact>) -> Self {
+        Self { facts, count: None }
+    }
+}
+
+/// Where such a source sends its batches.
+pub type FactSender = tokio::sync::mpsc::UnboundedSender<Batch>;

@@ -30,9 +30,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::mpsc::UnboundedSender;
-
 use crate::{
+    endpoints::{Batch, Count, Fact, FactSender, Origin},
     neigh::NeighCache,
     run_config::{ProbeOptions, Selection},
     settings::{Mac, Prefix},
@@ -273,7 +272,7 @@ struct Prober {
     opts: ProbeOptions,
     targets: Targets,
     active: ActiveSet,
-    reports: UnboundedSender<ProbeReport>,
+    reports: FactSender,
     socket: ArpSocket,
     /// `None` where IPv6 raw sockets cannot be had: IPv6 endpoints are then
     /// not probed (said once at start).
@@ -287,21 +286,53 @@ struct Prober {
     burst: u64,
 }
 
+/// Says a report, and sends the loop what it counts and, for a move, the
+/// fact (an observation the endpoint table turns into an eviction).
+fn send(tx: &FactSender, report: ProbeReport) {
+    match report {
+        ProbeReport::Round { .. } => log::debug!("{report}"),
+        _ => crate::say!("{report}"),
+    }
+    let facts = match &report {
+        ProbeReport::Moved { ip, new, .. } => vec![Fact::at(*ip, Origin::Probe, *new)],
+        _ => Vec::new(),
+    };
+    let count: Count = Box::new(move |c| match report {
+        ProbeReport::Round {
+            sent, unanswered, ..
+        } => {
+            c.probes_sent += sent;
+            c.probes_unanswered += unanswered;
+        }
+        ProbeReport::Moved { .. } => c.probe_moves += 1,
+        ProbeReport::Ambiguous { .. } => c.probe_ambiguous += 1,
+        ProbeReport::Silent { .. } | ProbeReport::Failed(_) => {}
+    });
+    let _ = tx.send(Batch {
+        facts,
+        count: Some(count),
+    });
+}
+
 /// Starts the prober on a thread of its own (in this thread's network
-/// namespace). It stops when the agent drops the report channel.
+/// namespace). It says what it finds and sends the loop its batches; it
+/// stops when the loop drops the channel.
 pub fn start(
     opts: ProbeOptions,
     targets: Targets,
     active: ActiveSet,
-    reports: UnboundedSender<ProbeReport>,
+    reports: FactSender,
 ) -> std::io::Result<()> {
     let socket = ArpSocket::open()?;
     let icmp6 = match Icmp6Socket::open() {
         Ok(s) => Some(s),
         Err(e) => {
-            let _ = reports.send(ProbeReport::Failed(format!(
-                "no ICMPv6 socket ({e}): IPv6 endpoints are not probed"
-            )));
+            send(
+                &reports,
+                ProbeReport::Failed(format!(
+                    "no ICMPv6 socket ({e}): IPv6 endpoints are not probed"
+                )),
+            );
             None
         }
     };
@@ -345,9 +376,12 @@ impl Prober {
                     }
                     Err(e) if !active_failed => {
                         active_failed = true;
-                        let _ = self.reports.send(ProbeReport::Failed(format!(
-                            "reading which endpoints carry flows failed: {e}"
-                        )));
+                        send(
+                            &self.reports,
+                            ProbeReport::Failed(format!(
+                                "reading which endpoints carry flows failed: {e}"
+                            )),
+                        );
                     }
                     Err(_) => {}
                 }
@@ -463,14 +497,17 @@ impl Prober {
                 }
             };
             if let Some(r) = report {
-                let _ = self.reports.send(r);
+                send(&self.reports, r);
             }
         }
-        let _ = self.reports.send(ProbeReport::Round {
-            sent,
-            unanswered,
-            asked: asked.len(),
-        });
+        send(
+            &self.reports,
+            ProbeReport::Round {
+                sent,
+                unanswered,
+                asked: asked.len(),
+            },
+        );
     }
 
     /// Sends one probe: to the cached MAC (`broadcast` false: ARP to that
