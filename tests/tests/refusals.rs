@@ -10,18 +10,14 @@ use std::{
 
 use flowguard_tests::{
     flowguard_proc::{require_flowguard_bin, Flowguard},
-    netns::{is_root, BpffsMount, Netns},
+    netns::{BpffsMount, Netns},
+    require_root,
 };
 
 const PREFIX: &str = "192.168.1.0/24";
 
-fn skip() -> bool {
-    if !is_root() {
-        flowguard_tests::netns::skip("needs root (namespaces, bpffs, BPF)");
-        return true;
-    }
-    false
-}
+/// What the tests here need root for.
+const ROOT_FOR: &str = "namespaces, bpffs, BPF";
 
 /// A namespace with an interface `lan1` that is up.
 fn namespace() -> Netns {
@@ -93,9 +89,7 @@ fn pins_in(dir: &Path) -> Vec<String> {
 
 #[test]
 fn a_second_instance_on_the_same_pin_dir_is_refused_and_the_first_keeps_running() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     let ns = namespace();
     let bpffs = BpffsMount::new();
     let pin_dir = bpffs.pin_dir();
@@ -134,9 +128,7 @@ fn a_second_instance_on_the_same_pin_dir_is_refused_and_the_first_keeps_running(
 
 #[test]
 fn a_pin_dir_outside_a_bpffs_is_refused() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     let ns = namespace();
     let dir = std::env::temp_dir().join(format!("flowguard-not-bpffs-{}", std::process::id()));
     let pin_dir = dir.join("flowguard");
@@ -164,9 +156,7 @@ fn a_pin_dir_outside_a_bpffs_is_refused() {
 
 #[test]
 fn without_privileges_nothing_is_attached() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     let ns = namespace();
     let bpffs = BpffsMount::new();
     let pin_dir = bpffs.pin_dir();
@@ -248,9 +238,7 @@ fn a_missing_prefix_is_named() {
 
 #[test]
 fn an_interface_given_twice_is_refused() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     assert_refused(
         |_| {},
         &["--egress", "lan1", "--egress", "lan1", "--prefix", PREFIX],
@@ -265,9 +253,7 @@ fn an_interface_given_twice_is_refused() {
 
 #[test]
 fn a_prefix_of_every_address_is_refused() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     for every in ["0.0.0.0/0", "::/0"] {
         assert_refused(
             |_| {},
@@ -279,9 +265,7 @@ fn a_prefix_of_every_address_is_refused() {
 
 #[test]
 fn repeated_and_overlapping_prefixes_are_merged_with_a_note() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     let ns = namespace();
     let bpffs = BpffsMount::new();
     let mut fg = Flowguard::start(
@@ -321,9 +305,7 @@ fn repeated_and_overlapping_prefixes_are_merged_with_a_note() {
 
 #[test]
 fn one_static_address_with_two_macs_is_refused() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     assert_refused(
         |_| {},
         &[
@@ -342,9 +324,7 @@ fn one_static_address_with_two_macs_is_refused() {
 
 #[test]
 fn more_statics_than_the_endpoint_map_holds_are_refused() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     assert_refused(
         |_| {},
         &[
@@ -369,9 +349,7 @@ fn more_statics_than_the_endpoint_map_holds_are_refused() {
 
 #[test]
 fn a_pin_dir_that_is_a_pinned_object_is_refused() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     let ns = namespace();
     let bpffs = BpffsMount::new();
     let pin_dir = bpffs.pin_dir();
@@ -403,9 +381,7 @@ fn a_pin_dir_that_is_a_pinned_object_is_refused() {
 
 #[test]
 fn a_pin_dir_whose_parents_are_missing_gets_them_for_its_life() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     let ns = namespace();
     let bpffs = BpffsMount::new();
     let parent = bpffs.path().join("a");
@@ -423,9 +399,7 @@ fn a_pin_dir_whose_parents_are_missing_gets_them_for_its_life() {
 
 #[test]
 fn loopback_and_bridge_devices_are_refused_with_why() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     let bridge = |ns: &Netns| {
         ns.ip(&["link", "add", "br0", "type", "bridge"]);
         ns.ip(&["link", "set", "br0", "up"]);
@@ -454,9 +428,7 @@ fn loopback_and_bridge_devices_are_refused_with_why() {
 
 #[test]
 fn ten_thousand_statics_are_counted_not_listed() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     let ns = namespace();
     let bpffs = BpffsMount::new();
     let statics: Vec<String> = (0..10_000u32)
@@ -487,9 +459,7 @@ fn ten_thousand_statics_are_counted_not_listed() {
 
 #[test]
 fn without_a_bpffs_at_sys_fs_bpf_root_mounts_one_and_says_so() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     let ns = namespace();
     let root = Path::new("/sys/fs/bpf");
     let host_before = flowguard_tests::netns::run("stat", &["-f", "-c", "%T", "/sys/fs/bpf"]);
@@ -532,9 +502,7 @@ fn without_a_bpffs_at_sys_fs_bpf_root_mounts_one_and_says_so() {
 
 #[test]
 fn learn_with_only_ingress_learns_on_its_egress_and_says_so() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     let ns = namespace();
     let bpffs = BpffsMount::new();
     let mut fg = Flowguard::start(
@@ -559,9 +527,7 @@ fn learn_with_only_ingress_learns_on_its_egress_and_says_so() {
 
 #[test]
 fn learning_on_more_interfaces_than_own_macs_fit_is_refused() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     // lan1 and eight more ports, each with a MAC of its own: the kernel
     // side tells at most 8 of the router's MACs from endpoints'.
     let ports: Vec<String> = (2..=9).map(|i| format!("lan{i}")).collect();
