@@ -206,22 +206,129 @@ fn attached_in(ns: &Netns) -> String {
     }
 }
 
-/// Runs `flowguard run args --pin-dir <fresh bpffs>` in a fresh namespace,
-/// which must refuse it in one line containing each of `wanted`, leaving
-/// nothing pinned or attached.
-fn assert_refused(setup: impl Fn(&Netns), args: &[&str], wanted: &[&str]) {
+/// One wrong input and how flowguard refuses it.
+struct Refusal<'a> {
+    /// What is wrong, for the failure message.
+    name: &'a str,
+    /// The arguments of `flowguard run`, without `--pin-dir`.
+    args: &'a [&'a str],
+    /// The exit status.
+    status: i32,
+    /// Words the one error line contains, each.
+    words: &'a [&'a str],
+}
+
+/// Runs `flowguard run <case.args> --pin-dir <fresh bpffs>` in a fresh
+/// namespace (prepared by `setup`), which must refuse it with `case.status`
+/// in one line containing each of `case.words`, leaving nothing pinned or
+/// attached.
+fn assert_refused(setup: impl Fn(&Netns), case: &Refusal) {
+    let Refusal {
+        name,
+        args,
+        status,
+        words,
+    } = case;
     let ns = namespace();
     setup(&ns);
     let bpffs = BpffsMount::new();
     let pin_dir = bpffs.pin_dir();
     let mut full = args.to_vec();
     full.extend_from_slice(&["--pin-dir", pin_dir.to_str().unwrap()]);
-    let line = one_error_line(&run_once(&ns, &[], &full));
-    for w in wanted {
-        assert!(line.contains(w), "{args:?}: wanted {w:?} in: {line}");
+    let out = run_once(&ns, &[], &full);
+    let line = one_error_line(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(*status),
+        "{name} ({args:?}): exit status, with: {line}"
+    );
+    for w in *words {
+        assert!(
+            line.contains(w),
+            "{name} ({args:?}): wanted {w:?} in: {line}"
+        );
     }
-    assert!(!pin_dir.exists(), "{args:?}: nothing pinned");
-    assert_eq!(attached_in(&ns), "", "{args:?}: nothing attached");
+    assert!(!pin_dir.exists(), "{name} ({args:?}): nothing pinned");
+    assert_eq!(attached_in(&ns), "", "{name} ({args:?}): nothing attached");
+}
+
+/// Wrong inputs refused in a namespace that has only `lan1`.
+const REFUSALS: &[Refusal] = &[
+    Refusal {
+        name: "an egress interface given twice",
+        args: &["--egress", "lan1", "--egress", "lan1", "--prefix", PREFIX],
+        status: 1,
+        words: &["--egress lan1 is given twice"],
+    },
+    Refusal {
+        name: "an ingress interface given twice",
+        args: &["--ingress", "lan1", "--ingress", "lan1", "--prefix", PREFIX],
+        status: 1,
+        words: &["--ingress lan1 is given twice"],
+    },
+    Refusal {
+        name: "an IPv4 prefix of every address",
+        args: &[
+            "--egress",
+            "lan1",
+            "--prefix",
+            PREFIX,
+            "--prefix",
+            "0.0.0.0/0",
+        ],
+        status: 1,
+        words: &["--prefix 0.0.0.0/0 covers every address"],
+    },
+    Refusal {
+        name: "an IPv6 prefix of every address",
+        args: &["--egress", "lan1", "--prefix", PREFIX, "--prefix", "::/0"],
+        status: 1,
+        words: &["--prefix ::/0 covers every address"],
+    },
+    Refusal {
+        name: "one static address with two MACs",
+        args: &[
+            "--egress",
+            "lan1",
+            "--prefix",
+            PREFIX,
+            "--static",
+            "192.168.1.9=02:00:00:00:00:09",
+            "--static",
+            "192.168.1.9=02:00:00:00:00:0a",
+        ],
+        status: 1,
+        words: &["--static gives 192.168.1.9 two MACs"],
+    },
+    Refusal {
+        name: "more statics than the endpoint map holds",
+        args: &[
+            "--egress",
+            "lan1",
+            // A /16 keeps its endpoints in the hash map (a /24's go to the
+            // direct-indexed array, which --max-endpoints does not size).
+            "--prefix",
+            "192.168.0.0/16",
+            "--max-endpoints",
+            "2",
+            "--static",
+            "192.168.1.1=02:00:00:00:00:01",
+            "--static",
+            "192.168.1.2=02:00:00:00:00:02",
+            "--static",
+            "192.168.1.3=02:00:00:00:00:03",
+        ],
+        status: 1,
+        words: &["endpoint hash map", "holds 2", "--max-endpoints"],
+    },
+];
+
+#[test]
+fn wrong_inputs_are_refused_in_one_sentence() {
+    require_root!(ROOT_FOR);
+    for case in REFUSALS {
+        assert_refused(|_| {}, case);
+    }
 }
 
 #[test]
@@ -234,33 +341,6 @@ fn a_missing_prefix_is_named() {
     assert_eq!(out.status.code(), Some(2));
     let line = one_error_line(&out);
     assert!(line.contains("--prefix <CIDR>"), "{line}");
-}
-
-#[test]
-fn an_interface_given_twice_is_refused() {
-    require_root!(ROOT_FOR);
-    assert_refused(
-        |_| {},
-        &["--egress", "lan1", "--egress", "lan1", "--prefix", PREFIX],
-        &["--egress lan1 is given twice"],
-    );
-    assert_refused(
-        |_| {},
-        &["--ingress", "lan1", "--ingress", "lan1", "--prefix", PREFIX],
-        &["--ingress lan1 is given twice"],
-    );
-}
-
-#[test]
-fn a_prefix_of_every_address_is_refused() {
-    require_root!(ROOT_FOR);
-    for every in ["0.0.0.0/0", "::/0"] {
-        assert_refused(
-            |_| {},
-            &["--egress", "lan1", "--prefix", PREFIX, "--prefix", every],
-            &[&format!("--prefix {every} covers every address")],
-        );
-    }
 }
 
 #[test]
@@ -301,50 +381,6 @@ fn repeated_and_overlapping_prefixes_are_merged_with_a_note() {
         "{text}"
     );
     assert!(fg.stop().success());
-}
-
-#[test]
-fn one_static_address_with_two_macs_is_refused() {
-    require_root!(ROOT_FOR);
-    assert_refused(
-        |_| {},
-        &[
-            "--egress",
-            "lan1",
-            "--prefix",
-            PREFIX,
-            "--static",
-            "192.168.1.9=02:00:00:00:00:09",
-            "--static",
-            "192.168.1.9=02:00:00:00:00:0a",
-        ],
-        &["--static gives 192.168.1.9 two MACs"],
-    );
-}
-
-#[test]
-fn more_statics_than_the_endpoint_map_holds_are_refused() {
-    require_root!(ROOT_FOR);
-    assert_refused(
-        |_| {},
-        &[
-            "--egress",
-            "lan1",
-            // A /16 keeps its endpoints in the hash map (a /24's go to the
-            // direct-indexed array, which --max-endpoints does not size).
-            "--prefix",
-            "192.168.0.0/16",
-            "--max-endpoints",
-            "2",
-            "--static",
-            "192.168.1.1=02:00:00:00:00:01",
-            "--static",
-            "192.168.1.2=02:00:00:00:00:02",
-            "--static",
-            "192.168.1.3=02:00:00:00:00:03",
-        ],
-        &["endpoint hash map", "holds 2", "--max-endpoints"],
-    );
 }
 
 #[test]
@@ -404,27 +440,39 @@ fn loopback_and_bridge_devices_are_refused_with_why() {
         ns.ip(&["link", "add", "br0", "type", "bridge"]);
         ns.ip(&["link", "set", "br0", "up"]);
     };
-    let cases: [(&[&str], &[&str]); 4] = [
-        (
-            &["--egress", "lo"],
-            &["--egress lo", "loopback", "no Ethernet"],
-        ),
-        (
-            &["--ingress", "lo"],
-            &["--ingress lo", "loopback", "no Ethernet"],
-        ),
-        (&["--ingress", "br0"], &["--ingress br0", "bridge device"]),
-        (
-            &["--egress", "br0"],
-            &["--egress br0", "bridge device", "--auto"],
-        ),
-    ];
-    for (args, wanted) in cases {
-        let mut full = args.to_vec();
-        full.extend_from_slice(&["--prefix", PREFIX]);
-        assert_refused(bridge, &full, wanted);
+    for case in NOT_ETHERNET_PORTS {
+        assert_refused(bridge, case);
     }
 }
+
+/// Devices that are no Ethernet port to guard, in a namespace with a bridge
+/// `br0`.
+const NOT_ETHERNET_PORTS: &[Refusal] = &[
+    Refusal {
+        name: "loopback on egress",
+        args: &["--egress", "lo", "--prefix", PREFIX],
+        status: 1,
+        words: &["--egress lo", "loopback", "no Ethernet"],
+    },
+    Refusal {
+        name: "loopback on ingress",
+        args: &["--ingress", "lo", "--prefix", PREFIX],
+        status: 1,
+        words: &["--ingress lo", "loopback", "no Ethernet"],
+    },
+    Refusal {
+        name: "a bridge device on ingress",
+        args: &["--ingress", "br0", "--prefix", PREFIX],
+        status: 1,
+        words: &["--ingress br0", "bridge device"],
+    },
+    Refusal {
+        name: "a bridge device on egress",
+        args: &["--egress", "br0", "--prefix", PREFIX],
+        status: 1,
+        words: &["--egress br0", "bridge device", "--auto"],
+    },
+];
 
 #[test]
 fn ten_thousand_statics_are_counted_not_listed() {
@@ -553,8 +601,12 @@ fn learning_on_more_interfaces_than_own_macs_fit_is_refused() {
     }
     assert_refused(
         setup,
-        &args,
-        &["--learn on interfaces with 9 distinct MACs", "at most 8"],
+        &Refusal {
+            name: "learning on nine ports with distinct MACs",
+            args: &args,
+            status: 1,
+            words: &["--learn on interfaces with 9 distinct MACs", "at most 8"],
+        },
     );
     // Without learning the same ports are guarded: the MACs are not needed.
     let ns = namespace();
