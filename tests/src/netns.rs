@@ -212,16 +212,20 @@ impl Drop for BpffsMount {
     }
 }
 
-pub fn is_root() -> bool {
+/// The crate's one check for root: `None` as root, else the reason a test
+/// (or bench) skips, `needs root (<what>)`, where `what` says what root is
+/// needed for. [`require_root!`](crate::require_root) skips with it.
+pub fn needs_root(what: &str) -> Option<String> {
     // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    let root = unsafe { libc::geteuid() == 0 };
+    (!root).then(|| format!("needs root ({what})"))
 }
 
 /// Why the namespace tests cannot run here, or `None` if they can: they need
 /// root and the tools that build and inspect the topology.
 pub fn missing_prerequisite() -> Option<String> {
-    if !is_root() {
-        return Some("needs root (network namespaces, bpffs, eBPF)".to_owned());
+    if let Some(reason) = needs_root("network namespaces, bpffs, eBPF") {
+        return Some(reason);
     }
     for tool in ["ip", "nsenter", "mount", "nft", "bpftool"] {
         // Only whether it can be started matters (`ip` has no `--version`).
@@ -266,6 +270,19 @@ pub fn skip(reason: &str) {
         panic!("CI=true, and this test cannot run here: {reason}");
     }
     println!("skipped: {reason}");
+}
+
+/// Returns early from the calling test, printing `skipped: needs root
+/// (<what>)`, unless it runs as root (under `CI=true`: fails instead).
+/// [`skip_unless_root!`] checks the tools of the namespace tests too.
+#[macro_export]
+macro_rules! require_root {
+    ($what:expr) => {
+        if let Some(reason) = $crate::netns::needs_root($what) {
+            $crate::netns::skip(&reason);
+            return;
+        }
+    };
 }
 
 /// Returns early from the calling test, printing `skipped: <reason>`, unless

@@ -47,17 +47,6 @@ pub fn workspace_root() -> PathBuf {
     p.canonicalize().unwrap_or(p)
 }
 
-/// Whether this process may run BPF_PROG_TEST_RUN. When it may not, prints
-/// the skip notice and returns false: the calling test returns at once.
-pub fn have_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        crate::netns::skip("needs root (BPF_PROG_TEST_RUN)");
-        return false;
-    }
-    true
-}
-
 /// The programs of the object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Prog {

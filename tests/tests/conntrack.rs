@@ -23,9 +23,8 @@ use flowguard_tests::wait::Wait;
 use flowguard_user::conntrack::{Conntrack, ConntrackError, EvictScope, Flow, Tuple, IPS_OFFLOAD};
 
 fn skip_reason() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("needs root (network namespaces and conntrack)".into());
+    if let Some(reason) = flowguard_tests::netns::needs_root("network namespaces and conntrack") {
+        return Some(reason);
     }
     for tool in ["ip", "nft", "conntrack"] {
         let found = Command::new(tool)

@@ -5,16 +5,14 @@ use std::time::Duration;
 
 use flowguard_tests::{
     flowguard_proc::Flowguard,
-    netns::{is_root, run, BpffsMount, Netns},
+    netns::{run, BpffsMount, Netns},
+    require_root,
     wait::{Text, Wait},
 };
 
 #[test]
 fn kernel_side_warnings_reach_the_log() {
-    if !is_root() {
-        flowguard_tests::netns::skip("needs root (namespaces, bpffs, BPF)");
-        return;
-    }
+    require_root!("namespaces, bpffs, BPF");
     let router = Netns::new("klog-r");
     let endpoint = Netns::new("klog-e");
     router.ip(&[

@@ -17,12 +17,12 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use flowguard_tests::flowguard_proc::{require_flowguard_bin, Flowguard};
-use flowguard_tests::netns::{is_root, BpffsMount, Netns};
+use flowguard_tests::netns::{BpffsMount, Netns};
 use flowguard_tests::topology::{
     HostRoleTopology, CONTAINER_IP, HOST_PARENT, LAN_PREFIX, MAC_A, MAC_B,
 };
 use flowguard_tests::wait::{Text, Wait};
-use flowguard_tests::{skip_unless_host_role_supported, skip_unless_root};
+use flowguard_tests::{require_root, skip_unless_host_role_supported, skip_unless_root};
 
 /// Where flowguard serves; each test has a namespace of its own.
 const ADDR: &str = "127.0.0.1:9737";
@@ -382,10 +382,7 @@ fn a_non_loopback_address_is_refused_in_one_line() {
 
 #[test]
 fn a_port_in_use_is_refused_before_anything_is_attached() {
-    if !is_root() {
-        flowguard_tests::netns::skip("needs root (namespaces, bpffs, BPF)");
-        return;
-    }
+    require_root!("namespaces, bpffs, BPF");
     let ns = Netns::new("metrics-busy");
     ns.ip(&[
         "link", "add", "lan1", "type", "veth", "peer", "name", "peer1",

@@ -23,11 +23,7 @@ use aya::{
     Ebpf,
 };
 use flowguard_common::{endpoint_flags, map_names, source, Endpoint, EndpointKey};
-use flowguard_tests::{
-    netns::{is_root, Netns},
-    progs::object_path,
-    wait::Wait,
-};
+use flowguard_tests::{netns::Netns, progs::object_path, require_root, wait::Wait};
 use flowguard_user::{
     endpoints::{Change as MapChange, EndpointTable, Origin},
     neigh::{all_facts, facts, Desired, NeighCache, NeighEvent, NeighbourSource, SourceOptions},
@@ -53,13 +49,8 @@ fn prefixes() -> Vec<Prefix> {
     ]
 }
 
-fn skip() -> bool {
-    if !is_root() {
-        flowguard_tests::netns::skip("needs root (network namespaces, eBPF maps)");
-        return true;
-    }
-    false
-}
+/// What the tests here need root for.
+const ROOT_FOR: &str = "network namespaces, eBPF maps";
 
 /// The router namespace: `br-lan` up with a fixed MAC and its addresses.
 fn router() -> Netns {
@@ -324,9 +315,7 @@ fn diff(a: &BTreeMap<IpAddr, Mac>, b: &BTreeMap<IpAddr, Mac>) -> String {
 
 #[test]
 fn mac_change_learned_by_real_arp_and_neighbour_discovery() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     let v4 = ip("192.168.1.240");
     let v6 = ip("fd00:1::f0");
     let router = router();
@@ -398,9 +387,7 @@ fn mac_change_learned_by_real_arp_and_neighbour_discovery() {
 
 #[test]
 fn ambiguity_across_two_interfaces_and_entries_left_alone() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     let x = ip("192.168.1.240");
     let fixed = ip("192.168.1.241");
     let router = router();
@@ -540,18 +527,14 @@ fn ambiguity_across_two_interfaces_and_entries_left_alone() {
 
 #[test]
 fn event_flood_with_overflow_ends_equal_to_the_kernel_table() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     // A receive buffer far too small for a burst.
     flood(Some(16 * 1024));
 }
 
 #[test]
 fn event_flood_with_the_default_buffer_ends_equal_to_the_kernel_table() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     // Big enough for the bursts: mostly events, overflows unlikely.
     flood(SourceOptions::default().receive_buffer);
 }

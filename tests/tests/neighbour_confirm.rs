@@ -9,8 +9,9 @@
 use flowguard_common::{hook, source, Counters, Endpoint, EndpointKey};
 use flowguard_tests::{
     frames::{self, L2},
-    netns::{is_root, Netns},
+    netns::Netns,
     progs::{config, v4_prefix, v6_prefix, Guard, Prog},
+    require_root,
 };
 
 type Mac = [u8; 6];
@@ -128,19 +129,12 @@ fn rewritten(input: &[u8], mac: Mac) -> Vec<u8> {
     v
 }
 
-fn skip() -> bool {
-    if !is_root() {
-        flowguard_tests::netns::skip("needs root (namespaces and BPF_PROG_TEST_RUN)");
-        return true;
-    }
-    false
-}
+/// What the tests here need root for.
+const ROOT_FOR: &str = "namespaces and BPF_PROG_TEST_RUN";
 
 #[test]
 fn confirmed_stale_frames_are_rewritten_to_the_kernels_mac() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     let ns = router(Some(NEW));
     for prog in [Prog::Xdp, Prog::Tc] {
         for v6 in [false, true] {
@@ -179,9 +173,7 @@ fn confirmed_stale_frames_are_rewritten_to_the_kernels_mac() {
 
 #[test]
 fn a_frame_the_kernel_agrees_with_is_never_rewritten_back() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     // The endpoint moved to NEW; the kernel's table knows, the map does not
     // yet: a frame to NEW is right and must pass as it is.
     let ns = router(Some(NEW));
@@ -207,9 +199,7 @@ fn a_frame_the_kernel_agrees_with_is_never_rewritten_back() {
 
 #[test]
 fn without_a_neighbour_entry_nothing_is_rewritten() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     let ns = router(None);
     for prog in [Prog::Xdp, Prog::Tc] {
         for v6 in [false, true] {

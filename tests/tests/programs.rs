@@ -15,9 +15,10 @@ use flowguard_tests::{
     frames::{self, Mac, Vlan, BROADCAST, DPORT, L2, PAYLOAD, PEER4, PEER6, ROUTER, SPORT},
     fuzz::{self, Scenario, GUARDS},
     progs::{
-        self, config, endpoint, errno, have_root, kernel_may_refuse, v4_array_prefix, v4_prefix,
-        v6_prefix, Guard, Prog,
+        self, config, endpoint, errno, kernel_may_refuse, v4_array_prefix, v4_prefix, v6_prefix,
+        Guard, Prog,
     },
+    require_root,
 };
 
 // The watched prefixes.
@@ -233,9 +234,7 @@ fn assert_stale_event(ev: &Event, prog: Prog, c: &StaleCase, action: u8, count: 
 
 #[test]
 fn unrelated_frames_pass_untouched() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     for prog in GUARDS {
         let mut g = setup(true);
         let cases: Vec<(&str, Vec<u8>)> = vec![
@@ -294,9 +293,7 @@ fn unrelated_frames_pass_untouched() {
 
 #[test]
 fn current_mac_passes_untouched() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     for prog in GUARDS {
         let mut g = setup(true);
         for vlan in [Vlan::None, Vlan::Single(10), Vlan::Double(100, 10)] {
@@ -335,9 +332,7 @@ fn current_mac_passes_untouched() {
 
 #[test]
 fn stale_fix_mode_rewrites_destination_mac() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     for prog in GUARDS {
         for c in stale_cases(Vlan::None) {
             let what = format!("{prog:?} stale {} (fix)", c.name);
@@ -383,9 +378,7 @@ fn stale_fix_mode_rewrites_destination_mac() {
 
 #[test]
 fn stale_observe_mode_counts_but_keeps_frame() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     for prog in GUARDS {
         for c in stale_cases(Vlan::None) {
             let what = format!("{prog:?} stale {} (observe)", c.name);
@@ -417,9 +410,7 @@ fn stale_observe_mode_counts_but_keeps_frame() {
 
 #[test]
 fn broadcast_and_multicast_destinations_pass_untouched() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     let group_macs: [(&str, Mac); 4] = [
         ("broadcast", BROADCAST),
         ("IPv4 multicast", [0x01, 0x00, 0x5e, 0x00, 0x00, 0xfb]),
@@ -456,9 +447,7 @@ fn broadcast_and_multicast_destinations_pass_untouched() {
 
 #[test]
 fn vlan_tagged_stale_frames_are_rewritten_at_bytes_0_to_6() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     for prog in GUARDS {
         for vlan in [Vlan::Single(10), Vlan::Double(100, 10)] {
             for c in stale_cases(vlan) {
@@ -492,9 +481,7 @@ fn vlan_tagged_stale_frames_are_rewritten_at_bytes_0_to_6() {
 
 #[test]
 fn ipv4_options_and_fragments_are_guarded_with_correct_ports() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     let ports = (SPORT, DPORT);
     for prog in GUARDS {
         for vlan in [Vlan::None, Vlan::Single(10)] {
@@ -554,9 +541,7 @@ fn ipv4_options_and_fragments_are_guarded_with_correct_ports() {
 
 #[test]
 fn ethernet_padding_after_the_datagram_is_accepted() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     // A bare TCP ACK is 54 bytes; on the wire it is padded to the 60-byte
     // minimum. The datagram fits inside the frame, so it is guarded.
     for prog in GUARDS {
@@ -574,9 +559,7 @@ fn ethernet_padding_after_the_datagram_is_accepted() {
 
 #[test]
 fn three_vlan_tags_are_not_parsed() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     // The guard goes through at most two tags; a third one hides the IP
     // header, and a frame that is not exactly understood passes untouched.
     for prog in GUARDS {
@@ -598,9 +581,7 @@ fn three_vlan_tags_are_not_parsed() {
 
 #[test]
 fn events_are_rate_limited_per_endpoint() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     for prog in GUARDS {
         // 10,000 jiffies: at least 10 s, whatever the kernel's HZ.
         let what = format!("{prog:?} two stale frames, event interval 10,000 jiffies");
@@ -648,9 +629,7 @@ fn events_are_rate_limited_per_endpoint() {
 
 #[test]
 fn full_event_ring_counts_lost_events() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     // 5000 stale frames without rate limit: more events than the ring holds
     // (EVENT_RING_BYTES / (72-byte event + 8-byte header) = 3276).
     const N: u32 = 5000;
@@ -697,9 +676,7 @@ fn full_event_ring_counts_lost_events() {
 
 #[test]
 fn ambiguous_endpoint_is_counted_never_rewritten() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     for prog in GUARDS {
         for c in stale_cases(Vlan::None).into_iter().take(2) {
             let what = format!("{prog:?} stale {} to an ambiguous endpoint (fix)", c.name);
@@ -735,9 +712,7 @@ fn ambiguous_endpoint_is_counted_never_rewritten() {
 
 #[test]
 fn endpoint_with_an_unusable_mac_is_never_rewritten_toward() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     // Only user space and learning write endpoints, and both refuse such
     // MACs; the kernel side refuses them too, whoever wrote the map.
     for prog in GUARDS {
@@ -782,9 +757,7 @@ fn try_run_pass(g: &Guard, prog: Prog, frame: &[u8], what: &str) -> Option<Vec<u
 
 #[test]
 fn every_truncation_of_a_stale_frame_passes_untouched() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     for prog in GUARDS {
         for vlan in [Vlan::None, Vlan::Single(10), Vlan::Double(100, 10)] {
             for c in stale_cases(vlan).into_iter().take(2) {
@@ -840,9 +813,7 @@ fn every_truncation_of_a_stale_frame_passes_untouched() {
 /// program, the endpoints learned too (into a small hash map that fills).
 #[test]
 fn random_frames_are_passed_and_either_untouched_or_correctly_rewritten() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     const FRAMES: u64 = 4000;
     const SEED: u64 = 0x5eed_f10e_6a4d;
     let scenario = Scenario::from_seed(SEED);
@@ -907,9 +878,7 @@ fn assert_learned(g: &Guard, key: EndpointKey, mac: Mac, what: &str) {
 
 #[test]
 fn learning_new_and_moved_endpoint() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     let mut g = learning_setup();
     let key = key4(HOST4);
     let f1 = from_host4(M1, HOST4);
@@ -975,9 +944,7 @@ fn learning_new_and_moved_endpoint() {
 
 #[test]
 fn learning_a_move_restarts_the_event_rate_limit() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     let mut g = setup_with(true, 10_000_000_000, &[OWN]);
     let stale_to_m1 = udp4_to([0x02, 0, 0, 0, 0, 0x99], HOST4);
     run_pass(&g, Prog::TcLearn, &from_host4(M1, HOST4), "learning M1");
@@ -1018,9 +985,7 @@ fn learning_a_move_restarts_the_event_rate_limit() {
 
 #[test]
 fn learning_counts_failure_when_the_map_is_full() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     with_hash_layout(learning_into_a_full_hash_map);
 }
 
@@ -1082,9 +1047,7 @@ fn learning_into_a_full_hash_map() {
 
 #[test]
 fn learning_into_the_array_needs_no_room_in_the_hash_map() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     let mut g = learning_setup();
     let cap = flowguard_common::MAX_ENDPOINTS;
     // EP6 is in the hash map already.
@@ -1108,9 +1071,7 @@ fn learning_into_the_array_needs_no_room_in_the_hash_map() {
 
 #[test]
 fn learning_ipv6_source() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     let g = learning_setup();
     let f = frames::udp6(L2::new(ROUTER, M1), HOST6, PEER6, DPORT, SPORT, PAYLOAD);
     run_pass(&g, Prog::TcLearn, &f, "IPv6 frame from fd00:0:0:1::50");
@@ -1120,9 +1081,7 @@ fn learning_ipv6_source() {
 
 #[test]
 fn learning_from_arp() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     let g = learning_setup();
     let req = frames::arp_request(M1, [192, 168, 1, 51], [192, 168, 1, 1]);
     run_pass(&g, Prog::TcLearn, &req, "ARP request");
@@ -1166,9 +1125,7 @@ fn learning_from_arp() {
 
 #[test]
 fn learning_skips_own_multicast_static_and_outside() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     let mut g = learning_setup();
     let static_ip = [192, 168, 1, 60];
     let static_mac: Mac = [0x02, 0x00, 0x00, 0x00, 0x00, 0x60];
@@ -1215,9 +1172,7 @@ fn learning_skips_own_multicast_static_and_outside() {
 
 #[test]
 fn guards_without_learning_never_learn() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     for prog in GUARDS {
         let g = learning_setup();
         assert_untouched(
@@ -1237,9 +1192,7 @@ fn guards_without_learning_never_learn() {
 /// were looked up, whatever the lookup found. Nothing else counts.
 #[test]
 fn checked_counts_in_prefix_lookups() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     for prog in GUARDS {
         let g = setup(true);
         let looked_up = [
@@ -1297,9 +1250,7 @@ fn prefix_helpers_match_the_program_encoding() {
 /// alike frame for frame.
 #[test]
 fn the_hash_layout_passes_the_same_tests() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     with_hash_layout(|| {
         unrelated_frames_pass_untouched();
         current_mac_passes_untouched();
@@ -1332,9 +1283,7 @@ fn offset4(a: [u8; 4], by: i64) -> [u8; 4] {
 
 #[test]
 fn array_slots_cover_every_prefix_boundary_exactly() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     // (prefix, length, first slot): bases that are not multiples of the
     // prefix size, a host part that spans two bytes (the /20), a /31 and a
     // /32, and a hash-map /16 after them for the addresses beyond.
@@ -1430,9 +1379,7 @@ fn array_slots_cover_every_prefix_boundary_exactly() {
 
 #[test]
 fn the_first_prefix_that_holds_an_address_decides_its_place() {
-    if !have_root() {
-        return;
-    }
+    require_root!("BPF_PROG_TEST_RUN");
     // 192.168.1.0/24 in the array, and 192.168.0.0/16 in the hash map after
     // it: 192.168.1.x is in the array, 192.168.2.x in the hash map.
     let mut g = Guard::load().expect("loading the flowguard object");

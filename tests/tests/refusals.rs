@@ -10,18 +10,14 @@ use std::{
 
 use flowguard_tests::{
     flowguard_proc::{require_flowguard_bin, Flowguard},
-    netns::{is_root, BpffsMount, Netns},
+    netns::{BpffsMount, Netns},
+    require_root,
 };
 
 const PREFIX: &str = "192.168.1.0/24";
 
-fn skip() -> bool {
-    if !is_root() {
-        flowguard_tests::netns::skip("needs root (namespaces, bpffs, BPF)");
-        return true;
-    }
-    false
-}
+/// What the tests here need root for.
+const ROOT_FOR: &str = "namespaces, bpffs, BPF";
 
 /// A namespace with an interface `lan1` that is up.
 fn namespace() -> Netns {
@@ -93,9 +89,7 @@ fn pins_in(dir: &Path) -> Vec<String> {
 
 #[test]
 fn a_second_instance_on_the_same_pin_dir_is_refused_and_the_first_keeps_running() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     let ns = namespace();
     let bpffs = BpffsMount::new();
     let pin_dir = bpffs.pin_dir();
@@ -134,9 +128,7 @@ fn a_second_instance_on_the_same_pin_dir_is_refused_and_the_first_keeps_running(
 
 #[test]
 fn a_pin_dir_outside_a_bpffs_is_refused() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     let ns = namespace();
     let dir = std::env::temp_dir().join(format!("flowguard-not-bpffs-{}", std::process::id()));
     let pin_dir = dir.join("flowguard");
@@ -164,9 +156,7 @@ fn a_pin_dir_outside_a_bpffs_is_refused() {
 
 #[test]
 fn without_privileges_nothing_is_attached() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     let ns = namespace();
     let bpffs = BpffsMount::new();
     let pin_dir = bpffs.pin_dir();
@@ -216,22 +206,129 @@ fn attached_in(ns: &Netns) -> String {
     }
 }
 
-/// Runs `flowguard run args --pin-dir <fresh bpffs>` in a fresh namespace,
-/// which must refuse it in one line containing each of `wanted`, leaving
-/// nothing pinned or attached.
-fn assert_refused(setup: impl Fn(&Netns), args: &[&str], wanted: &[&str]) {
+/// One wrong input and how flowguard refuses it.
+struct Refusal<'a> {
+    /// What is wrong, for the failure message.
+    name: &'a str,
+    /// The arguments of `flowguard run`, without `--pin-dir`.
+    args: &'a [&'a str],
+    /// The exit status.
+    status: i32,
+    /// Words the one error line contains, each.
+    words: &'a [&'a str],
+}
+
+/// Runs `flowguard run <case.args> --pin-dir <fresh bpffs>` in a fresh
+/// namespace (prepared by `setup`), which must refuse it with `case.status`
+/// in one line containing each of `case.words`, leaving nothing pinned or
+/// attached.
+fn assert_refused(setup: impl Fn(&Netns), case: &Refusal) {
+    let Refusal {
+        name,
+        args,
+        status,
+        words,
+    } = case;
     let ns = namespace();
     setup(&ns);
     let bpffs = BpffsMount::new();
     let pin_dir = bpffs.pin_dir();
     let mut full = args.to_vec();
     full.extend_from_slice(&["--pin-dir", pin_dir.to_str().unwrap()]);
-    let line = one_error_line(&run_once(&ns, &[], &full));
-    for w in wanted {
-        assert!(line.contains(w), "{args:?}: wanted {w:?} in: {line}");
+    let out = run_once(&ns, &[], &full);
+    let line = one_error_line(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(*status),
+        "{name} ({args:?}): exit status, with: {line}"
+    );
+    for w in *words {
+        assert!(
+            line.contains(w),
+            "{name} ({args:?}): wanted {w:?} in: {line}"
+        );
     }
-    assert!(!pin_dir.exists(), "{args:?}: nothing pinned");
-    assert_eq!(attached_in(&ns), "", "{args:?}: nothing attached");
+    assert!(!pin_dir.exists(), "{name} ({args:?}): nothing pinned");
+    assert_eq!(attached_in(&ns), "", "{name} ({args:?}): nothing attached");
+}
+
+/// Wrong inputs refused in a namespace that has only `lan1`.
+const REFUSALS: &[Refusal] = &[
+    Refusal {
+        name: "an egress interface given twice",
+        args: &["--egress", "lan1", "--egress", "lan1", "--prefix", PREFIX],
+        status: 1,
+        words: &["--egress lan1 is given twice"],
+    },
+    Refusal {
+        name: "an ingress interface given twice",
+        args: &["--ingress", "lan1", "--ingress", "lan1", "--prefix", PREFIX],
+        status: 1,
+        words: &["--ingress lan1 is given twice"],
+    },
+    Refusal {
+        name: "an IPv4 prefix of every address",
+        args: &[
+            "--egress",
+            "lan1",
+            "--prefix",
+            PREFIX,
+            "--prefix",
+            "0.0.0.0/0",
+        ],
+        status: 1,
+        words: &["--prefix 0.0.0.0/0 covers every address"],
+    },
+    Refusal {
+        name: "an IPv6 prefix of every address",
+        args: &["--egress", "lan1", "--prefix", PREFIX, "--prefix", "::/0"],
+        status: 1,
+        words: &["--prefix ::/0 covers every address"],
+    },
+    Refusal {
+        name: "one static address with two MACs",
+        args: &[
+            "--egress",
+            "lan1",
+            "--prefix",
+            PREFIX,
+            "--static",
+            "192.168.1.9=02:00:00:00:00:09",
+            "--static",
+            "192.168.1.9=02:00:00:00:00:0a",
+        ],
+        status: 1,
+        words: &["--static gives 192.168.1.9 two MACs"],
+    },
+    Refusal {
+        name: "more statics than the endpoint map holds",
+        args: &[
+            "--egress",
+            "lan1",
+            // A /16 keeps its endpoints in the hash map (a /24's go to the
+            // direct-indexed array, which --max-endpoints does not size).
+            "--prefix",
+            "192.168.0.0/16",
+            "--max-endpoints",
+            "2",
+            "--static",
+            "192.168.1.1=02:00:00:00:00:01",
+            "--static",
+            "192.168.1.2=02:00:00:00:00:02",
+            "--static",
+            "192.168.1.3=02:00:00:00:00:03",
+        ],
+        status: 1,
+        words: &["endpoint hash map", "holds 2", "--max-endpoints"],
+    },
+];
+
+#[test]
+fn wrong_inputs_are_refused_in_one_sentence() {
+    require_root!(ROOT_FOR);
+    for case in REFUSALS {
+        assert_refused(|_| {}, case);
+    }
 }
 
 #[test]
@@ -247,41 +344,8 @@ fn a_missing_prefix_is_named() {
 }
 
 #[test]
-fn an_interface_given_twice_is_refused() {
-    if skip() {
-        return;
-    }
-    assert_refused(
-        |_| {},
-        &["--egress", "lan1", "--egress", "lan1", "--prefix", PREFIX],
-        &["--egress lan1 is given twice"],
-    );
-    assert_refused(
-        |_| {},
-        &["--ingress", "lan1", "--ingress", "lan1", "--prefix", PREFIX],
-        &["--ingress lan1 is given twice"],
-    );
-}
-
-#[test]
-fn a_prefix_of_every_address_is_refused() {
-    if skip() {
-        return;
-    }
-    for every in ["0.0.0.0/0", "::/0"] {
-        assert_refused(
-            |_| {},
-            &["--egress", "lan1", "--prefix", PREFIX, "--prefix", every],
-            &[&format!("--prefix {every} covers every address")],
-        );
-    }
-}
-
-#[test]
 fn repeated_and_overlapping_prefixes_are_merged_with_a_note() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     let ns = namespace();
     let bpffs = BpffsMount::new();
     let mut fg = Flowguard::start(
@@ -320,58 +384,8 @@ fn repeated_and_overlapping_prefixes_are_merged_with_a_note() {
 }
 
 #[test]
-fn one_static_address_with_two_macs_is_refused() {
-    if skip() {
-        return;
-    }
-    assert_refused(
-        |_| {},
-        &[
-            "--egress",
-            "lan1",
-            "--prefix",
-            PREFIX,
-            "--static",
-            "192.168.1.9=02:00:00:00:00:09",
-            "--static",
-            "192.168.1.9=02:00:00:00:00:0a",
-        ],
-        &["--static gives 192.168.1.9 two MACs"],
-    );
-}
-
-#[test]
-fn more_statics_than_the_endpoint_map_holds_are_refused() {
-    if skip() {
-        return;
-    }
-    assert_refused(
-        |_| {},
-        &[
-            "--egress",
-            "lan1",
-            // A /16 keeps its endpoints in the hash map (a /24's go to the
-            // direct-indexed array, which --max-endpoints does not size).
-            "--prefix",
-            "192.168.0.0/16",
-            "--max-endpoints",
-            "2",
-            "--static",
-            "192.168.1.1=02:00:00:00:00:01",
-            "--static",
-            "192.168.1.2=02:00:00:00:00:02",
-            "--static",
-            "192.168.1.3=02:00:00:00:00:03",
-        ],
-        &["endpoint hash map", "holds 2", "--max-endpoints"],
-    );
-}
-
-#[test]
 fn a_pin_dir_that_is_a_pinned_object_is_refused() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     let ns = namespace();
     let bpffs = BpffsMount::new();
     let pin_dir = bpffs.pin_dir();
@@ -403,9 +417,7 @@ fn a_pin_dir_that_is_a_pinned_object_is_refused() {
 
 #[test]
 fn a_pin_dir_whose_parents_are_missing_gets_them_for_its_life() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     let ns = namespace();
     let bpffs = BpffsMount::new();
     let parent = bpffs.path().join("a");
@@ -423,40 +435,48 @@ fn a_pin_dir_whose_parents_are_missing_gets_them_for_its_life() {
 
 #[test]
 fn loopback_and_bridge_devices_are_refused_with_why() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     let bridge = |ns: &Netns| {
         ns.ip(&["link", "add", "br0", "type", "bridge"]);
         ns.ip(&["link", "set", "br0", "up"]);
     };
-    let cases: [(&[&str], &[&str]); 4] = [
-        (
-            &["--egress", "lo"],
-            &["--egress lo", "loopback", "no Ethernet"],
-        ),
-        (
-            &["--ingress", "lo"],
-            &["--ingress lo", "loopback", "no Ethernet"],
-        ),
-        (&["--ingress", "br0"], &["--ingress br0", "bridge device"]),
-        (
-            &["--egress", "br0"],
-            &["--egress br0", "bridge device", "--auto"],
-        ),
-    ];
-    for (args, wanted) in cases {
-        let mut full = args.to_vec();
-        full.extend_from_slice(&["--prefix", PREFIX]);
-        assert_refused(bridge, &full, wanted);
+    for case in NOT_ETHERNET_PORTS {
+        assert_refused(bridge, case);
     }
 }
 
+/// Devices that are no Ethernet port to guard, in a namespace with a bridge
+/// `br0`.
+const NOT_ETHERNET_PORTS: &[Refusal] = &[
+    Refusal {
+        name: "loopback on egress",
+        args: &["--egress", "lo", "--prefix", PREFIX],
+        status: 1,
+        words: &["--egress lo", "loopback", "no Ethernet"],
+    },
+    Refusal {
+        name: "loopback on ingress",
+        args: &["--ingress", "lo", "--prefix", PREFIX],
+        status: 1,
+        words: &["--ingress lo", "loopback", "no Ethernet"],
+    },
+    Refusal {
+        name: "a bridge device on ingress",
+        args: &["--ingress", "br0", "--prefix", PREFIX],
+        status: 1,
+        words: &["--ingress br0", "bridge device"],
+    },
+    Refusal {
+        name: "a bridge device on egress",
+        args: &["--egress", "br0", "--prefix", PREFIX],
+        status: 1,
+        words: &["--egress br0", "bridge device", "--auto"],
+    },
+];
+
 #[test]
 fn ten_thousand_statics_are_counted_not_listed() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     let ns = namespace();
     let bpffs = BpffsMount::new();
     let statics: Vec<String> = (0..10_000u32)
@@ -487,9 +507,7 @@ fn ten_thousand_statics_are_counted_not_listed() {
 
 #[test]
 fn without_a_bpffs_at_sys_fs_bpf_root_mounts_one_and_says_so() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     let ns = namespace();
     let root = Path::new("/sys/fs/bpf");
     let host_before = flowguard_tests::netns::run("stat", &["-f", "-c", "%T", "/sys/fs/bpf"]);
@@ -532,9 +550,7 @@ fn without_a_bpffs_at_sys_fs_bpf_root_mounts_one_and_says_so() {
 
 #[test]
 fn learn_with_only_ingress_learns_on_its_egress_and_says_so() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     let ns = namespace();
     let bpffs = BpffsMount::new();
     let mut fg = Flowguard::start(
@@ -559,9 +575,7 @@ fn learn_with_only_ingress_learns_on_its_egress_and_says_so() {
 
 #[test]
 fn learning_on_more_interfaces_than_own_macs_fit_is_refused() {
-    if skip() {
-        return;
-    }
+    require_root!(ROOT_FOR);
     // lan1 and eight more ports, each with a MAC of its own: the kernel
     // side tells at most 8 of the router's MACs from endpoints'.
     let ports: Vec<String> = (2..=9).map(|i| format!("lan{i}")).collect();
@@ -587,8 +601,12 @@ fn learning_on_more_interfaces_than_own_macs_fit_is_refused() {
     }
     assert_refused(
         setup,
-        &args,
-        &["--learn on interfaces with 9 distinct MACs", "at most 8"],
+        &Refusal {
+            name: "learning on nine ports with distinct MACs",
+            args: &args,
+            status: 1,
+            words: &["--learn on interfaces with 9 distinct MACs", "at most 8"],
+        },
     );
     // Without learning the same ports are guarded: the MACs are not needed.
     let ns = namespace();

@@ -671,11 +671,10 @@ fn check(
 }
 
 fn main() -> ExitCode {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!(
-            "flowguard-bench: needs root (CAP_BPF) to load programs and run BPF_PROG_TEST_RUN"
-        );
+    if let Some(reason) =
+        flowguard_tests::netns::needs_root("CAP_BPF, to load programs and run BPF_PROG_TEST_RUN")
+    {
+        eprintln!("flowguard-bench: {reason}");
         return ExitCode::FAILURE;
     }
     match run() {

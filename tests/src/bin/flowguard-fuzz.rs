@@ -42,9 +42,8 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("flowguard-fuzz needs root (BPF_PROG_TEST_RUN)");
+    if let Some(reason) = flowguard_tests::netns::needs_root("BPF_PROG_TEST_RUN") {
+        eprintln!("flowguard-fuzz: {reason}");
         return ExitCode::FAILURE;
     }
     let seed = args.seed.unwrap_or_else(random_seed);
