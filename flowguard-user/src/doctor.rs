@@ -489,7 +489,22 @@ pub fn diagnose(f: &Facts) -> Report {
                 .iter()
                 .map(|t| flowtable_report(t, &f.devices, kernel_caches))
                 .collect();
+            let guarded = match &f.flowguard {
+                Running::Yes(st) => Some(
+                    st.interfaces
+                        .iter()
+                        .filter(|i| i.attached && i.hook == "tc")
+                        .map(|i| i.name.clone())
+                        .collect::<Vec<_>>(),
+                ),
+                _ => None,
+            };
             checks.extend(flowtable_checks(&reports, kernel_caches));
+            checks.extend(
+                reports
+                    .iter()
+                    .filter_map(|t| roaming_check(t, kernel_caches, guarded.as_deref())),
+            );
             Some(reports)
         }
         Err(e) => {
@@ -891,6 +906,75 @@ fn flowtable_check(t: &FlowtableReport, caches: bool) -> Check {
         message: one_line(&format!("{what}: {}", sentences.join("; "))),
         details: t.devices.iter().map(|d| one_line(&d.describe())).collect(),
     }
+}
+
+/// A flowtable that lists two or more ports of one bridge (Wi-Fi radios,
+/// DSA ports) caches the port as well as the MAC: an endpoint that moves
+/// between them keeping its IP and MAC stalls its offloaded flows.
+/// `guarded`: the tc ports of the running instance, if one runs.
+pub fn roaming_check(
+    t: &FlowtableReport,
+    caches: bool,
+    guarded: Option<&[String]>,
+) -> Option<Check> {
+    if !caches && !t.hw_offload {
+        return None;
+    }
+    let mut by_bridge: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for d in &t.devices {
+        if let (Role::BridgePort, Some(b)) = (d.role, &d.bridge) {
+            by_bridge
+                .entry(b.as_str())
+                .or_default()
+                .push(d.name.as_str());
+        }
+    }
+    let shared: Vec<(&str, Vec<&str>)> = by_bridge
+        .into_iter()
+        .filter(|(_, p)| p.len() >= 2)
+        .collect();
+    if shared.is_empty() {
+        return None;
+    }
+    let mut sentences = Vec::new();
+    for (bridge, ports) in &shared {
+        let guard = match guarded {
+            None => "no flowguard runs to guard them".to_string(),
+            Some(g) => {
+                let not: Vec<&str> = ports
+                    .iter()
+                    .copied()
+                    .filter(|p| !g.iter().any(|x| x == p))
+                    .collect();
+                if not.is_empty() {
+                    "all guarded by the running flowguard".to_string()
+                } else {
+                    format!("not guarded: {}", not.join(", "))
+                }
+            }
+        };
+        sentences.push(format!(
+            "lists {} ports of bridge {bridge} ({}; {guard})",
+            ports.len(),
+            ports.join(", ")
+        ));
+    }
+    Some(Check {
+        check: "roaming",
+        verdict: Verdict::Warn,
+        message: one_line(&format!(
+            "{} {} {} {}: an endpoint that moves between them keeping its IP and MAC (Wi-Fi \
+             roaming or band steering between two radios, a moved cable, a migrated VM) \
+             stalls its offloaded flows, because the flowtable caches the port as well as the \
+             MAC; flowguard does not follow bridge port moves yet (deleting the endpoint's \
+             conntrack entries, `conntrack -D -d IP`, recovers them)",
+            t.family,
+            t.table,
+            t.name,
+            sentences.join("; ")
+        )),
+        details: Vec::new(),
+    })
 }
 
 fn conntrack_check(ct: &Result<ConntrackCounts, String>) -> Check {
@@ -1522,6 +1606,71 @@ mod tests {
             json["conntrack"],
             json!({"reachable": true, "entries": 4, "offloaded": 2, "hw_offloaded": 1})
         );
+    }
+
+    #[test]
+    fn two_ports_of_one_bridge_in_a_flowtable_stall_roaming_and_their_guard_is_named() {
+        let ruleset = json!({"nftables": [metainfo(),
+            {"flowtable": {"family": "inet", "name": "ft", "table": "fw4", "hook": "ingress",
+                           "prio": 0, "dev": ["wan", "lan1", "phy0-ap0"]}}]});
+        let links = [
+            ("wan", link_plain("wan")),
+            ("lan1", link_port("lan1", "br-lan")),
+            ("phy0-ap0", link_port("phy0-ap0", "br-lan")),
+        ];
+        let r = diagnose(&with_ruleset(ruleset.clone(), &links));
+        let c = the(&r, "roaming");
+        assert_eq!(c.len(), 1, "{:?}", r.checks);
+        assert_eq!(c[0].verdict, Verdict::Warn);
+        assert!(
+            c[0].message.starts_with(
+                "inet fw4 ft lists 2 ports of bridge br-lan (lan1, phy0-ap0; no flowguard runs to guard them)"
+            ),
+            "{c:?}"
+        );
+        assert!(c[0].message.contains("stalls its offloaded flows"), "{c:?}");
+        // With an instance running: which of them it guards.
+        let iface = |name: &str, attached| crate::status::InterfaceStatus {
+            name: name.into(),
+            hook: "tc".into(),
+            attached,
+        };
+        let st = |interfaces| Status {
+            pin_dir: "/sys/fs/bpf/flowguard".into(),
+            mode: "fix",
+            counters: Default::default(),
+            endpoints: Vec::new(),
+            running: true,
+            pid: 7,
+            eviction_queue: 0,
+            endpoint_capacity: 16_384,
+            endpoint_map_full: false,
+            interfaces,
+            hashed_prefixes: Vec::new(),
+        };
+        for (interfaces, want) in [
+            (
+                vec![iface("lan1", true), iface("phy0-ap0", true)],
+                "all guarded by the running flowguard",
+            ),
+            (
+                vec![iface("lan1", true), iface("phy0-ap0", false)],
+                "not guarded: phy0-ap0",
+            ),
+        ] {
+            let r = diagnose(&Facts {
+                flowguard: Running::Yes(Box::new(st(interfaces))),
+                ..with_ruleset(ruleset.clone(), &links)
+            });
+            let c = the(&r, "roaming");
+            assert!(c[0].message.contains(want), "{want}: {c:?}");
+        }
+        // One port of the bridge (the other is the WAN): no roaming between ports.
+        let one = json!({"nftables": [metainfo(),
+            {"flowtable": {"family": "inet", "name": "ft", "table": "fw4", "hook": "ingress",
+                           "prio": 0, "dev": ["wan", "lan1"]}}]});
+        let r = diagnose(&with_ruleset(one, &links));
+        assert!(the(&r, "roaming").is_empty(), "{:?}", r.checks);
     }
 
     #[test]
