@@ -445,6 +445,12 @@ pub struct UserCounters {
     /// Endpoints left out of the map because it was full (each IP once per
     /// episode of a full map).
     pub endpoints_dropped: u64,
+    /// Endpoints whose MAC the bridge FDB saw move to another port (each
+    /// evicts the endpoint's offloaded flows).
+    pub port_moves: u64,
+    /// Episodes of a MAC flapping between bridge ports (said once, not
+    /// evicted while it lasts).
+    pub port_flaps: u64,
 }
 
 /// `Event::kind` values.
@@ -515,7 +521,7 @@ const _: () = {
     assert!(size_of::<OwnMac>() == 8);
     assert!(size_of::<Event>() == 72);
     assert!(size_of::<Counters>() == 80);
-    assert!(size_of::<UserCounters>() == 8 * 20);
+    assert!(size_of::<UserCounters>() == 8 * 22);
     assert!(
         size_of::<Config>()
             == 24

@@ -8,6 +8,7 @@ pub mod conntrack;
 pub mod doctor;
 pub mod endpoints;
 pub mod events;
+pub mod fdb;
 pub mod flowtable;
 pub mod instances;
 pub mod links;

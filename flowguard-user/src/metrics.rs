@@ -135,6 +135,16 @@ const COUNTERS: &[CounterFamily] = &[
         "Endpoints left out because the endpoint map was full (see --max-endpoints).",
         |c| c.user.endpoints_dropped,
     ),
+    (
+        "port_moves",
+        "Endpoints whose MAC the bridge FDB saw move to another port (their flows evicted).",
+        |c| c.user.port_moves,
+    ),
+    (
+        "port_flaps",
+        "Episodes of a MAC flapping between bridge ports (not evicted while they last).",
+        |c| c.user.port_flaps,
+    ),
 ];
 
 /// A per-endpoint counter: full name, help, value.

@@ -324,6 +324,11 @@ pub fn render(st: &Status) -> String {
         "macvlan/ipvlan children: {} endpoints written, {} removed",
         u.children_added, u.children_removed
     );
+    let _ = writeln!(
+        out,
+        "bridge ports: {} endpoint moves to another port, {} flapping episodes",
+        u.port_moves, u.port_flaps
+    );
     if u.evictions_deferred > 0 || u.eviction_queue > 0 {
         let _ = writeln!(
             out,

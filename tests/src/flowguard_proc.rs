@@ -104,6 +104,11 @@ pub struct StatusCounters {
     pub children_added: u64,
     #[serde(default)]
     pub children_removed: u64,
+    // Bridge FDB: endpoints that moved to another port.
+    #[serde(default)]
+    pub port_moves: u64,
+    #[serde(default)]
+    pub port_flaps: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

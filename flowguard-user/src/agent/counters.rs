@@ -24,19 +24,22 @@ pub fn count(c: &mut UserCounters, updates: &[Update], dropped: u64) {
     c.endpoints_dropped += dropped;
     for u in updates {
         match (&u.origin, u.change) {
+            (_, Change::PortMoved { .. }) => c.port_moves += 1,
+            (_, Change::PortFlapping { .. }) => c.port_flaps += 1,
             (Origin::Neighbour, ch) => match ch {
                 Change::Added { .. } => c.neigh_added += 1,
                 Change::Moved { .. } | Change::Resolved { .. } => c.neigh_moved += 1,
                 Change::Removed { .. } => c.neigh_removed += 1,
                 Change::Ambiguous { .. } => c.neigh_ambiguous += 1,
-                Change::Adopted { .. } => {}
+                Change::Adopted { .. } | Change::PortMoved { .. } | Change::PortFlapping { .. } => {
+                }
             },
             (Origin::Child { .. }, Change::Removed { .. }) => c.children_removed += 1,
             (Origin::Child { .. }, _) => c.children_added += 1,
             // Probes count their own moves (probe_moves), the kernel its
             // learning (learned_new/learned_moved), and static entries are
             // the operator's.
-            (Origin::Probe | Origin::Learned { .. } | Origin::Static, _) => {}
+            (Origin::Probe | Origin::Learned { .. } | Origin::Static | Origin::Fdb, _) => {}
         }
     }
 }

@@ -58,7 +58,14 @@ impl Evictions {
                 Change::Resolved { mac, .. } => {
                     Some(format!("it is no longer ambiguous, at {mac}"))
                 }
-                Change::Ambiguous { .. } | Change::Adopted { .. } => None,
+                Change::PortMoved { from, to, .. } => Some(format!(
+                    "it moved from port {} to {}",
+                    crate::sys::ifname(from).unwrap_or_else(|| from.to_string()),
+                    crate::sys::ifname(to).unwrap_or_else(|| to.to_string())
+                )),
+                Change::Ambiguous { .. } | Change::Adopted { .. } | Change::PortFlapping { .. } => {
+                    None
+                }
             };
             if let Some(why) = trigger {
                 self.request(u.change.ip(), Trigger::Moved(why));

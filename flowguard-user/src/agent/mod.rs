@@ -22,7 +22,7 @@ use tokio::{
 use crate::{
     children,
     endpoints::{Batch, EndpointTable, Fact, FactSender, Origin, Update},
-    events,
+    events, fdb,
     links::{LinkEvent, Notice, Subscription},
     loader::{Guard, KernelLogger},
     metrics,
@@ -76,6 +76,27 @@ impl Endpoints {
         self.evictions.follow(&updates);
         Ok(updates)
     }
+
+    /// The bridge FDB's facts: says, counts and evicts the port moves.
+    fn take_ports(
+        &mut self,
+        guard: &mut Guard,
+        ports: Vec<crate::endpoints::PortFact>,
+        all: bool,
+    ) -> anyhow::Result<()> {
+        let updates = self
+            .table
+            .place(&guard.endpoints()?, ports, all)
+            .context("reading the endpoint map")?;
+        for u in &updates {
+            crate::say!("{u}");
+        }
+        if !updates.is_empty() {
+            bump(guard, |c| counters::count(c, &updates, 0))?;
+        }
+        self.evictions.follow(&updates);
+        Ok(())
+    }
 }
 
 /// Runs until SIGINT, SIGTERM or SIGQUIT.
@@ -127,6 +148,7 @@ pub async fn run(
     if let Some(parents) = &opts.children {
         children::start(parents, &opts.prefixes, sources.clone()).await;
     }
+    fdb::start(guard.egress_ports(), opts.reconcile, sources.clone()).await;
 
     // Interfaces are followed through rtnetlink: a guarded port deleted and
     // created again gets its programs at once. The timer only retries an
@@ -242,6 +264,9 @@ pub async fn run(
                     bump(guard, count)?;
                 }
                 endpoints.take(guard, batch.facts, None, true)?;
+                if !batch.ports.is_empty() || batch.all_ports {
+                    endpoints.take_ports(guard, batch.ports, batch.all_ports)?;
+                }
             }
             notice = next_links(&mut links) => {
                 match notice.context("following interface changes")? {

@@ -12,7 +12,7 @@ mod table;
 use flowguard_common::UserCounters;
 
 pub use store::{is_full, EndpointMaps, EndpointStore};
-pub use table::{Change, EndpointTable, Fact, Origin, Says, Update};
+pub use table::{Change, EndpointTable, Fact, Origin, Place, PortFact, Says, Update};
 
 /// What a source counts, done by the loop (the counters' only writer).
 pub type Count = Box<dyn FnOnce(&mut UserCounters) + Send>;
@@ -22,12 +22,28 @@ pub type Count = Box<dyn FnOnce(&mut UserCounters) + Send>;
 /// counters).
 pub struct Batch {
     pub facts: Vec<Fact>,
+    /// The bridge FDB's facts, and whether they are all it says now.
+    pub ports: Vec<PortFact>,
+    pub all_ports: bool,
     pub count: Option<Count>,
 }
 
 impl Batch {
     pub fn facts(facts: Vec<Fact>) -> Self {
-        Self { facts, count: None }
+        Self {
+            facts,
+            ports: Vec::new(),
+            all_ports: false,
+            count: None,
+        }
+    }
+
+    pub fn ports(ports: Vec<PortFact>, all_ports: bool) -> Self {
+        Self {
+            ports,
+            all_ports,
+            ..Self::facts(Vec::new())
+        }
     }
 }
 

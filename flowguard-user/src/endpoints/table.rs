@@ -49,6 +49,8 @@ pub enum Origin {
     /// A macvlan/ipvlan child of a guarded interface: `what` names it
     /// ("macvlan c1 in netns x, child of eth0"; for a withdrawal, its kind).
     Child { what: String },
+    /// The bridge FDB: where an endpoint's MAC is (its port), not what it is.
+    Fdb,
 }
 
 impl Origin {
@@ -59,6 +61,8 @@ impl Origin {
             Origin::Neighbour | Origin::Probe => source::NEIGHBOUR,
             Origin::Learned { .. } => source::LEARNED,
             Origin::Child { .. } => source::CHILD,
+            // Port facts hold no claim to a MAC.
+            Origin::Fdb => 0,
         }
     }
 }
@@ -100,6 +104,54 @@ impl Fact {
     }
 }
 
+/// "MAC M is behind port P (VLAN V) of bridge B", or "M left port P"
+/// (deleted, aged out): the bridge FDB's facts, which the table joins with
+/// the endpoints' MACs to give each endpoint its port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortFact {
+    pub mac: Mac,
+    pub port: u32,
+    /// `None`: the MAC left `port`.
+    pub place: Option<Place>,
+}
+
+/// Where a MAC is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Place {
+    pub bridge: u32,
+    pub port: u32,
+    pub vlan: Option<u16>,
+}
+
+impl PortFact {
+    pub fn behind(mac: Mac, bridge: u32, port: u32, vlan: Option<u16>) -> Self {
+        Self {
+            mac,
+            port,
+            place: Some(Place { bridge, port, vlan }),
+        }
+    }
+
+    pub fn gone(mac: Mac, port: u32) -> Self {
+        Self {
+            mac,
+            port,
+            place: None,
+        }
+    }
+}
+
+/// A MAC that moves this often within [`FLAP_WINDOW`] is flapping.
+const FLAP_MOVES: usize = 3;
+const FLAP_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The recent moves of one MAC.
+#[derive(Debug, Default)]
+struct Moves {
+    at: std::collections::VecDeque<std::time::Instant>,
+    flapping: bool,
+}
+
 /// What the table changed for an endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Change {
@@ -117,6 +169,22 @@ pub enum Change {
     Resolved { ip: IpAddr, mac: Mac },
     /// Same MAC, now held by another source's claim.
     Adopted { ip: IpAddr, mac: Mac },
+    /// The endpoint's MAC moved to another port of its bridge: flows
+    /// offloaded through the old port are stale.
+    PortMoved {
+        ip: IpAddr,
+        mac: Mac,
+        from: u32,
+        to: u32,
+    },
+    /// The endpoint's MAC flaps between two ports: said once per episode,
+    /// not evicted while it lasts.
+    PortFlapping {
+        ip: IpAddr,
+        mac: Mac,
+        from: u32,
+        to: u32,
+    },
 }
 
 impl Change {
@@ -127,7 +195,9 @@ impl Change {
             | Change::Removed { ip, .. }
             | Change::Ambiguous { ip }
             | Change::Resolved { ip, .. }
-            | Change::Adopted { ip, .. } => ip,
+            | Change::Adopted { ip, .. }
+            | Change::PortMoved { ip, .. }
+            | Change::PortFlapping { ip, .. } => ip,
         }
     }
 }
@@ -153,8 +223,34 @@ fn source_name(s: u8) -> &'static str {
     }
 }
 
+/// An interface's name, for sentences.
+fn port_name(ifindex: u32) -> String {
+    sys::ifname(ifindex).unwrap_or_else(|| format!("ifindex {ifindex}"))
+}
+
 impl fmt::Display for Update {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.change {
+            Change::PortMoved { ip, mac, from, to } => {
+                return write!(
+                    f,
+                    "{ip} ({mac}) moved from {} to {} (bridge FDB): flows offloaded through {} are stale",
+                    port_name(from),
+                    port_name(to),
+                    port_name(from)
+                )
+            }
+            Change::PortFlapping { ip, mac, from, to } => {
+                return write!(
+                    f,
+                    "{ip} ({mac}) flaps between {} and {} (bridge FDB): counted, not evicted \
+                     while it lasts",
+                    port_name(from),
+                    port_name(to)
+                )
+            }
+            _ => {}
+        }
         if !self.disagree.is_empty() {
             let list: Vec<String> = self
                 .disagree
@@ -208,6 +304,9 @@ impl fmt::Display for Update {
                 Change::Resolved { ip, mac } => {
                     write!(f, "{ip} is no longer ambiguous: it is at {mac} ({what})")
                 }
+                Change::PortMoved { .. } | Change::PortFlapping { .. } => {
+                    unreachable!("worded above")
+                }
             },
             (origin, c) => {
                 let by = match origin {
@@ -215,6 +314,7 @@ impl fmt::Display for Update {
                     Origin::Neighbour => "neighbour table",
                     Origin::Probe => "probe",
                     Origin::Learned { .. } => "learned",
+                    Origin::Fdb => "bridge FDB",
                     Origin::Child { .. } => unreachable!("worded above"),
                 };
                 match c {
@@ -240,6 +340,9 @@ impl fmt::Display for Update {
                     Change::Resolved { ip, mac } => {
                         write!(f, "{ip} is no longer ambiguous: it is at {mac}")
                     }
+                    Change::PortMoved { .. } | Change::PortFlapping { .. } => {
+                        unreachable!("worded above")
+                    }
                 }
             }
         }
@@ -254,6 +357,7 @@ impl Update {
             | Change::Resolved { mac, .. }
             | Change::Adopted { mac, .. } => Some(mac),
             Change::Moved { new, .. } => Some(new),
+            Change::PortMoved { mac, .. } | Change::PortFlapping { mac, .. } => Some(mac),
             Change::Removed { .. } | Change::Ambiguous { .. } => None,
         }
     }
@@ -440,6 +544,10 @@ pub struct EndpointTable {
     full: FullMap,
     /// Endpoints left out since [`EndpointTable::take_dropped`] was last called.
     dropped: u64,
+    /// Where each MAC of the followed bridges is (the bridge FDB).
+    ports: BTreeMap<Mac, Place>,
+    /// Recent port moves, by MAC (flapping).
+    moves: BTreeMap<Mac, Moves>,
 }
 
 impl EndpointTable {
@@ -453,7 +561,92 @@ impl EndpointTable {
                 left_out: BTreeSet::new(),
             },
             dropped: 0,
+            ports: BTreeMap::new(),
+            moves: BTreeMap::new(),
         }
+    }
+
+    /// Takes the bridge FDB's facts (`whole`: everything it says now, so a
+    /// MAC it no longer names has left). A MAC that moved to another port
+    /// of its bridge is a move of every endpoint at that MAC (its IPv4 and
+    /// IPv6 addresses alike); a MAC that keeps moving is one flapping
+    /// episode, said once and not evicted while it lasts.
+    pub fn place<S: EndpointStore + ?Sized>(
+        &mut self,
+        store: &S,
+        facts: Vec<PortFact>,
+        whole: bool,
+    ) -> Result<Vec<Update>, MapError> {
+        let now = std::time::Instant::now();
+        if whole {
+            let named: BTreeSet<Mac> = facts.iter().map(|f| f.mac).collect();
+            self.ports.retain(|m, _| named.contains(m));
+        }
+        // (MAC, from, to, the move starts a flapping episode)
+        let mut moved: Vec<(Mac, u32, u32, bool)> = Vec::new();
+        for f in facts {
+            let Some(place) = f.place else {
+                if self.ports.get(&f.mac).is_some_and(|p| p.port == f.port) {
+                    self.ports.remove(&f.mac);
+                }
+                continue;
+            };
+            let Some(old) = self.ports.insert(f.mac, place) else {
+                continue;
+            };
+            if old.port == place.port || old.bridge != place.bridge {
+                continue;
+            }
+            let m = self.moves.entry(f.mac).or_default();
+            while m
+                .at
+                .front()
+                .is_some_and(|t| now.saturating_duration_since(*t) >= FLAP_WINDOW)
+            {
+                m.at.pop_front();
+            }
+            if m.at.is_empty() {
+                m.flapping = false;
+            }
+            m.at.push_back(now);
+            if m.flapping {
+                continue;
+            }
+            let flaps = m.at.len() >= FLAP_MOVES;
+            m.flapping = flaps;
+            moved.push((f.mac, old.port, place.port, flaps));
+        }
+        self.moves.retain(|_, m| {
+            m.at.back()
+                .is_some_and(|t| now.saturating_duration_since(*t) < FLAP_WINDOW)
+        });
+        if moved.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut updates = Vec::new();
+        for (key, e) in store.entries()? {
+            let Some((mac, from, to, flaps)) = moved.iter().find(|m| m.0 .0 == e.mac) else {
+                continue;
+            };
+            let (ip, mac, from, to) = (key_ip(&key), *mac, *from, *to);
+            updates.push(Update {
+                change: if *flaps {
+                    Change::PortFlapping { ip, mac, from, to }
+                } else {
+                    Change::PortMoved { ip, mac, from, to }
+                },
+                origin: Origin::Fdb,
+                holder: e.source,
+                disagree: Vec::new(),
+            });
+        }
+        updates.sort_by_key(|u| u.change.ip());
+        Ok(updates)
+    }
+
+    /// The port the bridge FDB places `mac` behind, if it is followed.
+    pub fn port_of(&self, mac: Mac) -> Option<Place> {
+        self.ports.get(&mac).copied()
     }
 
     /// Puts back, value for value (evidence included), the endpoints a

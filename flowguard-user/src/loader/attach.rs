@@ -143,6 +143,15 @@ impl Guard {
     }
 
     /// Whether `iface` has the tc egress guard (attached or missing).
+    /// The interfaces the tc egress guard is attached to (router role).
+    pub fn egress_ports(&self) -> Vec<String> {
+        self.attachments
+            .iter()
+            .filter(|a| a.xdp_mode.is_none())
+            .map(|a| a.iface.clone())
+            .collect()
+    }
+
     pub fn guards_egress(&self, iface: &str) -> bool {
         self.attachments
             .iter()

@@ -309,8 +309,8 @@ fn send(tx: &FactSender, report: ProbeReport) {
         ProbeReport::Silent { .. } | ProbeReport::Failed(_) => {}
     });
     let _ = tx.send(Batch {
-        facts,
         count: Some(count),
+        ..Batch::facts(facts)
     });
 }
 

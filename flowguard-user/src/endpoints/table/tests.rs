@@ -482,3 +482,95 @@ fn a_probe_reports_a_move_of_the_neighbour_tables_endpoint_and_writes_nothing() 
         }
     );
 }
+
+#[test]
+fn a_mac_behind_another_port_moves_every_endpoint_at_that_mac_and_flapping_is_one_episode() {
+    let (mut t, mut map) = (EndpointTable::new(16), Store::new());
+    let v6 = ip("fd00:1::240");
+    t.apply(
+        &mut map,
+        [
+            Fact::at(x(), Origin::Neighbour, A),
+            Fact::at(v6, Origin::Neighbour, A),
+            Fact::at(ip("192.168.1.9"), Origin::Neighbour, B),
+        ],
+    );
+    let (br, lan1, lan2) = (3, 5, 6);
+    // The first dump places A behind lan1: nothing moved.
+    let u = t
+        .place(
+            &map,
+            vec![
+                PortFact::behind(A, br, lan1, None),
+                PortFact::behind(B, br, lan1, None),
+            ],
+            true,
+        )
+        .unwrap();
+    assert!(u.is_empty(), "{u:?}");
+    assert_eq!(t.port_of(A).map(|p| p.port), Some(lan1));
+    // A again behind lan1 (refreshed): nothing.
+    assert!(t
+        .place(&map, vec![PortFact::behind(A, br, lan1, None)], false)
+        .unwrap()
+        .is_empty());
+    // A behind lan2: both of its addresses moved, B's did not.
+    let u = t
+        .place(&map, vec![PortFact::behind(A, br, lan2, None)], false)
+        .unwrap();
+    let changes: Vec<Change> = u.iter().map(|u| u.change).collect();
+    assert_eq!(
+        changes,
+        vec![
+            Change::PortMoved {
+                ip: x(),
+                mac: A,
+                from: lan1,
+                to: lan2
+            },
+            Change::PortMoved {
+                ip: v6,
+                mac: A,
+                from: lan1,
+                to: lan2
+            },
+        ]
+    );
+    assert!(u[0].to_string().contains("moved from"), "{}", u[0]);
+    // Another bridge's port is not a move between this one's ports.
+    t.apply(
+        &mut map,
+        [Fact::at(ip("192.168.1.10"), Origin::Neighbour, C)],
+    );
+    t.place(&map, vec![PortFact::behind(C, br, lan1, None)], false)
+        .unwrap();
+    assert!(t
+        .place(&map, vec![PortFact::behind(C, 4, 7, None)], false)
+        .unwrap()
+        .is_empty());
+    // Back and forth: the third move in the window starts an episode, said once.
+    let u = t
+        .place(&map, vec![PortFact::behind(A, br, lan1, None)], false)
+        .unwrap();
+    assert!(matches!(u[0].change, Change::PortMoved { .. }), "{u:?}");
+    let u = t
+        .place(&map, vec![PortFact::behind(A, br, lan2, None)], false)
+        .unwrap();
+    assert!(matches!(u[0].change, Change::PortFlapping { .. }), "{u:?}");
+    assert_eq!(u.len(), 2, "each address of the MAC");
+    assert!(u[0].to_string().contains("flaps between"), "{}", u[0]);
+    for port in [lan1, lan2, lan1] {
+        assert!(t
+            .place(&map, vec![PortFact::behind(A, br, port, None)], false)
+            .unwrap()
+            .is_empty());
+    }
+    // Aged out (or deleted) behind its port: its port is unknown.
+    t.place(&map, vec![PortFact::gone(A, lan2)], false).unwrap();
+    assert!(t.port_of(A).is_some(), "it left another port than its own");
+    t.place(&map, vec![PortFact::gone(A, lan1)], false).unwrap();
+    assert_eq!(t.port_of(A), None);
+    // A whole dump that no longer names B forgets it.
+    t.place(&map, vec![], true).unwrap();
+    assert_eq!(t.port_of(B), None);
+}
