@@ -966,8 +966,9 @@ pub fn roaming_check(
             "{} {} {} {}: an endpoint that moves between them keeping its IP and MAC (Wi-Fi \
              roaming or band steering between two radios, a moved cable, a migrated VM) \
              stalls its offloaded flows, because the flowtable caches the port as well as the \
-             MAC; flowguard does not follow bridge port moves yet (deleting the endpoint's \
-             conntrack entries, `conntrack -D -d IP`, recovers them)",
+             MAC; flowguard's router role follows the bridge FDB of its guarded ports and \
+             evicts the flows of an endpoint that moved (it does not redirect frames in \
+             flight yet)",
             t.family,
             t.table,
             t.name,
