@@ -6,6 +6,7 @@ mod dist;
 mod ebpf;
 mod ipk;
 mod lab;
+mod package;
 mod setup;
 mod step;
 
