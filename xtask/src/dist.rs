@@ -197,9 +197,8 @@ struct Built {
     binary: PathBuf,
     size: u64,
     ebpf_size: u64,
-    /// None for a test architecture.
-    package: Option<PathBuf>,
-    package_size: Option<u64>,
+    /// The .ipk and the .apk with their sizes; none for a test architecture.
+    packages: Vec<(PathBuf, u64)>,
 }
 
 pub fn dist(args: &DistArgs) -> Result<()> {
@@ -218,11 +217,16 @@ pub fn dist(args: &DistArgs) -> Result<()> {
         let started = Instant::now();
         let (dest, object) = build_binary(&tools, arch)?;
         let out_dir = dest.parent().expect("under target/dist").to_path_buf();
-        let package = if TEST_ARCHES.iter().any(|t| t.name == arch.name) {
-            None
-        } else {
-            Some(crate::ipk::build(arch.openwrt_arch, &dest, &out_dir)?)
-        };
+        let mut packages = Vec::new();
+        if !TEST_ARCHES.iter().any(|t| t.name == arch.name) {
+            for package in [
+                crate::ipk::build(arch.openwrt_arch, &dest, &out_dir)?,
+                crate::apk::build(arch.openwrt_arch, &dest, &out_dir)?,
+            ] {
+                let size = file_size(&package)?;
+                packages.push((package, size));
+            }
+        }
         println!(
             "{}: {} in {:.0} s",
             arch.name,
@@ -234,8 +238,7 @@ pub fn dist(args: &DistArgs) -> Result<()> {
             size: file_size(&dest)?,
             ebpf_size: file_size(&object)?,
             binary: dest,
-            package_size: package.as_deref().map(file_size).transpose()?,
-            package,
+            packages,
         });
     }
     report_and_check_sizes(&built)
@@ -265,24 +268,28 @@ fn file_size(path: &Path) -> Result<u64> {
 fn report_and_check_sizes(built: &[Built]) -> Result<()> {
     println!();
     println!(
-        "{:<8} {:>10} {:>10} {:>10} {:>10}  files",
-        "arch", "binary", "budget", "eBPF obj", "package"
+        "{:<8} {:>10} {:>10} {:>10}  files",
+        "arch", "binary", "budget", "eBPF obj"
     );
     let mut over = Vec::new();
     for b in built {
+        let packages: Vec<String> = b
+            .packages
+            .iter()
+            .map(|(path, size)| format!("{} ({size})", path.display()))
+            .collect();
         println!(
-            "{:<8} {:>10} {:>10} {:>10} {:>10}  {}, {}",
+            "{:<8} {:>10} {:>10} {:>10}  {}, {}",
             b.arch.name,
             b.size,
             b.arch.budget,
             b.ebpf_size,
-            b.package_size.map_or("-".into(), |size| size.to_string()),
             b.binary.display(),
-            b.package
-                .as_deref()
-                .map_or("no package (test build)".into(), |p| p
-                    .display()
-                    .to_string())
+            if packages.is_empty() {
+                "no package (test build)".into()
+            } else {
+                packages.join(", ")
+            }
         );
         if b.size > b.arch.budget {
             over.push(format!(

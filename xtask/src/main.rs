@@ -2,6 +2,7 @@
 //! one function; setup and the eBPF build live in their own modules because
 //! they need a toolchain of their own.
 
+mod apk;
 mod dist;
 mod ebpf;
 mod ipk;
