@@ -373,3 +373,6 @@ impl Adb {
         Ok(self.buf)
     }
 }
+
+#[cfg(test)]
+mod tests;
