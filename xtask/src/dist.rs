@@ -196,6 +196,8 @@ struct Built {
     arch: &'static Arch,
     binary: PathBuf,
     size: u64,
+    /// `xz -9e` of the binary: what it costs in a squashfs image.
+    xz_size: u64,
     ebpf_size: u64,
     /// The .ipk and the .apk with their sizes; none for a test architecture.
     packages: Vec<(PathBuf, u64)>,
@@ -236,6 +238,7 @@ pub fn dist(args: &DistArgs) -> Result<()> {
         built.push(Built {
             arch,
             size: file_size(&dest)?,
+            xz_size: xz_size(&dest)?,
             ebpf_size: file_size(&object)?,
             binary: dest,
             packages,
@@ -263,6 +266,53 @@ fn file_size(path: &Path) -> Result<u64> {
     Ok(fs::metadata(path)
         .with_context(|| format!("could not read {}", path.display()))?
         .len())
+}
+
+/// Bytes of `xz -9e` of `path` (Debian's xz-utils, which OpenWrt's
+/// squashfs compression resembles).
+fn xz_size(path: &Path) -> Result<u64> {
+    let mut xz = Command::new("xz");
+    xz.args(["-9e", "--stdout"]).arg(path);
+    let output = xz
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("could not start {}", step::display(&xz)))?;
+    if !output.status.success() {
+        bail!("`{}` failed ({})", step::display(&xz), output.status);
+    }
+    Ok(output.stdout.len() as u64)
+}
+
+/// 1234567 as "1,234,567", as the README writes sizes.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+/// The commit the tree was built from, and whether it had changes on top.
+fn measured_commit() -> String {
+    let git = |args: &[&str]| {
+        step::probe(
+            Command::new("git")
+                .args(args)
+                .current_dir(step::workspace_root()),
+        )
+        .map(|out| out.trim().to_owned())
+    };
+    let Some(commit) = git(&["rev-parse", "--short=12", "HEAD"]) else {
+        return "an unknown commit (no git)".into();
+    };
+    match git(&["status", "--porcelain", "--untracked-files=no"]) {
+        Some(changes) if !changes.is_empty() => format!("{commit} with uncommitted changes"),
+        _ => commit,
+    }
 }
 
 fn report_and_check_sizes(built: &[Built]) -> Result<()> {
@@ -301,6 +351,29 @@ fn report_and_check_sizes(built: &[Built]) -> Result<()> {
             ));
         }
     }
+    // The README's size table, to paste as it is.
+    println!();
+    println!("For README.md (measured at commit {}):", measured_commit());
+    println!();
+    println!("| arch | binary | xz | .ipk | .apk |");
+    println!("|---|---|---|---|---|");
+    for b in built {
+        let package = |ext: &str| {
+            b.packages
+                .iter()
+                .find(|(path, _)| path.extension().is_some_and(|e| e == ext))
+                .map_or("-".into(), |(_, size)| thousands(*size))
+        };
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            b.arch.name,
+            thousands(b.size),
+            thousands(b.xz_size),
+            package("ipk"),
+            package("apk")
+        );
+    }
+    println!();
     if !over.is_empty() {
         bail!(
             "{}; find what grew (`cargo bloat`, or `llvm-nm-22 -C --size-sort` on an unstripped build)",
