@@ -1,5 +1,5 @@
 //! A reader of the .apk format, written from the format's description
-//! (../shared/APK.md, checked against apk-tools 3.0.6) and sharing no code
+//! (apk-tools 3.0.6: src/adb.h, src/apk_adb.h) and sharing no code
 //! with the writer: it inflates the package, walks its blocks, decodes the
 //! ADB and checks the fields and file contents the writer was given. Where
 //! apk-tools 3 is on PATH, `apk` itself dumps, installs and removes it too.
