@@ -204,6 +204,8 @@ struct Built {
 }
 
 pub fn dist(args: &DistArgs) -> Result<()> {
+    // Before the build: the sources it compiles are this commit's.
+    let commit = measured_commit();
     let tools = setup::setup()?;
     let arches: Vec<&'static Arch> = match args.arch {
         ArchChoice::All => ARCHES.iter().collect(),
@@ -244,7 +246,7 @@ pub fn dist(args: &DistArgs) -> Result<()> {
             packages,
         });
     }
-    report_and_check_sizes(&built)
+    report_and_check_sizes(&built, &commit)
 }
 
 /// Builds `arch`'s static binary into target/dist/<arch>/flowguard; returns
@@ -315,7 +317,7 @@ fn measured_commit() -> String {
     }
 }
 
-fn report_and_check_sizes(built: &[Built]) -> Result<()> {
+fn report_and_check_sizes(built: &[Built], commit: &str) -> Result<()> {
     println!();
     println!(
         "{:<8} {:>10} {:>10} {:>10}  files",
@@ -353,7 +355,7 @@ fn report_and_check_sizes(built: &[Built]) -> Result<()> {
     }
     // The README's size table, to paste as it is.
     println!();
-    println!("For README.md (measured at commit {}):", measured_commit());
+    println!("For README.md (measured at commit {commit}):");
     println!();
     println!("| arch | binary | xz | .ipk | .apk |");
     println!("|---|---|---|---|---|");
