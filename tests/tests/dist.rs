@@ -733,6 +733,14 @@ fn openwrt_packages_have_the_layout_and_control_fields_opkg_needs() {
             field("Version")
         );
         assert_eq!(field("Installed-Size"), installed.to_string());
+        // The 25.12 package of the same build sits beside it, with the same
+        // version (xtask's apk tests read its contents back).
+        let apk = dir.join(format!("flowguard-{}.apk", field("Version")));
+        assert!(
+            apk.is_file(),
+            "{name}: no {} beside the .ipk",
+            apk.display()
+        );
         assert_eq!(field("License"), "MIT OR Apache-2.0");
         assert!(!field("Maintainer").is_empty() && !field("Description").is_empty());
         assert!(

@@ -196,13 +196,16 @@ struct Built {
     arch: &'static Arch,
     binary: PathBuf,
     size: u64,
+    /// `xz -9e` of the binary: what it costs in a squashfs image.
+    xz_size: u64,
     ebpf_size: u64,
-    /// None for a test architecture.
-    package: Option<PathBuf>,
-    package_size: Option<u64>,
+    /// The .ipk and the .apk with their sizes; none for a test architecture.
+    packages: Vec<(PathBuf, u64)>,
 }
 
 pub fn dist(args: &DistArgs) -> Result<()> {
+    // Before the build: the sources it compiles are this commit's.
+    let commit = measured_commit();
     let tools = setup::setup()?;
     let arches: Vec<&'static Arch> = match args.arch {
         ArchChoice::All => ARCHES.iter().collect(),
@@ -218,11 +221,16 @@ pub fn dist(args: &DistArgs) -> Result<()> {
         let started = Instant::now();
         let (dest, object) = build_binary(&tools, arch)?;
         let out_dir = dest.parent().expect("under target/dist").to_path_buf();
-        let package = if TEST_ARCHES.iter().any(|t| t.name == arch.name) {
-            None
-        } else {
-            Some(crate::ipk::build(arch.openwrt_arch, &dest, &out_dir)?)
-        };
+        let mut packages = Vec::new();
+        if !TEST_ARCHES.iter().any(|t| t.name == arch.name) {
+            for package in [
+                crate::ipk::build(arch.openwrt_arch, &dest, &out_dir)?,
+                crate::apk::build(arch.openwrt_arch, &dest, &out_dir)?,
+            ] {
+                let size = file_size(&package)?;
+                packages.push((package, size));
+            }
+        }
         println!(
             "{}: {} in {:.0} s",
             arch.name,
@@ -232,13 +240,13 @@ pub fn dist(args: &DistArgs) -> Result<()> {
         built.push(Built {
             arch,
             size: file_size(&dest)?,
+            xz_size: xz_size(&dest)?,
             ebpf_size: file_size(&object)?,
             binary: dest,
-            package_size: package.as_deref().map(file_size).transpose()?,
-            package,
+            packages,
         });
     }
-    report_and_check_sizes(&built)
+    report_and_check_sizes(&built, &commit)
 }
 
 /// Builds `arch`'s static binary into target/dist/<arch>/flowguard; returns
@@ -262,27 +270,78 @@ fn file_size(path: &Path) -> Result<u64> {
         .len())
 }
 
-fn report_and_check_sizes(built: &[Built]) -> Result<()> {
+/// Bytes of `xz -9e` of `path` (Debian's xz-utils, which OpenWrt's
+/// squashfs compression resembles).
+fn xz_size(path: &Path) -> Result<u64> {
+    let mut xz = Command::new("xz");
+    xz.args(["-9e", "--stdout"]).arg(path);
+    let output = xz
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("could not start {}", step::display(&xz)))?;
+    if !output.status.success() {
+        bail!("`{}` failed ({})", step::display(&xz), output.status);
+    }
+    Ok(output.stdout.len() as u64)
+}
+
+/// 1234567 as "1,234,567", as the README writes sizes.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+/// The commit the tree was built from, and whether it had changes on top.
+fn measured_commit() -> String {
+    let git = |args: &[&str]| {
+        step::probe(
+            Command::new("git")
+                .args(args)
+                .current_dir(step::workspace_root()),
+        )
+        .map(|out| out.trim().to_owned())
+    };
+    let Some(commit) = git(&["rev-parse", "--short=12", "HEAD"]) else {
+        return "an unknown commit (no git)".into();
+    };
+    match git(&["status", "--porcelain", "--untracked-files=no"]) {
+        Some(changes) if !changes.is_empty() => format!("{commit} with uncommitted changes"),
+        _ => commit,
+    }
+}
+
+fn report_and_check_sizes(built: &[Built], commit: &str) -> Result<()> {
     println!();
     println!(
-        "{:<8} {:>10} {:>10} {:>10} {:>10}  files",
-        "arch", "binary", "budget", "eBPF obj", "package"
+        "{:<8} {:>10} {:>10} {:>10}  files",
+        "arch", "binary", "budget", "eBPF obj"
     );
     let mut over = Vec::new();
     for b in built {
+        let packages: Vec<String> = b
+            .packages
+            .iter()
+            .map(|(path, size)| format!("{} ({size})", path.display()))
+            .collect();
         println!(
-            "{:<8} {:>10} {:>10} {:>10} {:>10}  {}, {}",
+            "{:<8} {:>10} {:>10} {:>10}  {}, {}",
             b.arch.name,
             b.size,
             b.arch.budget,
             b.ebpf_size,
-            b.package_size.map_or("-".into(), |size| size.to_string()),
             b.binary.display(),
-            b.package
-                .as_deref()
-                .map_or("no package (test build)".into(), |p| p
-                    .display()
-                    .to_string())
+            if packages.is_empty() {
+                "no package (test build)".into()
+            } else {
+                packages.join(", ")
+            }
         );
         if b.size > b.arch.budget {
             over.push(format!(
@@ -294,6 +353,29 @@ fn report_and_check_sizes(built: &[Built]) -> Result<()> {
             ));
         }
     }
+    // The README's size table, to paste as it is.
+    println!();
+    println!("For README.md (measured at commit {commit}):");
+    println!();
+    println!("| arch | binary | xz | .ipk | .apk |");
+    println!("|---|---|---|---|---|");
+    for b in built {
+        let package = |ext: &str| {
+            b.packages
+                .iter()
+                .find(|(path, _)| path.extension().is_some_and(|e| e == ext))
+                .map_or("-".into(), |(_, size)| thousands(*size))
+        };
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            b.arch.name,
+            thousands(b.size),
+            thousands(b.xz_size),
+            package("ipk"),
+            package("apk")
+        );
+    }
+    println!();
     if !over.is_empty() {
         bail!(
             "{}; find what grew (`cargo bloat`, or `llvm-nm-22 -C --size-sort` on an unstripped build)",

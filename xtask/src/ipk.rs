@@ -11,13 +11,10 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::step;
-
-const PACKAGE: &str = "flowguard";
-/// OpenWrt's package release, appended to the crate version.
-const RELEASE: &str = "r1";
-const MAINTAINER: &str = "flowguard developers <dev@flowguard.invalid>";
-const URL: &str = "https://github.com/flowguard/flowguard";
+use crate::{
+    package::{self, LICENSE, MAINTAINER, NAME, ORIGIN, RELEASE, URL},
+    step,
+};
 
 /// The standard OpenWrt maintainer scripts (as ipkg-build writes them for a
 /// package with an init script): enable the service on install, stop and
@@ -43,22 +40,14 @@ pub fn version() -> String {
 /// dist/openwrt, for OpenWrt's package architecture `openwrt_arch`
 /// (`aarch64_cortex-a53`, ...). Returns the package's path.
 pub fn build(openwrt_arch: &str, binary: &Path, out_dir: &Path) -> Result<PathBuf> {
-    let root = step::workspace_root();
     let stage = out_dir.join("ipk");
     let _ = fs::remove_dir_all(&stage);
     let data = stage.join("data");
     let control = stage.join("control");
-    install(binary, &data.join("usr/sbin/flowguard"), 0o755)?;
-    install(
-        &root.join("dist/openwrt/flowguard.init"),
-        &data.join("etc/init.d/flowguard"),
-        0o755,
-    )?;
-    install(
-        &root.join("dist/openwrt/flowguard.config"),
-        &data.join("etc/config/flowguard"),
-        0o644,
-    )?;
+    for file in package::payload(binary) {
+        let relative = file.path.trim_start_matches('/');
+        install(&file.source, &data.join(relative), file.mode)?;
+    }
 
     fs::create_dir_all(&control)?;
     let installed_size = tree_size(&data)?;
@@ -67,15 +56,19 @@ pub fn build(openwrt_arch: &str, binary: &Path, out_dir: &Path) -> Result<PathBu
         &control_file(openwrt_arch, installed_size),
         0o644,
     )?;
-    write(&control.join("conffiles"), "/etc/config/flowguard\n", 0o644)?;
+    write(
+        &control.join("conffiles"),
+        &format!("{}\n", package::CONFFILE),
+        0o644,
+    )?;
     write(&control.join("postinst"), POSTINST, 0o755)?;
     write(&control.join("prerm"), PRERM, 0o755)?;
     write(&stage.join("debian-binary"), "2.0\n", 0o644)?;
 
-    let epoch = source_date_epoch();
+    let epoch = package::source_date_epoch();
     tar_gz(&data, &["."], &stage.join("data.tar.gz"), &epoch)?;
     tar_gz(&control, &["."], &stage.join("control.tar.gz"), &epoch)?;
-    let package = out_dir.join(format!("{PACKAGE}_{}_{openwrt_arch}.ipk", version()));
+    let package = out_dir.join(format!("{NAME}_{}_{openwrt_arch}.ipk", version()));
     tar_gz(
         &stage,
         &["./debian-binary", "./data.tar.gz", "./control.tar.gz"],
@@ -93,25 +86,25 @@ pub fn build(openwrt_arch: &str, binary: &Path, out_dir: &Path) -> Result<PathBu
 /// express for a prebuilt package, so `flowguard doctor` names it there (the
 /// feed Makefile adds it for 5.15 builds).
 fn control_file(arch: &str, installed_size: u64) -> String {
-    format!(
-        "Package: {PACKAGE}\n\
+    let mut control = format!(
+        "Package: {NAME}\n\
          Version: {version}\n\
-         Source: feeds/packages/net/{PACKAGE}\n\
-         SourceName: {PACKAGE}\n\
-         License: MIT OR Apache-2.0\n\
+         Source: {ORIGIN}\n\
+         SourceName: {NAME}\n\
+         License: {LICENSE}\n\
          Section: net\n\
          URL: {URL}\n\
          Maintainer: {MAINTAINER}\n\
          Architecture: {arch}\n\
          Installed-Size: {installed_size}\n\
-         Description: Fixes offloaded flows sent to a LAN endpoint's stale MAC address.\n \
-         With flow offloading on bridge ports (fw4 flow_offloading_hw), the\n \
-         flowtable caches each flow's destination MAC; when an endpoint keeps\n \
-         its IP but changes MAC, its flows die. flowguard's eBPF programs\n \
-         rewrite those frames and evict the stale flows. Configure in\n \
-         /etc/config/flowguard; check the router with `flowguard doctor`.\n",
+         Description: {summary}\n",
         version = version(),
-    )
+        summary = package::SUMMARY,
+    );
+    for line in package::DESCRIPTION {
+        control += &format!(" {line}\n");
+    }
+    control
 }
 
 fn install(from: &Path, to: &Path, mode: u32) -> Result<()> {
@@ -143,22 +136,6 @@ fn tree_size(dir: &Path) -> Result<u64> {
         };
     }
     Ok(total)
-}
-
-/// The last commit's time, so that packages of one commit are identical.
-fn source_date_epoch() -> String {
-    std::env::var("SOURCE_DATE_EPOCH")
-        .ok()
-        .or_else(|| {
-            step::probe(
-                Command::new("git")
-                    .args(["log", "-1", "--format=%ct"])
-                    .current_dir(step::workspace_root()),
-            )
-            .map(|out| out.trim().to_owned())
-        })
-        .filter(|epoch| !epoch.is_empty())
-        .unwrap_or_else(|| "0".to_owned())
 }
 
 /// `tar -C dir -cf - members | gzip -9n > out`, root-owned, sorted, with a

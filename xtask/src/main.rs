@@ -2,10 +2,12 @@
 //! one function; setup and the eBPF build live in their own modules because
 //! they need a toolchain of their own.
 
+mod apk;
 mod dist;
 mod ebpf;
 mod ipk;
 mod lab;
+mod package;
 mod setup;
 mod step;
 

@@ -134,7 +134,7 @@ fn is_installed(package: &str) -> bool {
 }
 
 /// The owner of /proc/self is this process's effective user.
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|meta| meta.uid() == 0)
 }
 
