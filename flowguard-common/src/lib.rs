@@ -9,13 +9,13 @@ use bytemuck::{Pod, Zeroable};
 /// Capacity of the endpoint hash map (IPv6, and IPv4 outside the array).
 pub const MAX_ENDPOINTS: u32 = 16_384;
 /// Largest IPv4 prefix whose endpoints live in the direct-indexed array
-/// (ENDPOINTS_V4), in addresses: a /20. A slot costs 56 bytes of kernel
-/// memory whether it holds an endpoint or not, so a /20 is 224 KiB while a
-/// /16 would be 3.5 MiB: too much of a 64 MB router for a prefix that is
+/// (ENDPOINTS_V4), in addresses: a /20. A slot costs 64 bytes of kernel
+/// memory whether it holds an endpoint or not, so a /20 is 256 KiB while a
+/// /16 would be 4 MiB: too much of a 64 MB router for a prefix that is
 /// mostly empty. Larger prefixes use the hash map.
 pub const MAX_ARRAY_PREFIX_ADDRS: u32 = 4096;
-/// Slots of the direct-indexed array, all prefixes together (896 KiB at
-/// most, less than the hash map's 2.2 MiB preallocated at its default
+/// Slots of the direct-indexed array, all prefixes together (1 MiB at
+/// most, less than the hash map's 2.5 MiB preallocated at its default
 /// size). Prefixes that no longer fit use the hash map.
 pub const MAX_ARRAY_SLOTS: u32 = 16_384;
 /// Most IPv4 prefixes one instance can watch.
@@ -24,6 +24,8 @@ pub const MAX_V4_PREFIXES: usize = 16;
 pub const MAX_V6_PREFIXES: usize = 8;
 /// Most interface MAC addresses that learning ignores.
 pub const MAX_OWN_MACS: usize = 8;
+/// Capacity of the PORTS map: bridge ports flowguard may redirect between.
+pub const MAX_PORTS: u32 = 64;
 /// Size of the event ring buffer in bytes (a power of two, a multiple of the page size).
 pub const EVENT_RING_BYTES: u32 = 256 * 1024;
 
@@ -35,6 +37,7 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const EVENTS: &str = "EVENTS";
     pub const USER_COUNTERS: &str = "USER_COUNTERS";
+    pub const PORTS: &str = "PORTS";
 }
 
 /// File names the maps are pinned under, inside the pin directory.
@@ -46,13 +49,16 @@ pub mod pin_names {
     pub const ENDPOINTS_V4: &str = "endpoints_v4";
     pub const COUNTERS: &str = "counters";
     pub const USER_COUNTERS: &str = "user_counters";
+    /// The guarded bridge ports, by ifindex: their bridge and its MAC.
+    pub const PORTS: &str = "ports";
     /// Every pinned map, for pinning and cleanup.
-    pub const ALL: [(&str, &str); 5] = [
+    pub const ALL: [(&str, &str); 6] = [
         (super::map_names::CONFIG, CONFIG),
         (super::map_names::ENDPOINTS, ENDPOINTS),
         (super::map_names::ENDPOINTS_V4, ENDPOINTS_V4),
         (super::map_names::COUNTERS, COUNTERS),
         (super::map_names::USER_COUNTERS, USER_COUNTERS),
+        (super::map_names::PORTS, PORTS),
     ];
 }
 
@@ -143,6 +149,10 @@ pub mod source {
 pub mod endpoint_flags {
     /// The IP was seen with different MACs on different interfaces: count, never rewrite.
     pub const AMBIGUOUS: u8 = 1;
+    /// The bridge FDB places the endpoint's MAC behind `port` in a VLAN:
+    /// frames leaving another port are counted and evicted, never
+    /// redirected (the two ports may tag that VLAN differently).
+    pub const PORT_VLAN: u8 = 2;
 }
 
 /// `Config::mode` values.
@@ -238,6 +248,29 @@ pub struct Endpoint {
     pub last_event_jiffies: u64,
     /// The destination MAC of the last stale frame.
     pub last_stale_mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// The ifindex of the bridge port the bridge FDB places `mac` behind
+    /// (0: unknown, or not a followed bridge's). Set by user space with the
+    /// MAC; cleared by the kernel side when it learns another MAC.
+    pub port: u32,
+    /// Frames to this endpoint with its current MAC that left through
+    /// another port than `port` (a flowtable's cached port after a move).
+    pub wrong_port: u32,
+}
+
+/// A guarded bridge port: element of the PORTS hash map, by the port's
+/// ifindex. A frame to an endpoint behind another port of the same bridge
+/// may be redirected there when it carries the bridge's MAC as its source
+/// (the router routed it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
+pub struct Port {
+    /// The bridge's ifindex.
+    pub bridge: u32,
+    /// The bridge's MAC: the source MAC of the frames the router routes
+    /// out of its ports (the flowtable's cached source too).
+    pub bridge_mac: [u8; 6],
     pub _pad: [u8; 2],
 }
 
@@ -373,6 +406,11 @@ pub struct Counters {
     pub learned_moved: u64,
     /// Learning attempts that failed (map full).
     pub learn_failed: u64,
+    /// Frames to an endpoint with its current MAC that left through
+    /// another port of its bridge than the FDB's (tc only).
+    pub wrong_port: u64,
+    /// Of those, frames redirected to the endpoint's port (fix mode).
+    pub redirected: u64,
 }
 
 impl Counters {
@@ -388,6 +426,8 @@ impl Counters {
         self.learned_new += o.learned_new;
         self.learned_moved += o.learned_moved;
         self.learn_failed += o.learn_failed;
+        self.wrong_port += o.wrong_port;
+        self.redirected += o.redirected;
     }
 }
 
@@ -515,12 +555,13 @@ pub struct Event {
 const _: () = {
     use core::mem::size_of;
     assert!(size_of::<EndpointKey>() == 16);
-    assert!(size_of::<Endpoint>() == 56);
+    assert!(size_of::<Endpoint>() == 64);
+    assert!(size_of::<Port>() == 12);
     assert!(size_of::<V4Prefix>() == 16);
     assert!(size_of::<V6Prefix>() == 32);
     assert!(size_of::<OwnMac>() == 8);
     assert!(size_of::<Event>() == 72);
-    assert!(size_of::<Counters>() == 80);
+    assert!(size_of::<Counters>() == 96);
     assert!(size_of::<UserCounters>() == 8 * 22);
     assert!(
         size_of::<Config>()
@@ -544,6 +585,7 @@ mod user {
     // SAFETY: all of these are `Pod` (checked by the derives above).
     unsafe impl aya::Pod for EndpointKey {}
     unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for Port {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for UserCounters {}
@@ -607,9 +649,9 @@ mod tests {
     fn sizes_are_stable() {
         // The eBPF side and user space must agree byte for byte.
         assert_eq!(core::mem::size_of::<EndpointKey>(), 16);
-        assert_eq!(core::mem::size_of::<Endpoint>(), 56);
+        assert_eq!(core::mem::size_of::<Endpoint>(), 64);
         assert_eq!(core::mem::size_of::<Event>(), 72);
-        assert_eq!(core::mem::size_of::<Counters>(), 80);
+        assert_eq!(core::mem::size_of::<Counters>(), 96);
         assert_eq!(
             core::mem::size_of::<Config>(),
             24 + 16 * MAX_V4_PREFIXES + 32 * MAX_V6_PREFIXES + 8 * MAX_OWN_MACS

@@ -14,14 +14,14 @@ mod bench;
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK},
     btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
-    helpers::{bpf_fib_lookup, bpf_jiffies64, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_fib_lookup, bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_redirect},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use flowguard_common::{
     endpoint_flags, event_action, event_kind, hook, mode, source, Config, Counters, Endpoint,
-    EndpointKey, Event, UserCounters, V4Place, EVENT_RING_BYTES, MAX_ENDPOINTS, MAX_OWN_MACS,
-    MAX_V6_PREFIXES,
+    EndpointKey, Event, Port, UserCounters, V4Place, EVENT_RING_BYTES, MAX_ENDPOINTS, MAX_OWN_MACS,
+    MAX_PORTS, MAX_V6_PREFIXES,
 };
 
 use frame::{Frame, L3};
@@ -50,6 +50,11 @@ static USER_COUNTERS: Array<UserCounters, 1> = Array::new();
 #[btf_map]
 static EVENTS: RingBuf<Event, { EVENT_RING_BYTES as usize }> = RingBuf::new();
 
+/// The guarded bridge ports, by ifindex (written by user space): a frame
+/// is only ever redirected between two ports of one bridge.
+#[btf_map]
+static PORTS: HashMap<u32, Port, { MAX_PORTS as usize }> = HashMap::new();
+
 /// Per CPU, the jiffies of the last "could not learn" warning: a full map
 /// fails every frame, and the log is rate-limited like events.
 #[btf_map]
@@ -61,6 +66,9 @@ enum Verdict {
     Pass,
     /// Write this MAC into the frame's destination address.
     Rewrite([u8; 6]),
+    /// Send the frame out of this port (an ifindex) of the same bridge
+    /// instead: its MAC is right, its port is not (tc only).
+    Redirect(u32),
 }
 
 #[xdp]
@@ -71,6 +79,7 @@ pub fn flowguard_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn xdp_guard(ctx: &XdpContext) {
+    // Only the tc hook redirects (a port's egress).
     if let Verdict::Rewrite(mac) = guard(ctx, hook::XDP, ctx.ingress_ifindex() as u32) {
         xdp_set_dst(ctx, mac);
     }
@@ -94,16 +103,14 @@ fn tc_set_dst(ctx: &TcContext, mac: [u8; 6]) {
 #[classifier]
 pub fn flowguard_tc(ctx: TcContext) -> i32 {
     tc_linear_headers(&ctx);
-    tc_guard(&ctx);
-    TC_ACT_OK
+    tc_guard(&ctx)
 }
 
 #[classifier]
 pub fn flowguard_tc_learn(ctx: TcContext) -> i32 {
     tc_linear_headers(&ctx);
     learn(&ctx);
-    tc_guard(&ctx);
-    TC_ACT_OK
+    tc_guard(&ctx)
 }
 
 /// Makes the headers parsing reads part of the skb's linear data, which is
@@ -127,12 +134,22 @@ pub fn flowguard_jiffies(_ctx: XdpContext) -> u32 {
     jiffies() as u32
 }
 
+/// The guard on a tc hook; returns the tc action: TC_ACT_OK, or
+/// TC_ACT_REDIRECT for a frame sent to its endpoint's port.
 #[inline(always)]
-fn tc_guard(ctx: &TcContext) {
+fn tc_guard(ctx: &TcContext) -> i32 {
     // SAFETY: reading a field of the context the program was given.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if let Verdict::Rewrite(mac) = guard(ctx, hook::TC, ifindex) {
-        tc_set_dst(ctx, mac);
+    match guard(ctx, hook::TC, ifindex) {
+        Verdict::Pass => TC_ACT_OK,
+        Verdict::Rewrite(mac) => {
+            tc_set_dst(ctx, mac);
+            TC_ACT_OK
+        }
+        // SAFETY: a helper taking an ifindex and flags (0: that port's
+        // egress); it returns TC_ACT_REDIRECT, or TC_ACT_SHOT for flags
+        // it does not know, which 0 is not.
+        Verdict::Redirect(port) => unsafe { bpf_redirect(port, 0) as i32 },
     }
 }
 
@@ -299,6 +316,15 @@ fn try_guard(f: &impl Frame, hook: u8, ifindex: u32) -> Option<Verdict> {
     let (mut ep, head) = endpoint(&key, place)?;
     let dst_mac: [u8; 6] = frame::load(f, frame::ETH_DST)?;
     if head.mac == dst_mac {
+        // The right MAC; on a port's egress, also the right port? The
+        // bridge FDB's port for this MAC, when user space follows it.
+        if hook == hook::TC {
+            // SAFETY: a live map value; a u32 field, read once.
+            let port = unsafe { core::ptr::addr_of!((*ep).port).read_volatile() };
+            if port != 0 && port != ifindex {
+                return wrong_port(f, cfg, c, &key, place, ep, head, ifindex);
+            }
+        }
         return None;
     }
     if let Place::Hash = place {
@@ -348,6 +374,64 @@ fn try_guard(f: &impl Frame, hook: u8, ifindex: u32) -> Option<Verdict> {
         };
     }
     Some(stale(f, cfg, c, ep, head.flags, head.mac, &seen))
+}
+
+/// A frame to the endpoint with its current MAC leaves through a port
+/// other than the one the bridge FDB places that MAC behind: a flowtable
+/// that cached the port before the endpoint moved (Wi-Fi roaming, a moved
+/// cable). Counted; in fix mode redirected to the endpoint's port, but only
+/// a frame the router routed (its source is the bridge's MAC: bridged
+/// LAN-to-LAN frames pass), between two ports of one bridge, and not for
+/// an endpoint in a VLAN (evicted only). A frame the bridge floods has a
+/// destination its FDB does not hold, so user space has cleared `port`:
+/// it passes.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn wrong_port(
+    f: &impl Frame,
+    cfg: &Config,
+    c: &mut Counters,
+    key: &EndpointKey,
+    place: Place,
+    mut ep: *mut Endpoint,
+    head: Head,
+    ifindex: u32,
+) -> Option<Verdict> {
+    if let Place::Hash = place {
+        // As in try_guard: the element may have been recycled.
+        let again = ENDPOINTS.get_ptr_mut(key)?;
+        if Head::read(again) != head {
+            return None;
+        }
+        ep = again;
+    }
+    // SAFETY: a live map value, this endpoint's (checked above).
+    let port = unsafe { core::ptr::addr_of!((*ep).port).read_volatile() };
+    // The port must belong to the MAC read: user space writes both at
+    // once, and learning another MAC clears the port first.
+    if port == 0 || port == ifindex || Head::read(ep) != head {
+        return None;
+    }
+    c.wrong_port += 1;
+    // SAFETY: as above; concurrent increments may be lost (evidence only).
+    unsafe { (*ep).wrong_port = (*ep).wrong_port.wrapping_add(1) };
+    if cfg.mode != mode::FIX
+        || head.flags & (endpoint_flags::AMBIGUOUS | endpoint_flags::PORT_VLAN) != 0
+    {
+        return None;
+    }
+    // SAFETY: map values read by value.
+    let here = unsafe { *PORTS.get(&ifindex)? };
+    let there = unsafe { *PORTS.get(&port)? };
+    if here.bridge != there.bridge {
+        return None;
+    }
+    let src_mac: [u8; 6] = frame::load(f, frame::ETH_SRC)?;
+    if src_mac != here.bridge_mac {
+        return None;
+    }
+    c.redirected += 1;
+    Some(Verdict::Redirect(port))
 }
 
 /// What the guard saw of a frame to a known endpoint with another MAC.
@@ -574,10 +658,14 @@ fn learn(f: &impl Frame) -> Option<()> {
             value.updated_ns = now;
             // A new MAC starts a new story: the next stale frame is reported at once.
             value.last_event_jiffies = 0;
+            // The port was the old MAC's: before the new MAC is seen,
+            // so that no frame is redirected to it (user space sets the
+            // new MAC's port).
+            value.port = 0;
             // Last, in one store: readers never see the new MAC without
             // its source.
             Head {
-                flags: head.flags,
+                flags: head.flags & !endpoint_flags::PORT_VLAN,
                 ..learned
             }
             .write(ep);

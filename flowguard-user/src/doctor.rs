@@ -966,9 +966,9 @@ pub fn roaming_check(
             "{} {} {} {}: an endpoint that moves between them keeping its IP and MAC (Wi-Fi \
              roaming or band steering between two radios, a moved cable, a migrated VM) \
              stalls its offloaded flows, because the flowtable caches the port as well as the \
-             MAC; flowguard's router role follows the bridge FDB of its guarded ports and \
-             evicts the flows of an endpoint that moved (it does not redirect frames in \
-             flight yet)",
+             MAC; flowguard's router role follows the bridge FDB of its guarded ports, \
+             redirects the frames in flight to the endpoint's new port (fix mode, outside \
+             VLANs) and evicts the flows of an endpoint that moved",
             t.family,
             t.table,
             t.name,

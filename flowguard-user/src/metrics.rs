@@ -71,6 +71,12 @@ const COUNTERS: &[CounterFamily] = &[
     ("learned_new", "Endpoints learned for the first time.", |c| c.kernel.learned_new),
     ("learned_moved", "Learned endpoints whose MAC changed.", |c| c.kernel.learned_moved),
     ("learn_failed", "Learning attempts that failed (endpoint map full).", |c| c.kernel.learn_failed),
+    (
+        "wrong_port",
+        "Frames to an endpoint with its current MAC that left through another port of its bridge than the bridge FDB's.",
+        |c| c.kernel.wrong_port,
+    ),
+    ("redirected", "Of those, frames redirected to the endpoint's port (fix mode).", |c| c.kernel.redirected),
     ("neigh_added", "Neighbour entries that gave an endpoint a MAC for the first time.", |c| {
         c.user.neigh_added
     }),
@@ -213,7 +219,7 @@ pub fn render(st: &Status) -> String {
         );
     }
 
-    let per_endpoint: [EndpointFamily; 2] = [
+    let per_endpoint: [EndpointFamily; 3] = [
         (
             "flowguard_endpoint_stale_packets_total",
             "Frames to this endpoint that carried a stale destination MAC.",
@@ -223,6 +229,11 @@ pub fn render(st: &Status) -> String {
             "flowguard_endpoint_rewritten_total",
             "Frames to this endpoint whose stale destination MAC was rewritten.",
             |e| e.rewritten,
+        ),
+        (
+            "flowguard_endpoint_wrong_port_total",
+            "Frames to this endpoint with its MAC that left through another bridge port than the bridge FDB's.",
+            |e| u64::from(e.wrong_port),
         ),
     ];
     for (name, help, value) in per_endpoint {
@@ -545,6 +556,8 @@ mod tests {
             last_stale_mac: None,
             last_stale_secs_ago: None,
             ambiguous: false,
+            port: None,
+            wrong_port: 0,
         }
     }
 

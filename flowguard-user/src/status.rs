@@ -1,7 +1,11 @@
 //! `flowguard status`: reads a running instance's pinned maps and shows the
 //! global counters and, per endpoint, its MAC, source, age and evidence.
 
-use std::{fmt::Write as _, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    path::Path,
+};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use flowguard_common::{
@@ -60,6 +64,11 @@ pub struct EndpointStatus {
     pub last_stale_mac: Option<String>,
     pub last_stale_secs_ago: Option<f64>,
     pub ambiguous: bool,
+    /// The bridge port the bridge FDB places the endpoint's MAC behind
+    /// (its name, or "ifindex N"), when followed.
+    pub port: Option<String>,
+    /// Frames to the endpoint with its MAC that left through another port.
+    pub wrong_port: u32,
 }
 
 #[derive(Debug, Serialize, PartialEq, Clone)]
@@ -195,8 +204,14 @@ fn secs_since(now_ns: u64, then_ns: u64) -> Option<f64> {
     (then_ns != 0 && now_ns >= then_ns).then(|| (now_ns - then_ns) as f64 / 1e9)
 }
 
-/// The status of one endpoint at monotonic time `now_ns`.
-pub fn endpoint_status(key: &EndpointKey, ep: &Endpoint, now_ns: u64) -> EndpointStatus {
+/// The status of one endpoint at monotonic time `now_ns`; `ports`, the
+/// names of the bridge ports by ifindex, where the daemon runs.
+pub fn endpoint_status(
+    key: &EndpointKey,
+    ep: &Endpoint,
+    now_ns: u64,
+    ports: &BTreeMap<u32, String>,
+) -> EndpointStatus {
     EndpointStatus {
         ip: key_ip(key).to_string(),
         mac: Mac(ep.mac).to_string(),
@@ -207,6 +222,13 @@ pub fn endpoint_status(key: &EndpointKey, ep: &Endpoint, now_ns: u64) -> Endpoin
         last_stale_mac: (ep.stale_packets != 0).then(|| Mac(ep.last_stale_mac).to_string()),
         last_stale_secs_ago: secs_since(now_ns, ep.last_stale_ns),
         ambiguous: ep.flags & endpoint_flags::AMBIGUOUS != 0,
+        port: (ep.port != 0).then(|| {
+            ports
+                .get(&ep.port)
+                .cloned()
+                .unwrap_or_else(|| format!("ifindex {}", ep.port))
+        }),
+        wrong_port: ep.wrong_port,
     }
 }
 
@@ -257,13 +279,18 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
     };
     let maps = EndpointMaps { hash, v4, config };
     let now = sys::monotonic_ns();
+    let entries = maps.entries().map_err(err(pin_names::ENDPOINTS_V4))?;
+    let (running, pid) = liveness(dir, user.owner_pid);
+    let ports = port_names(
+        entries.iter().map(|(_, v)| v.port).filter(|&p| p != 0),
+        running.then_some(pid),
+    );
     let mut list = Vec::new();
-    for (k, v) in maps.entries().map_err(err(pin_names::ENDPOINTS_V4))? {
-        list.push((key_ip(&k), endpoint_status(&k, &v, now)));
+    for (k, v) in &entries {
+        list.push((key_ip(k), endpoint_status(k, v, now, &ports)));
     }
     list.sort_by_key(|e| e.0);
     let hash_len = maps.hash_len();
-    let (running, pid) = liveness(dir, user.owner_pid);
     Ok(Status {
         pin_dir: dir.display().to_string(),
         mode: Mode::from_config(maps.config.mode),
@@ -277,6 +304,25 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
         interfaces: interfaces(dir, running.then_some(pid)),
         hashed_prefixes: crate::settings::hash_path_notes(&maps.config),
     })
+}
+
+/// The names of these ifindexes, looked up where the daemon runs (`pid`):
+/// its ports are in its network namespace, which need not be this one.
+fn port_names(ifindexes: impl Iterator<Item = u32>, pid: Option<u32>) -> BTreeMap<u32, String> {
+    let wanted: BTreeSet<u32> = ifindexes.collect();
+    if wanted.is_empty() {
+        return BTreeMap::new();
+    }
+    let names = || {
+        wanted
+            .iter()
+            .filter_map(|&i| sys::ifname(i).map(|n| (i, n)))
+            .collect()
+    };
+    match pid {
+        Some(pid) => sys::in_netns_of(pid, names).unwrap_or_else(|_| names()),
+        None => names(),
+    }
 }
 
 fn fmt_secs(s: Option<f64>) -> String {
@@ -326,8 +372,9 @@ pub fn render(st: &Status) -> String {
     );
     let _ = writeln!(
         out,
-        "bridge ports: {} endpoint moves to another port, {} flapping episodes",
-        u.port_moves, u.port_flaps
+        "bridge ports: {} endpoint moves to another port, {} flapping episodes; \
+         frames out of a wrong port: {}, redirected: {}",
+        u.port_moves, u.port_flaps, c.wrong_port, c.redirected
     );
     if u.evictions_deferred > 0 || u.eviction_queue > 0 {
         let _ = writeln!(
@@ -361,13 +408,22 @@ pub fn render(st: &Status) -> String {
     }
     let _ = writeln!(
         out,
-        "{:<39} {:<17} {:<9} {:>7} {:>10} {:>10} {:<17} {:>10}",
-        "ENDPOINT", "MAC", "SOURCE", "AGE", "STALE", "REWRITTEN", "LAST STALE MAC", "LAST SEEN"
+        "{:<39} {:<17} {:<9} {:>7} {:>10} {:>10} {:<17} {:>10} {:<15} {:>10}",
+        "ENDPOINT",
+        "MAC",
+        "SOURCE",
+        "AGE",
+        "STALE",
+        "REWRITTEN",
+        "LAST STALE MAC",
+        "LAST SEEN",
+        "PORT",
+        "WRONG PORT"
     );
     for e in &st.endpoints {
         let _ = writeln!(
             out,
-            "{:<39} {:<17} {:<9} {:>7} {:>10} {:>10} {:<17} {:>10}{}",
+            "{:<39} {:<17} {:<9} {:>7} {:>10} {:>10} {:<17} {:>10} {:<15} {:>10}{}",
             e.ip,
             e.mac,
             e.source,
@@ -376,6 +432,8 @@ pub fn render(st: &Status) -> String {
             e.rewritten,
             e.last_stale_mac.as_deref().unwrap_or("-"),
             fmt_secs(e.last_stale_secs_ago),
+            e.port.as_deref().unwrap_or("-"),
+            e.wrong_port,
             if e.ambiguous { "  AMBIGUOUS" } else { "" }
         );
     }
@@ -425,17 +483,25 @@ mod tests {
             rewritten: 4,
             last_stale_ns: 2_000_000_000,
             last_stale_mac: [2, 0, 0, 0, 0, 1],
+            port: 7,
+            wrong_port: 3,
             ..Endpoint::default()
         };
-        let s = endpoint_status(&key, &ep, 3_500_000_000);
+        let names = BTreeMap::from([(7, "lan2".to_string())]);
+        let s = endpoint_status(&key, &ep, 3_500_000_000, &names);
         assert_eq!(s.ip, "192.168.1.240");
         assert_eq!(s.mac, "02:00:00:00:00:02");
         assert_eq!(s.source, "learned");
         assert_eq!(s.age_secs, Some(2.5));
         assert_eq!(s.last_stale_secs_ago, Some(1.5));
         assert_eq!(s.last_stale_mac.as_deref(), Some("02:00:00:00:00:01"));
-        let fresh = endpoint_status(&key, &Endpoint::default(), 5);
+        assert_eq!((s.port.as_deref(), s.wrong_port), (Some("lan2"), 3));
+        let gone = Endpoint { port: 9, ..ep };
+        let s = endpoint_status(&key, &gone, 3_500_000_000, &names);
+        assert_eq!(s.port.as_deref(), Some("ifindex 9"), "a port with no name");
+        let fresh = endpoint_status(&key, &Endpoint::default(), 5, &names);
         assert_eq!((fresh.age_secs, fresh.last_stale_mac), (None, None));
+        assert_eq!(fresh.port, None);
     }
 
     #[test]
@@ -459,6 +525,7 @@ mod tests {
                     ..Endpoint::default()
                 },
                 0,
+                &BTreeMap::new(),
             )],
             running: true,
             pid: 42,

@@ -67,6 +67,11 @@ pub struct StatusCounters {
     pub learned_new: u64,
     pub learned_moved: u64,
     pub learn_failed: u64,
+    // Bridge ports: frames out of a port other than the FDB's.
+    #[serde(default)]
+    pub wrong_port: u64,
+    #[serde(default)]
+    pub redirected: u64,
     // Router role (kernel-side confirmation, neighbour sync, eviction):
     // absent from the JSON of older builds.
     #[serde(default)]
@@ -121,6 +126,10 @@ pub struct EndpointStatus {
     pub rewritten: u64,
     pub last_stale_mac: Option<String>,
     pub ambiguous: bool,
+    #[serde(default)]
+    pub port: Option<String>,
+    #[serde(default)]
+    pub wrong_port: u32,
 }
 
 impl Status {

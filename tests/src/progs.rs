@@ -13,7 +13,7 @@ use aya::{
 };
 use flowguard_common::{
     map_names, mode, program_names, source, Config, Counters, Endpoint, EndpointKey, Event, OwnMac,
-    V4Prefix, V6Prefix, MAX_ARRAY_SLOTS, MAX_OWN_MACS, MAX_V4_PREFIXES, MAX_V6_PREFIXES,
+    Port, V4Prefix, V6Prefix, MAX_ARRAY_SLOTS, MAX_OWN_MACS, MAX_V4_PREFIXES, MAX_V6_PREFIXES,
 };
 use flowguard_user::endpoints::{EndpointMaps, EndpointStore as _};
 
@@ -21,6 +21,8 @@ use flowguard_user::endpoints::{EndpointMaps, EndpointStore as _};
 pub const XDP_PASS: u32 = 2;
 /// `TC_ACT_OK` from `linux/pkt_cls.h`.
 pub const TC_ACT_OK: u32 = 0;
+/// `TC_ACT_REDIRECT` from `linux/pkt_cls.h` (what `bpf_redirect` returns).
+pub const TC_ACT_REDIRECT: u32 = 7;
 
 /// Baseline program names (empty programs, for the benchmark).
 pub const BENCH_EMPTY_XDP: &str = "bench_empty_xdp";
@@ -155,6 +157,7 @@ pub struct Guard {
     endpoints: EndpointMaps<MapData, MapData>,
     counters: PerCpuArray<MapData, Counters>,
     events: RingBuf<MapData>,
+    ports: HashMap<MapData, u32, Port>,
 }
 
 impl Guard {
@@ -216,12 +219,14 @@ impl Guard {
         };
         let counters = PerCpuArray::try_from(take(map_names::COUNTERS)?)?;
         let events = RingBuf::try_from(take(map_names::EVENTS)?)?;
+        let ports = HashMap::try_from(take(map_names::PORTS)?)?;
         Ok(Self {
             ebpf,
             config,
             endpoints,
             counters,
             events,
+            ports,
         })
     }
 
@@ -329,9 +334,47 @@ impl Guard {
         out
     }
 
+    /// Puts a bridge port into the PORTS map (the daemon writes every port
+    /// of the followed bridges there).
+    pub fn set_port(&mut self, ifindex: u32, port: Port) -> Result<()> {
+        self.ports.insert(ifindex, port, 0)?;
+        Ok(())
+    }
+
     /// Runs `prog` once on `frame`.
     pub fn run(&self, prog: Prog, frame: &[u8]) -> Result<RunOutput> {
         self.run_repeat(prog, frame, 1)
+    }
+
+    /// Runs the tc program `prog` once on `frame` as if on the egress of
+    /// the interface `ifindex` (`__sk_buff.ifindex` in the context; the
+    /// kernel requires that interface to exist in the calling thread's
+    /// network namespace).
+    pub fn run_tc_at(&self, prog: Prog, frame: &[u8], ifindex: u32) -> Result<RunOutput> {
+        assert!(!prog.is_xdp(), "run_tc_at runs tc programs");
+        // __sk_buff up to and including `ifindex` (offset 40); the kernel
+        // requires every other field it reads from the context to be 0.
+        let mut ctx = [0u8; 44];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat: 1,
+            ..Default::default()
+        };
+        let p = self
+            .ebpf
+            .program(prog.name())
+            .ok_or_else(|| format!("program {} not in the object", prog.name()))?;
+        let res = <&SchedClassifier>::try_from(p)?.test_run(opts)?;
+        out.truncate(res.data_size_out as usize);
+        Ok(RunOutput {
+            ret: res.return_value,
+            data: out,
+            duration: res.duration,
+        })
     }
 
     /// Runs `prog` on `frame`, `repeat` times in the kernel (on one buffer:

@@ -250,3 +250,222 @@ fn a_move_to_another_bridge_port_evicts_the_endpoints_conntrack_entries() {
     );
     assert_eq!(s.counters.neigh_moved, 0, "{:?}", s.counters);
 }
+
+const ENDPOINT6: &str = "fd77::f0";
+const UDP_PORT: u16 = 41641;
+
+/// Sends `frame` out of `port` of the router as it is (an AF_PACKET raw
+/// socket): the way a flowtable's direct transmit sends an offloaded flow
+/// out of the port it cached, bypassing the bridge.
+fn send_out_of(router: &Netns, port: &str, frame: &[u8]) {
+    router.enter(|| {
+        let index = flowguard_user::sys::ifindex(port).expect(port);
+        // SAFETY: plain socket calls on a socket this closure owns and closes.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_ifindex = index as i32;
+            sll.sll_halen = 6;
+            sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+            let n = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            assert_eq!(n, frame.len() as isize, "sending on {port}: {err}");
+        }
+    });
+}
+
+/// UDP sockets of the endpoint on `h` (IPv4 and IPv6), to see what reaches it.
+fn endpoint_sockets(h: &Netns) -> (std::net::UdpSocket, std::net::UdpSocket) {
+    h.enter(|| {
+        let v4 = std::net::UdpSocket::bind((ENDPOINT, UDP_PORT)).expect("binding IPv4");
+        let v6 =
+            std::net::UdpSocket::bind((ENDPOINT6.parse::<std::net::Ipv6Addr>().unwrap(), UDP_PORT))
+                .expect("binding IPv6");
+        for s in [&v4, &v6] {
+            s.set_read_timeout(Some(Duration::from_millis(700)))
+                .unwrap();
+        }
+        (v4, v6)
+    })
+}
+
+/// What the socket received, if anything, within its timeout.
+fn received(s: &std::net::UdpSocket) -> Option<Vec<u8>> {
+    let mut buf = [0u8; 256];
+    s.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
+}
+
+#[test]
+fn a_routed_frame_out_of_the_endpoints_old_port_is_redirected_to_its_new_one() {
+    skip_unless_root!();
+    use flowguard_tests::frames::{udp4, udp6, L2};
+    let roam = Roam::new();
+    roam.endpoint_behind(&roam.h1, &roam.h2);
+    roam.router
+        .ip(&["addr", "add", "fd77::1/64", "dev", "br-lan", "nodad"]);
+    let bridge_mac: Mac = roam
+        .router
+        .enter(|| flowguard_user::sys::if_mac("br-lan"))
+        .expect("br-lan's MAC");
+    let mac = mac();
+    let ep6: std::net::Ipv6Addr = ENDPOINT6.parse().unwrap();
+    // What a flowtable that cached lan1 sends after the move: routed (the
+    // bridge's MAC as source), to the endpoint's MAC, out of lan1.
+    let stale4 = udp4(
+        L2::new(mac.0, bridge_mac.0),
+        [10, 0, 0, 7],
+        ENDPOINT.octets(),
+        51820,
+        UDP_PORT,
+        b"offloaded v4",
+    );
+    let stale6 = udp6(
+        L2::new(mac.0, bridge_mac.0),
+        [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7],
+        ep6.octets(),
+        51820,
+        UDP_PORT,
+        b"offloaded v6",
+    );
+    // A LAN host's frame to the endpoint, bridged out of lan1: never redirected.
+    let bridged = udp4(
+        L2::new(mac.0, [0x02, 0x42, 0xc0, 0xa8, 0x4d, 0x33]),
+        [192, 168, 77, 33],
+        ENDPOINT.octets(),
+        40000,
+        UDP_PORT,
+        b"bridged",
+    );
+
+    let bpffs = BpffsMount::new();
+    let flowguard = Flowguard::start(
+        &roam.router,
+        &bpffs.pin_dir(),
+        &[
+            "--egress",
+            "lan1",
+            "--egress",
+            "lan2",
+            "--prefix",
+            "192.168.77.0/24",
+            "--prefix",
+            "fd77::/64",
+            "--static",
+            &format!("{ENDPOINT6}={MAC}"),
+            "--evict",
+            "all",
+            "--probe",
+            "off",
+        ],
+    );
+    let _ = roam
+        .router
+        .try_exec(&["ping", "-c1", "-W1", &ENDPOINT.to_string()]);
+    flowguard.wait_for_status("the endpoint behind lan1", LIMIT, |s| {
+        s.has_endpoint(&ENDPOINT.to_string(), MAC)
+            && s.endpoint(&ENDPOINT.to_string())
+                .is_some_and(|e| e.port.as_deref() == Some("lan1"))
+    });
+
+    // The endpoint moves behind lan2, keeping its IP and MAC; both of its
+    // addresses follow the MAC's port.
+    roam.endpoint_behind(&roam.h2, &roam.h1);
+    roam.h2.ip(&[
+        "addr",
+        "replace",
+        &format!("{ENDPOINT6}/64"),
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    let (v4, v6) = endpoint_sockets(&roam.h2);
+    flowguard.wait_for_status("both addresses behind lan2", LIMIT, |s| {
+        [ENDPOINT.to_string(), ENDPOINT6.to_string()]
+            .iter()
+            .all(|ip| {
+                s.endpoint(ip)
+                    .is_some_and(|e| e.port.as_deref() == Some("lan2"))
+            })
+    });
+    let before = flowguard.status().counters;
+    send_out_of(&roam.router, "lan1", &bridged);
+    assert_eq!(
+        received(&v4),
+        None,
+        "a bridged frame must not be redirected"
+    );
+    send_out_of(&roam.router, "lan1", &stale4);
+    assert_eq!(
+        received(&v4).as_deref(),
+        Some(&b"offloaded v4"[..]),
+        "IPv4 redirected to lan2"
+    );
+    send_out_of(&roam.router, "lan1", &stale6);
+    assert_eq!(
+        received(&v6).as_deref(),
+        Some(&b"offloaded v6"[..]),
+        "IPv6 redirected to lan2"
+    );
+    let s = flowguard.status();
+    assert_eq!(
+        s.counters.redirected - before.redirected,
+        2,
+        "{:?}",
+        s.counters
+    );
+    assert_eq!(
+        s.counters.wrong_port - before.wrong_port,
+        3,
+        "{:?}",
+        s.counters
+    );
+    let e = s.endpoint(&ENDPOINT.to_string()).expect("the endpoint");
+    assert!(e.wrong_port >= 2, "{e:?}");
+
+    // Observe mode is the control: the same frame out of lan1 stays there.
+    drop(flowguard);
+    let bpffs = BpffsMount::new();
+    let observer = Flowguard::start(
+        &roam.router,
+        &bpffs.pin_dir(),
+        &[
+            "--mode",
+            "observe",
+            "--egress",
+            "lan1",
+            "--egress",
+            "lan2",
+            "--prefix",
+            "192.168.77.0/24",
+            "--evict",
+            "off",
+            "--probe",
+            "off",
+        ],
+    );
+    let _ = roam
+        .router
+        .try_exec(&["ping", "-c1", "-W1", &ENDPOINT.to_string()]);
+    observer.wait_for_status("the endpoint behind lan2", LIMIT, |s| {
+        s.endpoint(&ENDPOINT.to_string())
+            .is_some_and(|e| e.port.as_deref() == Some("lan2"))
+    });
+    send_out_of(&roam.router, "lan1", &stale4);
+    assert_eq!(received(&v4), None, "observe mode never redirects");
+    let c = observer.status().counters;
+    assert_eq!((c.wrong_port, c.redirected), (1, 0), "{c:?}");
+}

@@ -42,8 +42,8 @@ fn kernel_side_warnings_reach_the_log() {
     // is direct-indexed: 192.168.1.240 is slot 240 of endpoints_v4.
     let endpoints = bpffs.pin_dir().join("endpoints_v4");
     let key = "f0 00 00 00";
-    let mut value = vec!["00"; 56];
-    value[6] = "01"; // source: static
+    let mut value = vec!["00"; std::mem::size_of::<flowguard_common::Endpoint>()];
+    value[std::mem::offset_of!(flowguard_common::Endpoint, source)] = "01"; // source: static
     let mut args = vec![
         "map",
         "update",

@@ -86,7 +86,7 @@ impl Endpoints {
     ) -> anyhow::Result<()> {
         let updates = self
             .table
-            .place(&guard.endpoints()?, ports, all)
+            .place(&mut guard.endpoints()?, ports, all)
             .context("reading the endpoint map")?;
         for u in &updates {
             crate::say!("{u}");
@@ -264,6 +264,9 @@ pub async fn run(
                     bump(guard, count)?;
                 }
                 endpoints.take(guard, batch.facts, None, true)?;
+                if let Some(ports) = &batch.bridge_ports {
+                    guard.set_ports(ports).context("writing the bridge ports")?;
+                }
                 if !batch.ports.is_empty() || batch.all_ports {
                     endpoints.take_ports(guard, batch.ports, batch.all_ports)?;
                 }

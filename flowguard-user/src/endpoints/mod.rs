@@ -25,6 +25,9 @@ pub struct Batch {
     /// The bridge FDB's facts, and whether they are all it says now.
     pub ports: Vec<PortFact>,
     pub all_ports: bool,
+    /// With a whole dump: every port of the followed bridges (ifindex,
+    /// bridge, the bridge's MAC), for the kernel side's PORTS map.
+    pub bridge_ports: Option<Vec<(u32, flowguard_common::Port)>>,
     pub count: Option<Count>,
 }
 
@@ -34,6 +37,7 @@ impl Batch {
             facts,
             ports: Vec::new(),
             all_ports: false,
+            bridge_ports: None,
             count: None,
         }
     }
@@ -43,6 +47,13 @@ impl Batch {
             ports,
             all_ports,
             ..Self::facts(Vec::new())
+        }
+    }
+
+    pub fn with_bridge_ports(self, bridge_ports: Vec<(u32, flowguard_common::Port)>) -> Self {
+        Self {
+            bridge_ports: Some(bridge_ports),
+            ..self
         }
     }
 }

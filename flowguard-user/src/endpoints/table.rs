@@ -471,6 +471,7 @@ fn write<S: EndpointStore + ?Sized>(
     key: EndpointKey,
     current: Option<Endpoint>,
     d: Option<&Decision>,
+    place: Option<Place>,
 ) -> Result<(), MapError> {
     let Some(d) = d else {
         return match current {
@@ -479,7 +480,10 @@ fn write<S: EndpointStore + ?Sized>(
         };
     };
     if current.is_some_and(|e| {
-        e.mac == d.mac.0 && e.source == d.source && is_ambiguous(&e) == d.ambiguous
+        e.mac == d.mac.0
+            && e.source == d.source
+            && is_ambiguous(&e) == d.ambiguous
+            && port_fields(&e) == port_of_place(place)
     }) {
         return Ok(());
     }
@@ -495,7 +499,30 @@ fn write<S: EndpointStore + ?Sized>(
     } else {
         value.flags & !endpoint_flags::AMBIGUOUS
     };
+    set_port(&mut value, place);
     store.insert(key, value)
+}
+
+/// An endpoint's port as the kernel side reads it: the port's ifindex (0:
+/// unknown) and whether the FDB places it in a VLAN.
+fn port_fields(e: &Endpoint) -> (u32, bool) {
+    (e.port, e.flags & endpoint_flags::PORT_VLAN != 0)
+}
+
+/// The port fields for a MAC at `place` (the bridge FDB's, if followed).
+fn port_of_place(place: Option<Place>) -> (u32, bool) {
+    place.map_or((0, false), |p| (p.port, p.vlan.is_some()))
+}
+
+/// Puts `place` into the endpoint's port fields.
+fn set_port(e: &mut Endpoint, place: Option<Place>) {
+    let (port, vlan) = port_of_place(place);
+    e.port = port;
+    e.flags = if vlan {
+        e.flags | endpoint_flags::PORT_VLAN
+    } else {
+        e.flags & !endpoint_flags::PORT_VLAN
+    };
 }
 
 /// An episode of a full endpoint map: said once when it starts and once
@@ -573,11 +600,12 @@ impl EndpointTable {
     /// episode, said once and not evicted while it lasts.
     pub fn place<S: EndpointStore + ?Sized>(
         &mut self,
-        store: &S,
+        store: &mut S,
         facts: Vec<PortFact>,
         whole: bool,
     ) -> Result<Vec<Update>, MapError> {
         let now = std::time::Instant::now();
+        let before = self.ports.clone();
         if whole {
             let named: BTreeSet<Mac> = facts.iter().map(|f| f.mac).collect();
             self.ports.retain(|m, _| named.contains(m));
@@ -620,11 +648,36 @@ impl EndpointTable {
             m.at.back()
                 .is_some_and(|t| now.saturating_duration_since(*t) < FLAP_WINDOW)
         });
-        if moved.is_empty() {
+        // The MACs whose place changed: their endpoints' port fields are
+        // written, so that the kernel side checks each frame's port.
+        let changed: BTreeSet<Mac> = before
+            .iter()
+            .filter(|(m, p)| self.ports.get(m) != Some(p))
+            .map(|(m, _)| *m)
+            .chain(
+                self.ports
+                    .iter()
+                    .filter(|(m, p)| before.get(m) != Some(p))
+                    .map(|(m, _)| *m),
+            )
+            .collect();
+        if moved.is_empty() && changed.is_empty() {
             return Ok(Vec::new());
         }
+        let entries = store.entries()?;
+        for (key, e) in &entries {
+            if !changed.contains(&Mac(e.mac)) {
+                continue;
+            }
+            let place = self.ports.get(&Mac(e.mac)).copied();
+            if port_fields(e) != port_of_place(place) {
+                let mut value = *e;
+                set_port(&mut value, place);
+                store.insert(*key, value)?;
+            }
+        }
         let mut updates = Vec::new();
-        for (key, e) in store.entries()? {
+        for (key, e) in entries {
             let Some((mac, from, to, flaps)) = moved.iter().find(|m| m.0 .0 == e.mac) else {
                 continue;
             };
@@ -835,7 +888,10 @@ impl EndpointTable {
         claims: Vec<Claim>,
     ) -> Result<Option<Decision>, MapError> {
         let decision = decide(&claims, current.map(|e| Mac(e.mac)));
-        match write(store, key, current, decision.as_ref()) {
+        let place = decision
+            .as_ref()
+            .and_then(|d| self.ports.get(&d.mac).copied());
+        match write(store, key, current, decision.as_ref(), place) {
             Ok(()) => {
                 self.unwritten.remove(&ip);
                 if claims.len() >= 2 {

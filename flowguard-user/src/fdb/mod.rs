@@ -19,6 +19,7 @@ use std::{
     time::Duration,
 };
 
+use flowguard_common::Port;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
 use tokio::io::unix::AsyncFd;
 
@@ -46,6 +47,8 @@ pub struct FdbSource {
     buf: Vec<u8>,
     /// The bridges of the guarded ports, by ifindex (from their local entries).
     bridges: BTreeSet<u32>,
+    /// Every port of those bridges, with its bridge and the bridge's MAC.
+    bridge_ports: Vec<(u32, Port)>,
 }
 
 impl FdbSource {
@@ -62,6 +65,7 @@ impl FdbSource {
             seq: 0,
             buf: Vec::new(),
             bridges: BTreeSet::new(),
+            bridge_ports: Vec::new(),
         };
         let facts = src.dump().await?;
         Ok((src, facts))
@@ -70,6 +74,13 @@ impl FdbSource {
     /// The bridges followed now (ifindexes).
     pub fn bridges(&self) -> &BTreeSet<u32> {
         &self.bridges
+    }
+
+    /// The ports of the followed bridges at the last dump (each has a local
+    /// entry), with the bridge and its MAC: between them the kernel side
+    /// may redirect a frame whose flowtable cached the wrong port.
+    pub fn bridge_ports(&self) -> Vec<(u32, Port)> {
+        self.bridge_ports.clone()
     }
 
     /// The next facts: changes of the followed bridges' FDB (after an
@@ -109,6 +120,31 @@ impl FdbSource {
             .filter(|e| guarded.contains(&e.port))
             .filter_map(|e| e.bridge)
             .collect();
+        let macs: BTreeMap<u32, Option<Mac>> = self
+            .bridges
+            .iter()
+            .map(|b| {
+                let mac = crate::sys::ifname(*b).and_then(|n| crate::sys::if_mac(&n).ok());
+                (*b, mac)
+            })
+            .collect();
+        let ports: BTreeMap<u32, Port> = entries
+            .iter()
+            .filter(|e| e.local && e.port != 0)
+            .filter_map(|e| {
+                let bridge = e.bridge?;
+                let mac = (*macs.get(&bridge)?)?;
+                (e.port != bridge).then_some((
+                    e.port,
+                    Port {
+                        bridge,
+                        bridge_mac: mac.0,
+                        _pad: [0; 2],
+                    },
+                ))
+            })
+            .collect();
+        self.bridge_ports = ports.into_iter().collect();
         let mut fdb = Fdb::new();
         for e in entries {
             if self.followed(&e) {
@@ -200,7 +236,7 @@ pub async fn start(ports: Vec<String>, reconcile: Duration, tx: FactSender) {
         names.join(", "),
         first.len()
     );
-    let _ = tx.send(Batch::ports(first, true));
+    let _ = tx.send(Batch::ports(first, true).with_bridge_ports(src.bridge_ports()));
     tokio::spawn(async move {
         let mut timer = tokio::time::interval(reconcile);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -208,7 +244,10 @@ pub async fn start(ports: Vec<String>, reconcile: Duration, tx: FactSender) {
         loop {
             let batch = tokio::select! {
                 facts = src.next_facts() => facts.map(|f| Batch::ports(f, false)),
-                _ = timer.tick() => src.dump().await.map(|f| Batch::ports(f, true)),
+                _ = timer.tick() => src
+                    .dump()
+                    .await
+                    .map(|f| Batch::ports(f, true).with_bridge_ports(src.bridge_ports())),
             };
             let batch = match batch {
                 Ok(b) => b,

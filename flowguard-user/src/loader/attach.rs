@@ -142,7 +142,6 @@ impl Guard {
         Ok(())
     }
 
-    /// Whether `iface` has the tc egress guard (attached or missing).
     /// The interfaces the tc egress guard is attached to (router role).
     pub fn egress_ports(&self) -> Vec<String> {
         self.attachments
@@ -152,6 +151,7 @@ impl Guard {
             .collect()
     }
 
+    /// Whether `iface` has the tc egress guard (attached or missing).
     pub fn guards_egress(&self, iface: &str) -> bool {
         self.attachments
             .iter()

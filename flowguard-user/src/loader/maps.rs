@@ -3,7 +3,7 @@
 //! lent to the rest of user space.
 
 use aya::maps::{Array, HashMap, MapData};
-use flowguard_common::{map_names, UserCounters};
+use flowguard_common::{map_names, Port, UserCounters, MAX_PORTS};
 
 use super::{pins::KeptEndpoints, Guard, LoadError};
 use crate::{
@@ -69,6 +69,38 @@ impl Guard {
             v4: Some(Array::try_from(v4).map_err(|e| LoadError::Map(map_names::ENDPOINTS_V4, e))?),
             config: self.config,
         })
+    }
+
+    /// Makes the PORTS map hold `ports` (ifindex, its bridge and the
+    /// bridge's MAC) and nothing else: the ports between which the tc
+    /// guard may redirect a frame. More than the map holds are left out,
+    /// with a warning.
+    pub fn set_ports(&mut self, ports: &[(u32, Port)]) -> Result<(), LoadError> {
+        let map = self
+            .ebpf
+            .map_mut(map_names::PORTS)
+            .expect("the object defines its maps");
+        let mut map: HashMap<_, u32, Port> =
+            HashMap::try_from(map).map_err(|e| LoadError::Map(map_names::PORTS, e))?;
+        let err = |e| LoadError::Map(map_names::PORTS, e);
+        let old: Vec<u32> = map.keys().filter_map(Result::ok).collect();
+        for k in old {
+            if !ports.iter().any(|(p, _)| *p == k) {
+                let _ = map.remove(&k);
+            }
+        }
+        if ports.len() > MAX_PORTS as usize {
+            log::warn!(
+                "{} bridge ports, more than the {MAX_PORTS} flowguard redirects between: the rest are not redirected to",
+                ports.len()
+            );
+        }
+        for (port, info) in ports.iter().take(MAX_PORTS as usize) {
+            if map.get(port, 0).ok() != Some(*info) {
+                map.insert(port, info, 0).map_err(err)?;
+            }
+        }
+        Ok(())
     }
 
     /// The counters user space keeps.

@@ -499,7 +499,7 @@ fn a_mac_behind_another_port_moves_every_endpoint_at_that_mac_and_flapping_is_on
     // The first dump places A behind lan1: nothing moved.
     let u = t
         .place(
-            &map,
+            &mut map,
             vec![
                 PortFact::behind(A, br, lan1, None),
                 PortFact::behind(B, br, lan1, None),
@@ -511,12 +511,12 @@ fn a_mac_behind_another_port_moves_every_endpoint_at_that_mac_and_flapping_is_on
     assert_eq!(t.port_of(A).map(|p| p.port), Some(lan1));
     // A again behind lan1 (refreshed): nothing.
     assert!(t
-        .place(&map, vec![PortFact::behind(A, br, lan1, None)], false)
+        .place(&mut map, vec![PortFact::behind(A, br, lan1, None)], false)
         .unwrap()
         .is_empty());
     // A behind lan2: both of its addresses moved, B's did not.
     let u = t
-        .place(&map, vec![PortFact::behind(A, br, lan2, None)], false)
+        .place(&mut map, vec![PortFact::behind(A, br, lan2, None)], false)
         .unwrap();
     let changes: Vec<Change> = u.iter().map(|u| u.change).collect();
     assert_eq!(
@@ -542,35 +542,93 @@ fn a_mac_behind_another_port_moves_every_endpoint_at_that_mac_and_flapping_is_on
         &mut map,
         [Fact::at(ip("192.168.1.10"), Origin::Neighbour, C)],
     );
-    t.place(&map, vec![PortFact::behind(C, br, lan1, None)], false)
+    t.place(&mut map, vec![PortFact::behind(C, br, lan1, None)], false)
         .unwrap();
     assert!(t
-        .place(&map, vec![PortFact::behind(C, 4, 7, None)], false)
+        .place(&mut map, vec![PortFact::behind(C, 4, 7, None)], false)
         .unwrap()
         .is_empty());
     // Back and forth: the third move in the window starts an episode, said once.
     let u = t
-        .place(&map, vec![PortFact::behind(A, br, lan1, None)], false)
+        .place(&mut map, vec![PortFact::behind(A, br, lan1, None)], false)
         .unwrap();
     assert!(matches!(u[0].change, Change::PortMoved { .. }), "{u:?}");
     let u = t
-        .place(&map, vec![PortFact::behind(A, br, lan2, None)], false)
+        .place(&mut map, vec![PortFact::behind(A, br, lan2, None)], false)
         .unwrap();
     assert!(matches!(u[0].change, Change::PortFlapping { .. }), "{u:?}");
     assert_eq!(u.len(), 2, "each address of the MAC");
     assert!(u[0].to_string().contains("flaps between"), "{}", u[0]);
     for port in [lan1, lan2, lan1] {
         assert!(t
-            .place(&map, vec![PortFact::behind(A, br, port, None)], false)
+            .place(&mut map, vec![PortFact::behind(A, br, port, None)], false)
             .unwrap()
             .is_empty());
     }
     // Aged out (or deleted) behind its port: its port is unknown.
-    t.place(&map, vec![PortFact::gone(A, lan2)], false).unwrap();
+    t.place(&mut map, vec![PortFact::gone(A, lan2)], false)
+        .unwrap();
     assert!(t.port_of(A).is_some(), "it left another port than its own");
-    t.place(&map, vec![PortFact::gone(A, lan1)], false).unwrap();
+    t.place(&mut map, vec![PortFact::gone(A, lan1)], false)
+        .unwrap();
     assert_eq!(t.port_of(A), None);
     // A whole dump that no longer names B forgets it.
-    t.place(&map, vec![], true).unwrap();
+    t.place(&mut map, vec![], true).unwrap();
     assert_eq!(t.port_of(B), None);
+}
+
+#[test]
+fn each_endpoint_carries_its_macs_port_for_the_kernel_side() {
+    let (mut t, mut map) = (EndpointTable::new(16), Store::new());
+    let v6 = ip("fd00:1::240");
+    let port = |map: &Store<EndpointKey, Endpoint>, ip: IpAddr| {
+        map.get(&endpoint_key(ip)).map(port_fields)
+    };
+    let (br, lan1, lan2) = (3, 5, 6);
+    // An endpoint written before the FDB names its MAC: no port.
+    t.apply(&mut map, [Fact::at(x(), Origin::Neighbour, A)]);
+    assert_eq!(port(&map, x()), Some((0, false)));
+    // The FDB's dump places A behind lan1: the endpoint gets the port.
+    t.place(&mut map, vec![PortFact::behind(A, br, lan1, None)], true)
+        .unwrap();
+    assert_eq!(port(&map, x()), Some((lan1, false)));
+    // A new endpoint at a placed MAC is written with its port.
+    t.apply(&mut map, [Fact::at(v6, Origin::Neighbour, A)]);
+    assert_eq!(port(&map, v6), Some((lan1, false)));
+    // A moves: both addresses follow, evidence kept.
+    map.get_mut(&endpoint_key(x())).unwrap().stale_packets = 7;
+    t.place(&mut map, vec![PortFact::behind(A, br, lan2, None)], false)
+        .unwrap();
+    assert_eq!(port(&map, x()), Some((lan2, false)));
+    assert_eq!(port(&map, v6), Some((lan2, false)));
+    assert_eq!(map[&endpoint_key(x())].stale_packets, 7);
+    // In a VLAN: the port and the flag the kernel side never redirects for.
+    t.place(
+        &mut map,
+        vec![PortFact::behind(A, br, lan2, Some(10))],
+        false,
+    )
+    .unwrap();
+    assert_eq!(port(&map, x()), Some((lan2, true)));
+    // The endpoint's MAC changes to one the FDB does not hold: no port.
+    t.apply(&mut map, [Fact::at(x(), Origin::Neighbour, B)]);
+    assert_eq!(port(&map, x()), Some((0, false)));
+    // The kernel learned a MAC and cleared the port: the learned fact
+    // writes the new MAC's port back.
+    t.place(&mut map, vec![PortFact::behind(B, br, lan1, None)], false)
+        .unwrap();
+    assert_eq!(port(&map, x()), Some((lan1, false)));
+    let mut e = map[&endpoint_key(x())];
+    e.port = 0;
+    map.insert(endpoint_key(x()), e);
+    let fact = Fact::at(x(), Origin::Learned { was: Some(A) }, B);
+    t.apply(&mut map, [fact]);
+    assert_eq!(port(&map, x()), Some((lan1, false)));
+    // The FDB forgets A (aged out, deleted): its endpoint has no port.
+    t.place(&mut map, vec![PortFact::gone(A, lan2)], false)
+        .unwrap();
+    assert_eq!(port(&map, v6), Some((0, false)));
+    // A whole dump that no longer names B clears B's endpoint's port.
+    t.place(&mut map, vec![], true).unwrap();
+    assert_eq!(port(&map, x()), Some((0, false)));
 }
