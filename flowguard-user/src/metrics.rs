@@ -557,7 +557,7 @@ mod tests {
             last_stale_secs_ago: None,
             ambiguous: false,
             port: None,
-            wrong_port: 0,
+            wrong_port: stale as u32 + 1,
         }
     }
 
@@ -627,9 +627,13 @@ mod tests {
         assert!(s.contains_key(
             "flowguard_endpoint_stale_packets_total{ip=\"fd00::1\",mac=\"02:00:00:00:00:01\"}"
         ));
+        assert_eq!(
+            s["flowguard_endpoint_wrong_port_total{ip=\"192.168.1.240\",mac=\"02:42:c0:a8:01:0b\"}"],
+            "8"
+        );
         assert!(text.ends_with('\n'), "the last line ends with a line feed");
-        // One sample per counter, one per source, two per endpoint.
-        assert_eq!(s.len(), COUNTERS.len() + SOURCES.len() + 2 * 3);
+        // One sample per counter, one per source, three per endpoint.
+        assert_eq!(s.len(), COUNTERS.len() + SOURCES.len() + 3 * 3);
     }
 
     #[test]
@@ -669,7 +673,7 @@ mod tests {
                 assert_eq!(series, current, "sample {line} outside its family");
             }
         }
-        assert_eq!(seen.len(), COUNTERS.len() + 3);
+        assert_eq!(seen.len(), COUNTERS.len() + 4);
         assert_eq!(text.matches("# TYPE ").count(), seen.len());
     }
 
