@@ -7,6 +7,8 @@ use std::process::Command;
 
 use serde_json::Value;
 
+use crate::settings::Prefix;
+
 #[derive(Debug, thiserror::Error)]
 pub enum FlowtableError {
     #[error("running `{cmd}` failed: {detail}")]
@@ -17,6 +19,10 @@ pub enum FlowtableError {
     NoFlowtable,
     #[error("no flowtable device is a bridge port ({0}): with bridge devices or plain ports the kernel resolves neighbours per packet and caches no MAC; attach with --egress if you know better")]
     NoBridgePort(String),
+    #[error("--prefix auto takes the LAN prefixes from the bridges whose ports are guarded, and none of {0} is a bridge port: give --prefix CIDR")]
+    AutoPrefixNoBridge(String),
+    #[error("--prefix auto: {0} has no IPv4 or IPv6 address of global scope to take a prefix from: give --prefix CIDR")]
+    AutoPrefixNoAddress(String),
 }
 
 /// One flowtable of the ruleset.
@@ -163,6 +169,68 @@ pub fn bridge_port_devices(
     Ok(ports)
 }
 
+/// The networks of the addresses in `ip -j addr show dev DEV`: each IPv4
+/// and IPv6 address of global scope (a ULA too) with its prefix length.
+/// Link- and host-scope addresses and single-address prefixes (/32, /128)
+/// name no LAN.
+pub fn parse_prefixes(v: &Value) -> Vec<Prefix> {
+    let Some(links) = v.as_array() else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for info in links
+        .iter()
+        .filter_map(|l| l.get("addr_info").and_then(Value::as_array))
+        .flatten()
+    {
+        if info.get("scope").and_then(Value::as_str) != Some("global") {
+            continue;
+        }
+        let (Some(local), Some(len)) = (
+            info.get("local").and_then(Value::as_str),
+            info.get("prefixlen").and_then(Value::as_u64),
+        ) else {
+            continue;
+        };
+        let Ok(prefix) = format!("{local}/{len}").parse::<Prefix>() else {
+            continue;
+        };
+        let host = if prefix.addr.is_ipv4() { 32 } else { 128 };
+        if prefix.len < host && !found.contains(&prefix) {
+            found.push(prefix);
+        }
+    }
+    found
+}
+
+/// `--prefix auto`: the bridges that `ports` belong to, and the prefixes of
+/// their addresses (read once, at start).
+pub fn bridge_prefixes(ports: &[String]) -> Result<(Vec<String>, Vec<Prefix>), FlowtableError> {
+    let mut bridges: Vec<String> = Vec::new();
+    for port in ports {
+        if let Some(bridge) = device_role(port)?.bridge_port_of {
+            if !bridges.contains(&bridge) {
+                bridges.push(bridge);
+            }
+        }
+    }
+    if bridges.is_empty() {
+        return Err(FlowtableError::AutoPrefixNoBridge(ports.join(", ")));
+    }
+    let mut prefixes = Vec::new();
+    for bridge in &bridges {
+        for p in parse_prefixes(&run_json("ip", &["-j", "addr", "show", "dev", bridge])?) {
+            if !prefixes.contains(&p) {
+                prefixes.push(p);
+            }
+        }
+    }
+    if prefixes.is_empty() {
+        return Err(FlowtableError::AutoPrefixNoAddress(bridges.join(", ")));
+    }
+    Ok((bridges, prefixes))
+}
+
 /// Reads the ruleset and the interfaces: the devices to attach tc egress to.
 pub fn auto_devices() -> Result<Vec<String>, FlowtableError> {
     let tables = flowtables()?;
@@ -241,5 +309,26 @@ mod tests {
             bridge_port_devices(&[], &roles),
             Err(FlowtableError::NoFlowtable)
         ));
+    }
+
+    #[test]
+    fn a_bridges_global_addresses_give_its_prefixes() {
+        let v = json!([{"ifindex": 5, "ifname": "br-lan", "addr_info": [
+            {"family": "inet", "local": "192.168.1.1", "prefixlen": 24, "scope": "global"},
+            {"family": "inet", "local": "192.168.1.254", "prefixlen": 24, "scope": "global"},
+            {"family": "inet", "local": "10.9.9.9", "prefixlen": 32, "scope": "global"},
+            {"family": "inet6", "local": "fd12:3456:789a::1", "prefixlen": 60, "scope": "global"},
+            {"family": "inet6", "local": "2001:db8:1:2::1", "prefixlen": 64, "scope": "global"},
+            {"family": "inet6", "local": "fe80::1", "prefixlen": 64, "scope": "link"},
+            {"family": "inet", "local": "127.0.0.1", "prefixlen": 8, "scope": "host"},
+            {"family": "inet", "prefixlen": 24, "scope": "global"}
+        ]}]);
+        let got: Vec<String> = parse_prefixes(&v).iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            got,
+            ["192.168.1.0/24", "fd12:3456:789a::/60", "2001:db8:1:2::/64"]
+        );
+        assert!(parse_prefixes(&json!([{"ifname": "br-lan", "addr_info": []}])).is_empty());
+        assert!(parse_prefixes(&Value::Null).is_empty());
     }
 }

@@ -18,7 +18,7 @@ use flowguard_user::{
     metrics,
     run_config::{RunConfig, RunRequest, Selection, XdpAttach, DEFAULT_PIN_DIR},
     say, say_err,
-    settings::{self, Mode, Prefix, StaticEndpoint},
+    settings::{self, Mode, PrefixArg, StaticEndpoint},
     status, sys,
 };
 
@@ -78,9 +78,11 @@ struct RunArgs {
     /// flowtable's bridge ports). Repeatable.
     #[arg(long, value_name = "IFACE")]
     egress: Vec<String>,
-    /// Watch endpoints inside this prefix (IPv4 or IPv6). Repeatable; at least one.
-    #[arg(long = "prefix", value_name = "CIDR", required = true)]
-    prefixes: Vec<Prefix>,
+    /// Watch endpoints inside this prefix (IPv4 or IPv6). Repeatable; at
+    /// least one. `auto`: the prefixes of the addresses of the bridges
+    /// whose ports are guarded (read at start), e.g. br-lan's.
+    #[arg(long = "prefix", value_name = "CIDR|auto", required = true)]
+    prefixes: Vec<PrefixArg>,
     /// An endpoint whose MAC you know. Repeatable.
     #[arg(long = "static", value_name = "IP=MAC")]
     statics: Vec<StaticEndpoint>,

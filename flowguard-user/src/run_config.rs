@@ -18,7 +18,7 @@ use flowguard_common::{Config, MAX_OWN_MACS};
 use crate::{
     conntrack::EvictScope,
     flowtable,
-    settings::{self, Mac, Mode, Prefix, SettingsError, StaticEndpoint},
+    settings::{self, Mac, Mode, Prefix, PrefixArg, SettingsError, StaticEndpoint},
     sys,
 };
 
@@ -30,7 +30,8 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/flowguard";
 pub struct RunRequest {
     pub ingress: Vec<String>,
     pub egress: Vec<String>,
-    pub prefixes: Vec<Prefix>,
+    /// As given: CIDRs, and `auto` for the guarded bridges' own.
+    pub prefixes: Vec<PrefixArg>,
     pub statics: Vec<StaticEndpoint>,
     pub learn: bool,
     pub mode: Mode,
@@ -179,6 +180,8 @@ pub enum ConfigError {
     RemoteWithoutMetrics,
     #[error("--auto: {0}")]
     Auto(#[from] flowtable::FlowtableError),
+    #[error("{0}")]
+    PrefixAuto(flowtable::FlowtableError),
     #[error("interface '{0}' does not exist in this network namespace: check `ip link`")]
     UnknownInterface(String),
     #[error("cannot read the MAC address of '{name}': {source}")]
@@ -265,12 +268,18 @@ impl RunConfig {
             None => {}
         }
         let mut notes = Vec::new();
-        let (prefixes, merged) = settings::merge_prefixes(&prefixes)?;
-        notes.extend(merged);
-        // The prefixes' placement (array slots or the hash map) is what the
-        // static endpoints are counted against.
-        let mut kernel = settings::build_config(mode, &prefixes)?;
-        let statics = settings::check_statics(&statics, &prefixes, &kernel, max_endpoints)?;
+        let mut given: Vec<Prefix> = prefixes
+            .iter()
+            .filter_map(|p| match p {
+                PrefixArg::Given(p) => Some(*p),
+                PrefixArg::Auto => None,
+            })
+            .collect();
+        let prefix_auto = prefixes.contains(&PrefixArg::Auto);
+        if !prefix_auto {
+            // What the options say together, before the interfaces.
+            check_prefixes(mode, &given, &statics, max_endpoints)?;
+        }
         check_pin_dir(&pin_dir)?;
 
         let Interfaces {
@@ -279,6 +288,27 @@ impl RunConfig {
             auto_found,
             learn_on_ingress,
         } = Interfaces::resolve(&ingress, egress, auto, learn, &mut notes)?;
+        if prefix_auto {
+            let (bridges, found) =
+                flowtable::bridge_prefixes(&egress).map_err(ConfigError::PrefixAuto)?;
+            notes.push(format!(
+                "--prefix auto: {} (the addresses of {}, read at start)",
+                found
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                bridges.join(", ")
+            ));
+            given.extend(found);
+        }
+        let Watched {
+            prefixes,
+            merged,
+            mut kernel,
+            statics,
+        } = check_prefixes(mode, &given, &statics, max_endpoints)?;
+        notes.extend(merged);
         // Only learning reads the own MACs: a router guarding more ports
         // than that without learning is fine.
         if learn {
@@ -328,6 +358,35 @@ impl RunConfig {
             notes,
         })
     }
+}
+
+/// What the prefixes make of the options: the prefixes merged, with the
+/// notes that say so; the kernel side's settings for them; the static
+/// endpoints checked against them.
+struct Watched {
+    prefixes: Vec<Prefix>,
+    merged: Vec<String>,
+    kernel: Config,
+    statics: Vec<StaticEndpoint>,
+}
+
+fn check_prefixes(
+    mode: Mode,
+    given: &[Prefix],
+    statics: &[StaticEndpoint],
+    max_endpoints: u32,
+) -> Result<Watched, ConfigError> {
+    let (prefixes, merged) = settings::merge_prefixes(given)?;
+    // The prefixes' placement (array slots or the hash map) is what the
+    // static endpoints are counted against.
+    let kernel = settings::build_config(mode, &prefixes)?;
+    let statics = settings::check_statics(statics, &prefixes, &kernel, max_endpoints)?;
+    Ok(Watched {
+        prefixes,
+        merged,
+        kernel,
+        statics,
+    })
 }
 
 /// The interfaces to guard, as found on this machine.

@@ -11,7 +11,9 @@ use flowguard_common::{
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SettingsError {
-    #[error("bad prefix '{0}': expected ADDRESS/LENGTH, e.g. 192.168.1.0/24 or fd00::/64")]
+    #[error(
+        "bad prefix '{0}': expected ADDRESS/LENGTH, e.g. 192.168.1.0/24 or fd00::/64, or auto"
+    )]
     PrefixSyntax(String),
     #[error("bad prefix '{input}': the length must be at most {max}")]
     PrefixLength { input: String, max: u8 },
@@ -123,6 +125,25 @@ impl FromStr for Prefix {
 impl fmt::Display for Prefix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// A `--prefix` as given: a prefix, or `auto` (the prefixes of the bridges
+/// whose ports are guarded, read at start).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefixArg {
+    Auto,
+    Given(Prefix),
+}
+
+impl FromStr for PrefixArg {
+    type Err = SettingsError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            _ => s.parse().map(Self::Given),
+        }
     }
 }
 

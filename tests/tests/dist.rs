@@ -359,6 +359,7 @@ fn the_init_script_builds_a_command_line_flowguard_accepts() {
         assert!(i.opened && i.closed, "{i:?}");
         assert_eq!(&i.command[..2], ["/usr/sbin/flowguard", "run"], "{i:?}");
         let c = &i.command;
+        assert!(has_pair(c, "--prefix", "auto"), "the default: {c:?}");
         assert!(has_pair(c, "--prefix", "192.168.1.0/24"), "{c:?}");
         assert!(
             has_pair(c, "--egress", "lan1") && has_pair(c, "--egress", "lan2"),

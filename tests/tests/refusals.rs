@@ -340,7 +340,7 @@ fn a_missing_prefix_is_named() {
         .expect("runs");
     assert_eq!(out.status.code(), Some(2));
     let line = one_error_line(&out);
-    assert!(line.contains("--prefix <CIDR>"), "{line}");
+    assert!(line.contains("--prefix <CIDR|auto>"), "{line}");
 }
 
 #[test]
@@ -381,6 +381,88 @@ fn repeated_and_overlapping_prefixes_are_merged_with_a_note() {
         "{text}"
     );
     assert!(fg.stop().success());
+}
+
+/// `lan1` made a port of a bridge `br0` that is up, with `addresses`.
+fn lan1_in_bridge(ns: &Netns, addresses: &[&str]) {
+    ns.ip(&["link", "add", "br0", "type", "bridge"]);
+    ns.ip(&["link", "set", "lan1", "master", "br0"]);
+    ns.ip(&["link", "set", "br0", "up"]);
+    for a in addresses {
+        ns.ip(&["addr", "add", a, "dev", "br0", "nodad"]);
+    }
+}
+
+#[test]
+fn prefix_auto_watches_the_guarded_ports_bridges_prefixes() {
+    require_root!(ROOT_FOR);
+    let ns = namespace();
+    lan1_in_bridge(&ns, &["192.168.77.1/24", "fd77::1/64", "10.1.2.3/32"]);
+    let bpffs = BpffsMount::new();
+    let mut fg = Flowguard::start(
+        &ns,
+        &bpffs.pin_dir(),
+        &[
+            "--egress",
+            "lan1",
+            "--prefix",
+            "auto",
+            "--prefix",
+            "192.168.77.128/25",
+        ],
+    );
+    let lines = fg.stdout_lines();
+    let text = lines.join("\n");
+    let watching = lines
+        .iter()
+        .find(|l| l.starts_with("flowguard: watching "))
+        .expect("a watching line");
+    // The /32 names no LAN; br0's link-local address is not a prefix; the
+    // given /25 is inside br0's /24.
+    assert!(
+        watching.starts_with("flowguard: watching 192.168.77.0/24, fd77::/64 in "),
+        "{watching}"
+    );
+    assert!(
+        text.contains("--prefix auto: 192.168.77.0/24, fd77::/64 (the addresses of br0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("--prefix 192.168.77.128/25 is inside 192.168.77.0/24"),
+        "{text}"
+    );
+    assert!(fg.stop().success());
+}
+
+#[test]
+fn prefix_auto_without_a_bridge_or_its_address_is_refused() {
+    require_root!(ROOT_FOR);
+    assert_refused(
+        |_| {},
+        &Refusal {
+            name: "--prefix auto on a port of no bridge",
+            args: &["--egress", "lan1", "--prefix", "auto"],
+            status: 1,
+            words: &[
+                "--prefix auto",
+                "none of lan1 is a bridge port",
+                "--prefix CIDR",
+            ],
+        },
+    );
+    assert_refused(
+        |ns| lan1_in_bridge(ns, &["10.1.2.3/32"]),
+        &Refusal {
+            name: "--prefix auto on a bridge without a LAN address",
+            args: &["--egress", "lan1", "--prefix", "auto"],
+            status: 1,
+            words: &[
+                "--prefix auto",
+                "br0 has no IPv4 or IPv6 address",
+                "--prefix CIDR",
+            ],
+        },
+    );
 }
 
 #[test]
