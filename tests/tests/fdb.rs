@@ -161,6 +161,55 @@ fn the_fdb_follower_sees_a_mac_move_between_ports_its_deletion_and_its_ageing() 
 }
 
 #[test]
+fn the_fdb_follower_follows_ports_and_bridges_that_come_later() {
+    require_root!("namespaces, a bridge, rtnetlink");
+    let roam = Roam::new();
+    roam.router.enter(|| {
+        runtime().block_on(async {
+            let (mut src, _) = FdbSource::open(vec!["lan1".into()])
+                .await
+                .expect("following the FDB");
+            let ports = |src: &FdbSource| -> Vec<u32> {
+                src.bridge_ports().iter().map(|(p, _)| *p).collect()
+            };
+            let (lan1, lan2) = (roam.port_index("lan1"), roam.port_index("lan2"));
+            assert_eq!(ports(&src), vec![lan1, lan2]);
+            // A third port joins br-lan: its local entry asks for a dump,
+            // whose facts are all the FDB says, and which lists the port.
+            roam.router.ip(&[
+                "link", "add", "lan3", "type", "veth", "peer", "name", "peer3",
+            ]);
+            roam.router.ip(&["link", "set", "lan3", "master", "br-lan"]);
+            let lan3 = roam.port_index("lan3");
+            let deadline = tokio::time::Instant::now() + LIMIT;
+            while !ports(&src).contains(&lan3) {
+                tokio::time::timeout_at(deadline, src.next_facts())
+                    .await
+                    .expect("a dump for the new port within the limit")
+                    .expect("reading the FDB");
+            }
+            assert!(src.dumped, "the new port came with a whole dump");
+            // A port of another bridge, guarded later (--auto): that bridge
+            // is followed from the next dump.
+            roam.router
+                .ip(&["link", "add", "br-guest", "type", "bridge"]);
+            roam.router.ip(&[
+                "link", "add", "guest1", "type", "veth", "peer", "name", "peerg",
+            ]);
+            roam.router
+                .ip(&["link", "set", "guest1", "master", "br-guest"]);
+            let guest = flowguard_user::sys::ifindex("br-guest").expect("br-guest");
+            src.dump().await.expect("dump");
+            assert!(!src.bridges().contains(&guest), "not guarded yet");
+            src.set_ports(vec!["lan1".into(), "guest1".into()]);
+            src.dump().await.expect("dump");
+            assert!(src.bridges().contains(&guest), "{:?}", src.bridges());
+            assert!(ports(&src).contains(&roam.port_index("guest1")));
+        })
+    });
+}
+
+#[test]
 fn a_move_to_another_bridge_port_evicts_the_endpoints_conntrack_entries() {
     skip_unless_root!();
     let roam = Roam::new();

@@ -16,7 +16,7 @@ use flowguard_common::event_kind;
 use tokio::{
     io::{unix::AsyncFd, Interest},
     signal::unix::{signal, SignalKind},
-    sync::mpsc,
+    sync::{mpsc, watch},
 };
 
 use crate::{
@@ -148,7 +148,8 @@ pub async fn run(
     if let Some(parents) = &opts.children {
         children::start(parents, &opts.prefixes, sources.clone()).await;
     }
-    fdb::start(guard.egress_ports(), opts.reconcile, sources.clone()).await;
+    let (egress_ports, egress_rx) = watch::channel(guard.egress_ports());
+    fdb::start(egress_rx, opts.reconcile, sources.clone()).await;
 
     // Interfaces are followed through rtnetlink: a guarded port deleted and
     // created again gets its programs at once. The timer only retries an
@@ -221,6 +222,12 @@ pub async fn run(
                 flowtables_due = None;
                 if let Some(auto) = auto.as_mut() {
                     say_all(auto.follow(guard, crate::flowtable::auto_devices().map_err(|e| e.to_string())));
+                    egress_ports.send_if_modified(|ports| {
+                        let now = guard.egress_ports();
+                        let changed = *ports != now;
+                        *ports = now;
+                        changed
+                    });
                 }
             }
             ready = ring.readable_mut() => {

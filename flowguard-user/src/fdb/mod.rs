@@ -21,7 +21,7 @@ use std::{
 
 use flowguard_common::Port;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
-use tokio::io::unix::AsyncFd;
+use tokio::{io::unix::AsyncFd, sync::watch};
 
 pub use decode::FdbEntry;
 use decode::{dump_request, parse_datagram, Message};
@@ -49,6 +49,9 @@ pub struct FdbSource {
     bridges: BTreeSet<u32>,
     /// Every port of those bridges, with its bridge and the bridge's MAC.
     bridge_ports: Vec<(u32, Port)>,
+    /// Whether the last facts came from a whole dump (after an overflow or
+    /// a port's change, too): they are then all the FDB says.
+    pub dumped: bool,
 }
 
 impl FdbSource {
@@ -66,6 +69,7 @@ impl FdbSource {
             buf: Vec::new(),
             bridges: BTreeSet::new(),
             bridge_ports: Vec::new(),
+            dumped: false,
         };
         let facts = src.dump().await?;
         Ok((src, facts))
@@ -94,7 +98,18 @@ impl FdbSource {
                     return self.dump().await;
                 }
             }
-            let facts: Vec<PortFact> = parse_datagram(&self.buf)
+            let messages = parse_datagram(&self.buf);
+            // A port joined or left a bridge, or was created again: its
+            // local entry says so. Read it all again, for the bridges
+            // followed and the ports redirected between.
+            if messages.iter().any(|m| match m {
+                Message::Entry { entry, gone, .. } => self.changes_ports(entry, *gone),
+                _ => false,
+            }) {
+                log::info!("a bridge port came or went: reading the FDB again");
+                return self.dump().await;
+            }
+            let facts: Vec<PortFact> = messages
                 .into_iter()
                 .filter_map(|m| match m {
                     Message::Entry { entry, gone, .. } => self.fact(&entry, gone),
@@ -110,6 +125,7 @@ impl FdbSource {
     /// Dumps the FDB: where every followed MAC is now.
     pub async fn dump(&mut self) -> io::Result<Vec<PortFact>> {
         let entries = self.dump_entries().await?;
+        self.dumped = true;
         let guarded: BTreeSet<u32> = self
             .ports
             .iter()
@@ -155,6 +171,29 @@ impl FdbSource {
             .into_values()
             .map(|e| PortFact::behind(e.mac, e.bridge.unwrap_or(0), e.port, e.vlan))
             .collect())
+    }
+
+    /// Whether `e`, a change, is a bridge port's own (local) entry that
+    /// says a port came or went: a new port of a followed bridge, a
+    /// guarded port (created again, as another ifindex) joining a bridge,
+    /// or the loss of a known port's entry.
+    fn changes_ports(&self, e: &FdbEntry, gone: bool) -> bool {
+        if !e.local || e.port == 0 || e.bridge.is_some_and(|b| b == e.port) {
+            return false;
+        }
+        let known = self.bridge_ports.iter().any(|(p, _)| *p == e.port);
+        if gone {
+            return known;
+        }
+        !known
+            && (e.bridge.is_some_and(|b| self.bridges.contains(&b))
+                || crate::sys::ifname(e.port).is_some_and(|n| self.ports.contains(&n)))
+    }
+
+    /// Follows the bridges of these guarded ports from now on (`--auto`
+    /// guards more as the flowtables change).
+    pub fn set_ports(&mut self, ports: Vec<String>) {
+        self.ports = ports;
     }
 
     fn followed(&self, e: &FdbEntry) -> bool {
@@ -205,13 +244,15 @@ impl FdbSource {
 }
 
 /// Starts the source for the agent: the FDB of the bridges of the guarded
-/// egress `ports`, followed on a task of its own that sends its facts to
-/// `tx`, with a whole dump every `reconcile`. Says why when it cannot run.
-pub async fn start(ports: Vec<String>, reconcile: Duration, tx: FactSender) {
-    if ports.is_empty() {
+/// egress `ports` (as they change), followed on a task of its own that
+/// sends its facts to `tx`, with a whole dump every `reconcile` and when
+/// the guarded ports change. Says why when it cannot run.
+pub async fn start(mut ports: watch::Receiver<Vec<String>>, reconcile: Duration, tx: FactSender) {
+    let first_ports = ports.borrow_and_update().clone();
+    if first_ports.is_empty() {
         return;
     }
-    let (mut src, first) = match FdbSource::open(ports).await {
+    let (mut src, first) = match FdbSource::open(first_ports).await {
         Ok(v) => v,
         Err(e) => {
             crate::say_err!(
@@ -242,13 +283,26 @@ pub async fn start(ports: Vec<String>, reconcile: Duration, tx: FactSender) {
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         timer.tick().await;
         loop {
-            let batch = tokio::select! {
-                facts = src.next_facts() => facts.map(|f| Batch::ports(f, false)),
-                _ = timer.tick() => src
-                    .dump()
-                    .await
-                    .map(|f| Batch::ports(f, true).with_bridge_ports(src.bridge_ports())),
+            src.dumped = false;
+            let whole = tokio::select! {
+                facts = src.next_facts() => match facts {
+                    // After an overflow or a port's change, all of it.
+                    Ok(f) if src.dumped => Ok((f, true)),
+                    other => other.map(|f| (f, false)),
+                },
+                _ = timer.tick() => src.dump().await.map(|f| (f, true)),
+                changed = ports.changed() => {
+                    if changed.is_err() {
+                        return; // the agent is gone
+                    }
+                    src.set_ports(ports.borrow_and_update().clone());
+                    src.dump().await.map(|f| (f, true))
+                }
             };
+            let batch = whole.map(|(facts, whole)| match whole {
+                true => Batch::ports(facts, true).with_bridge_ports(src.bridge_ports()),
+                false => Batch::ports(facts, false),
+            });
             let batch = match batch {
                 Ok(b) => b,
                 Err(e) => {

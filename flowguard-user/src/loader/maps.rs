@@ -80,9 +80,8 @@ impl Guard {
             .ebpf
             .map_mut(map_names::PORTS)
             .expect("the object defines its maps");
-        let mut map: HashMap<_, u32, Port> =
-            HashMap::try_from(map).map_err(|e| LoadError::Map(map_names::PORTS, e))?;
         let err = |e| LoadError::Map(map_names::PORTS, e);
+        let mut map: HashMap<_, u32, Port> = HashMap::try_from(map).map_err(err)?;
         let old: Vec<u32> = map.keys().filter_map(Result::ok).collect();
         for k in old {
             if !ports.iter().any(|(p, _)| *p == k) {
