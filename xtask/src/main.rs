@@ -173,6 +173,10 @@ fn bench(args: &[String]) -> Result<()> {
             "Forwarding through a router namespace with and without flowguard (flowguard-fwd-bench)",
             "flowguard-fwd-bench",
         ),
+        (
+            "Following a bridge FDB of 4,096 MACs: memory, and the CPU of an FDB storm (flowguard-fdb-bench)",
+            "flowguard-fdb-bench",
+        ),
     ] {
         step::run(
             title,

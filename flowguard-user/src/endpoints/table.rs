@@ -573,8 +573,14 @@ pub struct EndpointTable {
     dropped: u64,
     /// Where each MAC of the followed bridges is (the bridge FDB).
     ports: BTreeMap<Mac, Place>,
-    /// Recent port moves, by MAC (flapping).
+    /// Recent port moves, by MAC (flapping), and when those older than
+    /// the window were last forgotten.
     moves: BTreeMap<Mac, Moves>,
+    moves_pruned: Option<std::time::Instant>,
+    /// The MACs of the endpoints, as of the last read of the map and the
+    /// decisions since: a port change of another MAC (most of a busy
+    /// bridge's FDB) needs no read of the map.
+    endpoint_macs: BTreeSet<Mac>,
 }
 
 impl EndpointTable {
@@ -590,6 +596,8 @@ impl EndpointTable {
             dropped: 0,
             ports: BTreeMap::new(),
             moves: BTreeMap::new(),
+            moves_pruned: None,
+            endpoint_macs: BTreeSet::new(),
         }
     }
 
@@ -605,10 +613,18 @@ impl EndpointTable {
         whole: bool,
     ) -> Result<Vec<Update>, MapError> {
         let now = std::time::Instant::now();
-        let before = self.ports.clone();
+        // The MACs whose place changed: their endpoints' port fields are
+        // written, so that the kernel side checks each frame's port.
+        let mut changed: BTreeSet<Mac> = BTreeSet::new();
         if whole {
             let named: BTreeSet<Mac> = facts.iter().map(|f| f.mac).collect();
-            self.ports.retain(|m, _| named.contains(m));
+            self.ports.retain(|m, _| {
+                let keep = named.contains(m);
+                if !keep {
+                    changed.insert(*m);
+                }
+                keep
+            });
         }
         // (MAC, from, to, the move starts a flapping episode)
         let mut moved: Vec<(Mac, u32, u32, bool)> = Vec::new();
@@ -616,12 +632,17 @@ impl EndpointTable {
             let Some(place) = f.place else {
                 if self.ports.get(&f.mac).is_some_and(|p| p.port == f.port) {
                     self.ports.remove(&f.mac);
+                    changed.insert(f.mac);
                 }
                 continue;
             };
             let Some(old) = self.ports.insert(f.mac, place) else {
+                changed.insert(f.mac);
                 continue;
             };
+            if old != place {
+                changed.insert(f.mac);
+            }
             if old.port == place.port || old.bridge != place.bridge {
                 continue;
             }
@@ -644,29 +665,29 @@ impl EndpointTable {
             m.flapping = flaps;
             moved.push((f.mac, old.port, place.port, flaps));
         }
-        self.moves.retain(|_, m| {
-            m.at.back()
-                .is_some_and(|t| now.saturating_duration_since(*t) < FLAP_WINDOW)
-        });
-        // The MACs whose place changed: their endpoints' port fields are
-        // written, so that the kernel side checks each frame's port.
-        let changed: BTreeSet<Mac> = before
-            .iter()
-            .filter(|(m, p)| self.ports.get(m) != Some(p))
-            .map(|(m, _)| *m)
-            .chain(
-                self.ports
-                    .iter()
-                    .filter(|(m, p)| before.get(m) != Some(p))
-                    .map(|(m, _)| *m),
-            )
-            .collect();
-        if moved.is_empty() && changed.is_empty() {
+        // Forgets the moves older than the window: a walk over every MAC
+        // that moved, so once per window, not at every change of a storm.
+        if self
+            .moves_pruned
+            .is_none_or(|t| now.saturating_duration_since(t) >= FLAP_WINDOW)
+        {
+            self.moves.retain(|_, m| {
+                m.at.back()
+                    .is_some_and(|t| now.saturating_duration_since(*t) < FLAP_WINDOW)
+            });
+            self.moves_pruned = Some(now);
+        }
+        // A whole dump checks every endpoint's port (and learns the MACs
+        // of endpoints written without the table: restored, learned by
+        // the kernel side); a change reads the map only when it is of an
+        // endpoint's MAC.
+        if !whole && !changed.iter().any(|m| self.endpoint_macs.contains(m)) {
             return Ok(Vec::new());
         }
         let entries = store.entries()?;
+        self.endpoint_macs = entries.iter().map(|(_, e)| Mac(e.mac)).collect();
         for (key, e) in &entries {
-            if !changed.contains(&Mac(e.mac)) {
+            if !whole && !changed.contains(&Mac(e.mac)) {
                 continue;
             }
             let place = self.ports.get(&Mac(e.mac)).copied();
@@ -888,6 +909,9 @@ impl EndpointTable {
         claims: Vec<Claim>,
     ) -> Result<Option<Decision>, MapError> {
         let decision = decide(&claims, current.map(|e| Mac(e.mac)));
+        if let Some(d) = &decision {
+            self.endpoint_macs.insert(d.mac);
+        }
         let place = decision
             .as_ref()
             .and_then(|d| self.ports.get(&d.mac).copied());

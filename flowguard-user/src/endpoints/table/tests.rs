@@ -631,4 +631,25 @@ fn each_endpoint_carries_its_macs_port_for_the_kernel_side() {
     // A whole dump that no longer names B clears B's endpoint's port.
     t.place(&mut map, vec![], true).unwrap();
     assert_eq!(port(&map, x()), Some((0, false)));
+    // An endpoint the table did not write (learned by the kernel side, its
+    // event not read yet) at C: a change of C alone does not read the map
+    // (most of a busy bridge's FDB is no endpoint's); the next whole dump
+    // checks every endpoint and gives it its port.
+    let y = ip("192.168.1.77");
+    let learned = Endpoint {
+        mac: C.0,
+        source: source::LEARNED,
+        ..Endpoint::default()
+    };
+    map.insert(endpoint_key(y), learned);
+    t.place(&mut map, vec![PortFact::behind(C, br, lan2, None)], false)
+        .unwrap();
+    assert_eq!(port(&map, y), Some((0, false)));
+    t.place(&mut map, vec![PortFact::behind(C, br, lan2, None)], true)
+        .unwrap();
+    assert_eq!(port(&map, y), Some((lan2, false)));
+    // Now C is known as an endpoint's: its next move is written at once.
+    t.place(&mut map, vec![PortFact::behind(C, br, lan1, None)], false)
+        .unwrap();
+    assert_eq!(port(&map, y), Some((lan1, false)));
 }
