@@ -284,19 +284,19 @@ run_case() { # SCENARIO ROLE
       $C arping -U -c 2 -w 2 -I eth0 $CIP > /dev/null 2>&1 &
     fi
   else
-  # the change: the container is recreated with a new MAC, same IP
-  kill $echo_a; wait $echo_a 2>/dev/null
-  ip netns del container
-  mk_macvlan container $CIP $NEW_MAC $silent >> "$L/setup.log" 2>&1
-  t_change=$(now)
-  $C udpwg echo 0.0.0.0 $PORT container-B > "$L/container-B.log" 2>&1 &
-  if [ -n "$silent" ]; then
-    log "container recreated with $NEW_MAC; it announces nothing"
-  else
-    log "container recreated with $NEW_MAC; gratuitous ARP and a ping to the router"
-    $C arping -U -c 2 -w 2 -I eth0 $CIP > /dev/null 2>&1 &
-    $C ping -c 2 -W 1 192.168.1.1 > /dev/null 2>&1 &
-  fi
+    # the change: the container is recreated with a new MAC, same IP
+    kill $echo_a; wait $echo_a 2>/dev/null
+    ip netns del container
+    mk_macvlan container $CIP $NEW_MAC $silent >> "$L/setup.log" 2>&1
+    t_change=$(now)
+    $C udpwg echo 0.0.0.0 $PORT container-B > "$L/container-B.log" 2>&1 &
+    if [ -n "$silent" ]; then
+      log "container recreated with $NEW_MAC; it announces nothing"
+    else
+      log "container recreated with $NEW_MAC; gratuitous ARP and a ping to the router"
+      $C arping -U -c 2 -w 2 -I eth0 $CIP > /dev/null 2>&1 &
+      $C ping -c 2 -W 1 192.168.1.1 > /dev/null 2>&1 &
+    fi
   fi
   if [ $role = ctdel ]; then
     wait_until 5 neigh_is_new || log "WARN: the router did not learn the new MAC within 5s"
