@@ -157,6 +157,11 @@ pub struct LabArgs {
     /// Seconds to watch after the MAC change (or the move), in each case.
     #[arg(long, default_value_t = 8)]
     window: u32,
+    /// The main flow's send interval (ms): shorter makes the frames sent
+    /// between a change and flowguard's eviction (those the kernel side
+    /// rewrites or redirects) more numerous; the loss limits stay the same.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(10..=1000))]
+    interval_ms: u32,
 }
 
 /// The subset `cargo xtask test` runs, with an already built flowguard.
@@ -170,6 +175,7 @@ pub fn quick_args(flowguard: PathBuf) -> LabArgs {
         flowguard: Some(flowguard),
         cache: PathBuf::from(DEFAULT_CACHE),
         window: 8,
+        interval_ms: 200,
     }
 }
 
@@ -239,7 +245,7 @@ pub fn lab(args: &LabArgs) -> Result<()> {
     for (name, cases) in &boots {
         let log = log_dir.join(format!("{name}.log"));
         let t = Instant::now();
-        let mut got = boot(args.arch, &kernel, &initramfs, cases, args.window, &log)?;
+        let mut got = boot(args, &kernel, &initramfs, cases, &log)?;
         boot_times.push((name.clone(), t.elapsed().as_secs()));
         for case in cases {
             let (scenario, role) = case.split_once(':').expect("cases are SCENARIO:ROLE");
@@ -536,13 +542,13 @@ fn stdout_of(command: &mut Command) -> Option<String> {
 /// Boots the VM for `cases`, copies its console to `log`, echoes the
 /// progress lines and returns the parsed LABRESULT lines.
 fn boot(
-    arch: LabArch,
+    args: &LabArgs,
     kernel: &Path,
     initramfs: &Path,
     cases: &[String],
-    window: u32,
     log: &Path,
 ) -> Result<Vec<CaseResult>> {
+    let (arch, window, interval) = (args.arch, args.window, args.interval_ms);
     let kvm = arch == LabArch::Amd64 && use_kvm();
     let timeout = 90 + 150 * cases.len();
     let mut command = Command::new("timeout");
@@ -589,7 +595,8 @@ fn boot(
         .arg(initramfs)
         .arg("-append")
         .arg(format!(
-            "console={console} quiet loglevel=4 panic=-1 lab.cases={} lab.window={window}",
+            "console={console} quiet loglevel=4 panic=-1 lab.cases={} lab.window={window} \
+             lab.interval_ms={interval}",
             cases.join(",")
         ))
         .args(["-nic", "none", "-display", "none", "-serial", "stdio"])
