@@ -14,13 +14,24 @@
 #   ns host:      eth0 (veth peer of lan1) = lower device of bridge-mode macvlans
 #   ns container: macvlan 192.168.1.240, UDP echo on 51820 (recreated with a new MAC)
 #   ns other:     macvlan 192.168.1.50, UDP echo on 51820 (another endpoint, left alone)
+# The roam scenarios have two ports and no macvlan; the endpoint keeps its
+# IP and MAC and moves from one access point to the other:
+#   ns router:    br-lan with ports lan1 and lan2, flowtable on wan, lan1, lan2 (as fw4 does)
+#   ns host:      eth0 (veth peer of lan1) and the stations' veths in bridge ap (an access point)
+#   ns host2:     eth0 (veth peer of lan2) in bridge ap (the other access point)
+#   ns container: eth0 192.168.1.240 (veth; its peer moves from host's ap to host2's), UDP echo
+#   ns other:     eth0 192.168.1.50 (veth, behind host's ap, stays), UDP echo
 #
 # Scenarios: blog (flowtable on wan + bridge port lan1, DNAT), routed (same,
 # no NAT), vlan (VLAN-aware bridge, L3 on br-lan.1, DNAT), silent (blog, but
 # the recreated container announces nothing: no gratuitous ARP, no ping, no
 # IPv6 chatter, and no other flow goes to its IP, as with Podman's macvlan or
 # a VM with arp_notify=0), control (flowtable on wan + br-lan: no stale MAC
-# expected).
+# expected), roam (the endpoint moves, same IP and MAC, from behind lan1 to
+# behind lan2 and sends a gratuitous ARP, as a Wi-Fi association makes the
+# bridge learn a station; lan1 and its host stay up: the flowtable keeps
+# sending out of lan1), roam-silent (roam, but the endpoint sends nothing
+# after the move, IPv6 off; it only answers ARP).
 # Roles: none | router (flowguard --egress lan1 on the router, fix mode) |
 # observe (the same in observe mode, attached with --auto: the flowtable's
 # bridge ports read from the ruleset) | host (flowguard on the host's macvlan
@@ -63,6 +74,8 @@ ct_id() { ct_line "$1" "$2" | sed -n 's/.*id=\([0-9]*\).*/\1/p'; }
 ct_offloaded() { grep -- "sport=$2 " "$1" | grep -q OFFLOAD; }
 flow_offloaded() { ct_list > "$L/ct.now"; ct_offloaded "$L/ct.now" "$1"; }
 neigh_is_new() { [ "$(neigh_mac)" = $NEW_MAC ]; }
+# the router's bridge port behind which br-lan's FDB places MAC $1 (empty if none)
+fdb_port() { $R bridge fdb show br br-lan | awk -v m="$1" '$1 == m && $2 == "dev" {print $3; exit}'; }
 neigh_mac() { $R ip neigh show $CIP | awk '{for(i=1;i<NF;i++) if($i=="lladdr") print $(i+1)}'; }
 # one counter from `flowguard status --json` (the "counters" object); empty if absent
 counter() { # JSON_FILE NAME
@@ -85,8 +98,25 @@ mk_macvlan() { # NS IP MAC [silent] : like docker's macvlan driver: create on th
   ip -n "$1" route add default via 192.168.1.1
 }
 
-topology() { # TOPO NAT
-  local topo=$1 nat=$2
+mk_station() { # NS IP MAC APNS [silent] : an endpoint on a veth whose peer st-NS is a port of APNS's bridge ap
+  ip netns add "$1"; ip -n "$1" link set lo up
+  [ "${5:-}" = silent ] && ip netns exec "$1" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+  ip link add eth0 netns "$1" address "$3" type veth peer name st-"$1" netns "$4" || return 1
+  ip -n "$4" link set st-"$1" master ap
+  ip -n "$4" link set st-"$1" up
+  ip -n "$1" addr add "$2"/24 dev eth0
+  ip -n "$1" link set eth0 up
+  ip -n "$1" route add default via 192.168.1.1
+}
+
+mk_ap() { # NS : bridge ap with the namespace's eth0 as its uplink
+  ip -n "$1" link add ap type bridge
+  ip -n "$1" link set eth0 master ap
+  ip -n "$1" link set ap up
+}
+
+topology() { # TOPO NAT [silent]
+  local topo=$1 nat=$2 ns
   for ns in wan router host; do ip netns add $ns; ip -n $ns link set lo up; done
   ip link add wan netns router type veth peer name eth0 netns wan
   ip link add lan1 netns router type veth peer name eth0 netns host
@@ -112,6 +142,18 @@ topology() { # TOPO NAT
       ip -n router link set br-lan.1 up
       ip -n router addr add 192.168.1.1/24 dev br-lan.1
       L3DEV=br-lan.1 ;;
+    roam)   # two ports, each to an access point of its own
+      ip netns add host2; ip -n host2 link set lo up
+      ip link add lan2 netns router type veth peer name eth0 netns host2
+      ip -n router link add br-lan type bridge
+      ip -n router link set lan1 master br-lan
+      ip -n router link set lan2 master br-lan
+      ip -n router link set lan2 up
+      ip -n host2 link set eth0 up
+      ip -n router addr add 192.168.1.1/24 dev br-lan
+      ip -n router link set br-lan up
+      mk_ap host && mk_ap host2 || return 1
+      L3DEV=br-lan ;;
     *) return 1 ;;
   esac
   $R sysctl -qw net.ipv4.ip_forward=1
@@ -119,7 +161,11 @@ topology() { # TOPO NAT
   # events for every entry (the default 2 gives them only to entries created while a listener exists)
   $R sysctl -qw net.netfilter.nf_conntrack_events=1
   [ "$nat" = route ] && ip -n wan route add 192.168.1.0/24 via 10.0.0.1
-  mk_macvlan container $CIP $OLD_MAC && mk_macvlan other $OIP $OTHER_MAC
+  if [ $topo = roam ]; then
+    mk_station container $CIP $OLD_MAC host "${3:-}" && mk_station other $OIP $OTHER_MAC host
+  else
+    mk_macvlan container $CIP $OLD_MAC && mk_macvlan other $OIP $OTHER_MAC
+  fi
 }
 
 ruleset() { # DEVS NAT : flowtable on DEVS; port 51821 is forwarded but never offloaded
@@ -150,22 +196,25 @@ teardown() {
 }
 
 run_case() { # SCENARIO ROLE
-  local scen=$1 role=$2 topo nat ftdev silent=""
+  local scen=$1 role=$2 topo nat ftdev silent="" roam=""
   case $scen in
     blog)    topo=bridge nat=dnat  ftdev=ports ;;
     silent)  topo=bridge nat=dnat  ftdev=ports silent=silent ;;
     routed)  topo=bridge nat=route ftdev=ports ;;
     vlan)    topo=vlan   nat=dnat  ftdev=ports ;;
     control) topo=bridge nat=dnat  ftdev=l3 ;;
+    roam)        topo=roam nat=dnat ftdev=ports roam=roam ;;
+    roam-silent) topo=roam nat=dnat ftdev=ports roam=roam silent=silent ;;
     *) echo "LABRESULT scenario=$scen role=$role setup=unknown-scenario"; return ;;
   esac
   L=/tmp/lab/$scen-$role; rm -rf "$L"; mkdir -p "$L"
   echo; echo "===== LABCASE scenario=$scen role=$role topo=$topo nat=$nat ftdev=$ftdev kernel=$(uname -r)"
   local T0; T0=$(now)
-  if ! topology $topo $nat > "$L/setup.log" 2>&1; then
+  if ! topology $topo $nat $silent > "$L/setup.log" 2>&1; then
     cat "$L/setup.log"; echo "LABRESULT scenario=$scen role=$role setup=topology-failed"; teardown; return
   fi
   local devs="wan, lan1"; [ "$ftdev" = l3 ] && devs="wan, $L3DEV"
+  [ -n "$roam" ] && devs="wan, lan1, lan2"
   ruleset "$devs" $nat > "$L/ruleset.nft"
   if ! $R nft -f "$L/ruleset.nft" 2> "$L/nft.err"; then
     cat "$L/ruleset.nft" "$L/nft.err"; echo "LABRESULT scenario=$scen role=$role setup=nft-rejected"; teardown; return
@@ -175,7 +224,8 @@ run_case() { # SCENARIO ROLE
   local fgns="" fgpid="" fgstate=none pin=/run/fgbpf/$scen-$role
   local -a fgargs=()
   case $role in
-    router)  fgns=router; fgargs=(--egress lan1 --prefix $PREFIX --evict offloaded) ;;
+    router)  fgns=router; fgargs=(--egress lan1 --prefix $PREFIX --evict offloaded)
+             [ -n "$roam" ] && fgargs=(--egress lan1 --egress lan2 --prefix $PREFIX --evict offloaded) ;;
     observe) fgns=router; fgargs=(--auto --prefix $PREFIX --evict offloaded --mode observe) ;;
     host|restart) fgns=host; fgargs=(--ingress eth0 --egress eth0 --learn --prefix $PREFIX) ;;
     none|ctdel) ;;
@@ -218,18 +268,35 @@ run_case() { # SCENARIO ROLE
   local ct_events=$!
   sleep 0.3
 
-  # the change: the container is recreated with a new MAC, same IP
-  kill $echo_a; wait $echo_a 2>/dev/null
-  ip netns del container
-  mk_macvlan container $CIP $NEW_MAC $silent >> "$L/setup.log" 2>&1
-  local t_change; t_change=$(now)
-  $C udpwg echo 0.0.0.0 $PORT container-B > "$L/container-B.log" 2>&1 &
-  if [ -n "$silent" ]; then
-    log "container recreated with $NEW_MAC; it announces nothing"
+  local t_change fdb_before=""
+  if [ -n "$roam" ]; then
+    # the change: the endpoint, its echo still running, moves to host2's
+    # access point; same IP, same MAC; lan1 and host stay up
+    fdb_before=$(fdb_port $OLD_MAC)
+    ip -n host link set st-container netns host2
+    ip -n host2 link set st-container master ap
+    ip -n host2 link set st-container up
+    t_change=$(now)
+    if [ -n "$silent" ]; then
+      log "the endpoint moved from behind lan1 to behind lan2 (FDB had it at $fdb_before); it announces nothing"
+    else
+      log "the endpoint moved from behind lan1 to behind lan2 (FDB had it at $fdb_before); gratuitous ARP"
+      $C arping -U -c 2 -w 2 -I eth0 $CIP > /dev/null 2>&1 &
+    fi
   else
-    log "container recreated with $NEW_MAC; gratuitous ARP and a ping to the router"
-    $C arping -U -c 2 -w 2 -I eth0 $CIP > /dev/null 2>&1 &
-    $C ping -c 2 -W 1 192.168.1.1 > /dev/null 2>&1 &
+    # the change: the container is recreated with a new MAC, same IP
+    kill $echo_a; wait $echo_a 2>/dev/null
+    ip netns del container
+    mk_macvlan container $CIP $NEW_MAC $silent >> "$L/setup.log" 2>&1
+    t_change=$(now)
+    $C udpwg echo 0.0.0.0 $PORT container-B > "$L/container-B.log" 2>&1 &
+    if [ -n "$silent" ]; then
+      log "container recreated with $NEW_MAC; it announces nothing"
+    else
+      log "container recreated with $NEW_MAC; gratuitous ARP and a ping to the router"
+      $C arping -U -c 2 -w 2 -I eth0 $CIP > /dev/null 2>&1 &
+      $C ping -c 2 -W 1 192.168.1.1 > /dev/null 2>&1 &
+    fi
   fi
   if [ $role = ctdel ]; then
     wait_until 5 neigh_is_new || log "WARN: the router did not learn the new MAC within 5s"
@@ -269,9 +336,18 @@ run_case() { # SCENARIO ROLE
   local neigh; neigh=$(neigh_mac)
   echo "--- conntrack -L at the end:"; cat "$L/ct.after"
   echo "--- router neighbour of $CIP: $neigh"
+  local fdb_end=""
+  if [ -n "$roam" ]; then
+    fdb_end=$(fdb_port $OLD_MAC)
+    echo "--- br-lan FDB for $OLD_MAC: $fdb_end (before the move: $fdb_before)"
+    $R bridge fdb show br br-lan | grep -v permanent
+    # the endpoint's echo ran through the move: its packets after it
+    awk -v t="$t_change" '$1 >= t' "$L/container-A.log" > "$L/container-B.log"
+  fi
 
   # flowguard: status, then stop it (SIGTERM: detach, unpin, exit 0)
   local stale=- rewritten=- evicted=- stale_late=- fg_rc=- evict_lines=- rss_kb=- hwm_kb=-
+  local wrong_port=- redirected=- port_moves=- port_flaps=- wrong_port_late=-
   if [ -n "$fgpid" ]; then
     if [ $fgstate = ready ]; then
       # the daemon's memory after the whole case (what a router pays)
@@ -284,6 +360,11 @@ run_case() { # SCENARIO ROLE
       local stale_mid; stale_mid=$(counter "$L/status.mid" stale)
       [ -n "$stale" ] && [ -n "$stale_mid" ] && stale_late=$(( stale - stale_mid ))
       : "${stale:=-}" "${rewritten:=-}" "${evicted:=-}"
+      wrong_port=$(counter "$L/status.end" wrong_port); redirected=$(counter "$L/status.end" redirected)
+      port_moves=$(counter "$L/status.end" port_moves); port_flaps=$(counter "$L/status.end" port_flaps)
+      local wrong_mid; wrong_mid=$(counter "$L/status.mid" wrong_port)
+      [ -n "$wrong_port" ] && [ -n "$wrong_mid" ] && wrong_port_late=$(( wrong_port - wrong_mid ))
+      : "${wrong_port:=-}" "${redirected:=-}" "${port_moves:=-}" "${port_flaps:=-}"
     fi
     kill -TERM $fgpid 2>/dev/null; wait $fgpid; fg_rc=$?
     evict_lines=$(grep -v '^\[' "$L/flowguard.log" | grep -c 'evicted')
@@ -327,6 +408,9 @@ run_case() { # SCENARIO ROLE
   ct_offloaded "$L/ct.before" 40002 && other_offloaded=1
   local nonoff_was_offloaded=0; ct_offloaded "$L/ct.before" 40001 && nonoff_was_offloaded=1
   local neigh_new=0; [ "$neigh" = $NEW_MAC ] && neigh_new=1
+  local offload_after=0; ct_offloaded "$L/ct.after" 40000 && offload_after=1
+  # roam: whether br-lan's FDB placed the endpoint behind lan2 at the end
+  local fdb_moved=-; [ -n "$roam" ] && { fdb_moved=0; [ "$fdb_end" = lan2 ] && fdb_moved=1; }
 
   echo "LABRESULT scenario=$scen role=$role setup=ok fg=$fgstate fg_rc=$fg_rc" \
     "rx_before=$rx_a offload_before=$offload_before neigh_new=$neigh_new" \
@@ -334,6 +418,8 @@ run_case() { # SCENARIO ROLE
     "stale=$stale stale_late=$stale_late rewritten=$rewritten evicted=$evicted evict_lines=$evict_lines" \
     "main_replaced=$main_replaced reoffloaded=$reoffloaded nonoff_kept=$nonoff_kept nonoff_offloaded=$nonoff_was_offloaded" \
     "other_kept=$other_kept other_offloaded=$other_offloaded lost_restart=$lost_restart" \
+    "offload_after=$offload_after fdb_before=${fdb_before:--} fdb_moved=$fdb_moved wrong_port=$wrong_port wrong_port_late=$wrong_port_late" \
+    "redirected=$redirected port_moves=$port_moves port_flaps=$port_flaps" \
     "rss_kb=$rss_kb hwm_kb=$hwm_kb" \
     "secs=$(awk -v a="$T0" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}')"
   teardown

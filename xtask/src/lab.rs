@@ -55,6 +55,15 @@ const REPRODUCING: &[&str] = &["blog", "routed", "vlan"];
 const SILENT: &str = "silent";
 /// Flowtable on the bridge device only: no stale MAC expected.
 const CONTROL: &str = "control";
+/// The endpoint keeps its IP and MAC and moves from behind bridge port lan1
+/// to behind lan2 (Wi-Fi roaming between two access points), then sends a
+/// gratuitous ARP: the flowtable, which caches the egress port, keeps
+/// sending out of lan1.
+const ROAM: &str = "roam";
+/// Roam, but the endpoint sends nothing after the move (it only answers
+/// ARP): only flowguard's probing can make the bridge learn where it is.
+const ROAM_SILENT: &str = "roam-silent";
+const ROAM_ROLES: &[&str] = &["none", "router", "observe"];
 const FULL_ROLES: &[&str] = &["none", "router", "host", "observe"];
 /// The blog scenario also runs `ctdel`: the eviction done by hand with
 /// conntrack(8), which shows what the router role's eviction evidence looks like.
@@ -69,6 +78,8 @@ const QUICK_ROLES: &[&str] = &["none", "router", "observe", "host"];
 const QUICK_CONTROL_ROLES: &[&str] = &["none", "router"];
 /// The silent cases `--quick` adds to the blog boot.
 const QUICK_SILENT_ROLES: &[&str] = &["router", "host"];
+/// The roam case `--quick` adds to the blog boot.
+const QUICK_ROAM: &str = "roam:router";
 
 /// The VM's architecture.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
@@ -105,6 +116,10 @@ const OBSERVE_RECOVERY_MS: i64 = 1500;
 const SILENT_RECOVERY_MS: i64 = 1500;
 /// A silent endpoint in the host role: packets lost after its address is up.
 const SILENT_HOST_MAX_LOST: i64 = 1;
+/// A roaming endpoint that announces itself, router role (fix mode: the
+/// frames that leave through the old port are redirected): packets lost
+/// after the move.
+const ROAM_FIX_MAX_LOST: i64 = 1;
 
 #[derive(clap::Args, Debug)]
 pub struct LabArgs {
@@ -122,11 +137,13 @@ pub struct LabArgs {
     /// directory in the cache).
     #[arg(long, default_value = "bookworm")]
     suite: String,
-    /// Run only this scenario: blog, routed, vlan, silent or control.
+    /// Run only this scenario: blog, routed, vlan, silent, control, roam or
+    /// roam-silent.
     #[arg(long, value_name = "SCENARIO")]
     only: Option<String>,
     /// A subset that fits CI: the blog scenario without flowguard and with
-    /// flowguard in the router, observe and host roles, and the control
+    /// flowguard in the router, observe and host roles, the silent one in
+    /// the router and host roles, roam in the router role, and the control
     /// without flowguard and with the router role (two VM boots).
     #[arg(long)]
     quick: bool,
@@ -137,9 +154,14 @@ pub struct LabArgs {
     /// Where the kernel, the initramfs and the logs go.
     #[arg(long, default_value = DEFAULT_CACHE)]
     cache: PathBuf,
-    /// Seconds to watch after the MAC change, in each case.
+    /// Seconds to watch after the MAC change (or the move), in each case.
     #[arg(long, default_value_t = 8)]
     window: u32,
+    /// The main flow's send interval (ms): shorter makes the frames sent
+    /// between a change and flowguard's eviction (those the kernel side
+    /// rewrites or redirects) more numerous; the loss limits stay the same.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(10..=1000))]
+    interval_ms: u32,
 }
 
 /// The subset `cargo xtask test` runs, with an already built flowguard.
@@ -153,6 +175,7 @@ pub fn quick_args(flowguard: PathBuf) -> LabArgs {
         flowguard: Some(flowguard),
         cache: PathBuf::from(DEFAULT_CACHE),
         window: 8,
+        interval_ms: 200,
     }
 }
 
@@ -222,7 +245,7 @@ pub fn lab(args: &LabArgs) -> Result<()> {
     for (name, cases) in &boots {
         let log = log_dir.join(format!("{name}.log"));
         let t = Instant::now();
-        let mut got = boot(args.arch, &kernel, &initramfs, cases, args.window, &log)?;
+        let mut got = boot(args, &kernel, &initramfs, cases, &log)?;
         boot_times.push((name.clone(), t.elapsed().as_secs()));
         for case in cases {
             let (scenario, role) = case.split_once(':').expect("cases are SCENARIO:ROLE");
@@ -306,12 +329,17 @@ fn plan(args: &LabArgs) -> Result<Vec<(String, Vec<String>)>> {
         REPRODUCING
             .iter()
             .copied()
-            .chain([SILENT, CONTROL])
+            .chain([SILENT, CONTROL, ROAM, ROAM_SILENT])
             .collect()
     };
     if let Some(only) = &args.only {
-        if !REPRODUCING.contains(&only.as_str()) && only != CONTROL && only != SILENT {
-            bail!("unknown scenario {only:?}: choose blog, routed, vlan, silent or control");
+        if !REPRODUCING.contains(&only.as_str())
+            && ![CONTROL, SILENT, ROAM, ROAM_SILENT].contains(&only.as_str())
+        {
+            bail!(
+                "unknown scenario {only:?}: choose blog, routed, vlan, silent, control, roam \
+                 or roam-silent"
+            );
         }
         scenarios = vec![only.as_str()];
     }
@@ -324,6 +352,8 @@ fn plan(args: &LabArgs) -> Result<Vec<(String, Vec<String>)>> {
                 CONTROL_ROLES
             } else if s == SILENT && args.quick {
                 QUICK_SILENT_ROLES
+            } else if s == ROAM || s == ROAM_SILENT {
+                ROAM_ROLES
             } else if args.quick {
                 QUICK_ROLES
             } else if s == "blog" {
@@ -332,9 +362,10 @@ fn plan(args: &LabArgs) -> Result<Vec<(String, Vec<String>)>> {
                 FULL_ROLES
             };
             let mut cases: Vec<String> = roles.iter().map(|r| format!("{s}:{r}")).collect();
-            // One boot fewer in CI: the quick silent cases ride with blog.
+            // One boot fewer in CI: the quick silent and roam cases ride with blog.
             if s == "blog" && args.quick && args.only.is_none() {
                 cases.extend(QUICK_SILENT_ROLES.iter().map(|r| format!("{SILENT}:{r}")));
+                cases.push(QUICK_ROAM.to_string());
             }
             (s.to_string(), cases)
         })
@@ -511,13 +542,13 @@ fn stdout_of(command: &mut Command) -> Option<String> {
 /// Boots the VM for `cases`, copies its console to `log`, echoes the
 /// progress lines and returns the parsed LABRESULT lines.
 fn boot(
-    arch: LabArch,
+    args: &LabArgs,
     kernel: &Path,
     initramfs: &Path,
     cases: &[String],
-    window: u32,
     log: &Path,
 ) -> Result<Vec<CaseResult>> {
+    let (arch, window, interval) = (args.arch, args.window, args.interval_ms);
     let kvm = arch == LabArch::Amd64 && use_kvm();
     let timeout = 90 + 150 * cases.len();
     let mut command = Command::new("timeout");
@@ -564,7 +595,8 @@ fn boot(
         .arg(initramfs)
         .arg("-append")
         .arg(format!(
-            "console={console} quiet loglevel=4 panic=-1 lab.cases={} lab.window={window}",
+            "console={console} quiet loglevel=4 panic=-1 lab.cases={} lab.window={window} \
+             lab.interval_ms={interval}",
             cases.join(",")
         ))
         .args(["-nic", "none", "-display", "none", "-serial", "stdio"])
@@ -632,7 +664,8 @@ fn boot(
 
 fn one_line(r: &CaseResult) -> String {
     format!(
-        "{}/{}: received {} of {} after the change, recovery {} ms, stale {}, rewritten {}, evicted {}",
+        "{}/{}: received {} of {} after the change, recovery {} ms, stale {}, rewritten {}, evicted {}, \
+         wrong port {}, redirected {}, port moves {}",
         r.get("scenario").unwrap_or("?"),
         r.get("role").unwrap_or("?"),
         r.get("received_after").unwrap_or("?"),
@@ -641,6 +674,9 @@ fn one_line(r: &CaseResult) -> String {
         r.get("stale").unwrap_or("?"),
         r.get("rewritten").unwrap_or("?"),
         r.get("evicted").unwrap_or("?"),
+        r.get("wrong_port").unwrap_or("?"),
+        r.get("redirected").unwrap_or("?"),
+        r.get("port_moves").unwrap_or("?"),
     )
 }
 
@@ -652,6 +688,9 @@ fn check(r: &CaseResult, caches: bool) -> Vec<String> {
     if r.get("setup") != Some("ok") {
         why.push(format!("setup: {}", r.get("setup").unwrap_or("?")));
         return why;
+    }
+    if scenario == ROAM || scenario == ROAM_SILENT {
+        return check_roam(r, scenario == ROAM_SILENT);
     }
     let control = scenario == CONTROL;
     let silent = scenario == SILENT;
@@ -819,12 +858,125 @@ fn check(r: &CaseResult, caches: bool) -> Vec<String> {
     why
 }
 
+/// What a roam case must show (the endpoint kept its IP and MAC and moved
+/// from behind lan1 to behind lan2); the reasons it does not.
+fn check_roam(r: &CaseResult, silent: bool) -> Vec<String> {
+    let mut why = Vec::new();
+    let role = r.get("role").unwrap_or("?");
+    let num = |k: &str| r.num(k);
+    let mut expect = |ok: bool, what: &str| {
+        if !ok {
+            why.push(what.to_string());
+        }
+    };
+    // The premise: the flow was offloaded while the bridge had the endpoint
+    // behind lan1.
+    expect(
+        num("offload_before") == Some(1),
+        "flow not [OFFLOAD] before the move",
+    );
+    expect(
+        r.get("fdb_before") == Some("lan1"),
+        "br-lan's FDB did not have the endpoint behind lan1 before the move",
+    );
+    expect(
+        num("sent_after").unwrap_or(0) >= 10,
+        "too few packets sent after the move",
+    );
+    // The announcing endpoint tells the bridge where it is now; the silent
+    // one only through flowguard's probes (the none role has none).
+    if !silent || role != "none" {
+        expect(
+            num("fdb_moved") == Some(1),
+            "br-lan's FDB did not learn that the endpoint is behind lan2",
+        );
+    }
+    if role != "none" {
+        if r.get("fg") != Some("ready") {
+            why.push(format!(
+                "flowguard did not start ({})",
+                r.get("note").unwrap_or("see the log")
+            ));
+            return why;
+        }
+        expect(
+            num("fg_rc") == Some(0),
+            "flowguard did not exit 0 on SIGTERM",
+        );
+    }
+    let received = num("received_after").unwrap_or(0);
+    let recovery = num("recovery_ms").unwrap_or(-1);
+    let recovered_within = |limit: i64| received > 0 && (0..=limit).contains(&recovery);
+    match role {
+        "none" => {
+            expect(
+                received == 0,
+                "the bug did not reproduce: the moved endpoint received packets",
+            );
+            expect(
+                num("offload_after") == Some(1) && num("main_replaced") == Some(0),
+                "the stale entry did not stay [OFFLOAD]",
+            );
+        }
+        "router" | "observe" => {
+            if silent {
+                expect(
+                    recovered_within(SILENT_RECOVERY_MS),
+                    &format!("no recovery within {SILENT_RECOVERY_MS} ms"),
+                );
+            } else if role == "router" {
+                expect(
+                    received > 0 && num("lost").is_some_and(|l| l <= ROAM_FIX_MAX_LOST),
+                    &format!("more than {ROAM_FIX_MAX_LOST} packet lost after the move"),
+                );
+            } else {
+                expect(
+                    recovered_within(OBSERVE_RECOVERY_MS),
+                    &format!("no recovery within {OBSERVE_RECOVERY_MS} ms"),
+                );
+            }
+            expect(num("port_moves").unwrap_or(0) >= 1, "no port move seen");
+            expect(num("evicted").unwrap_or(0) >= 1, "nothing evicted");
+            expect(
+                num("wrong_port_late") == Some(0),
+                "frames still left through the old port at the end (flowtable still uses lan1)",
+            );
+            expect(
+                num("main_replaced") == Some(1),
+                "the stale [OFFLOAD] conntrack entry was not deleted",
+            );
+            expect(
+                num("reoffloaded") == Some(1),
+                "the new conntrack entry was not offloaded again",
+            );
+            if !silent {
+                expect(
+                    num("nonoff_kept") == Some(1),
+                    "a non-offloaded entry of the same IP was deleted (OFFLOAD filter)",
+                );
+            }
+            expect(
+                num("other_kept") == Some(1),
+                "another endpoint's offloaded entry was deleted",
+            );
+            if role == "observe" {
+                expect(
+                    num("redirected").unwrap_or(0) == 0 && num("rewritten").unwrap_or(0) == 0,
+                    "observe mode redirected or rewrote frames",
+                );
+            }
+        }
+        _ => expect(false, "unknown role"),
+    }
+    why
+}
+
 /// Prints the table and the reasons for failures; returns how many failed.
 fn report(results: &[CaseResult], caches: bool) -> usize {
     let dash = |v: Option<&str>| v.unwrap_or("-").to_string();
     println!();
     println!(
-        "{:<8} {:<8} {:>13} {:>9} {:>6} {:>9} {:>7} {:>6} {:>13}  result",
+        "{:<11} {:<8} {:>13} {:>9} {:>6} {:>9} {:>7} {:>14} {:>6} {:>13}  result",
         "scenario",
         "role",
         "lost after",
@@ -832,6 +984,7 @@ fn report(results: &[CaseResult], caches: bool) -> usize {
         "stale",
         "rewritten",
         "evicted",
+        "wrong/redir/mv",
         "case",
         "fg rss/peak"
     );
@@ -860,10 +1013,19 @@ fn report(results: &[CaseResult], caches: bool) -> usize {
             }
             _ => "-".into(),
         };
+        // frames out of a wrong port, of those redirected; port moves seen
+        let ports = match (
+            r.num("wrong_port"),
+            r.num("redirected"),
+            r.num("port_moves"),
+        ) {
+            (Some(w), Some(d), Some(m)) => format!("{w}/{d}/{m}"),
+            _ => "-".into(),
+        };
         let scenario = dash(r.get("scenario"));
         let role = dash(r.get("role"));
         println!(
-            "{:<8} {:<8} {:>13} {:>9} {:>6} {:>9} {:>7} {:>6} {:>13}  {}",
+            "{:<11} {:<8} {:>13} {:>9} {:>6} {:>9} {:>7} {:>14} {:>6} {:>13}  {}",
             scenario,
             role,
             lost,
@@ -871,6 +1033,7 @@ fn report(results: &[CaseResult], caches: bool) -> usize {
             dash(r.get("stale")),
             dash(r.get("rewritten")),
             evicted,
+            ports,
             r.get("secs").map_or("-".into(), |s| format!("{s} s")),
             memory,
             if why.is_empty() { "ok" } else { "FAIL" }
@@ -891,7 +1054,33 @@ fn report(results: &[CaseResult], caches: bool) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::caches_macs;
+    use std::path::PathBuf;
+
+    use super::{caches_macs, plan, quick_args};
+
+    #[test]
+    fn quick_runs_roam_in_the_router_role_with_blog() {
+        let boots = plan(&quick_args(PathBuf::new())).unwrap();
+        let names: Vec<&str> = boots.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["blog", "control"]);
+        assert!(boots[0].1.iter().any(|c| c == "roam:router"));
+        assert!(!boots[0].1.iter().any(|c| c == "roam:none"));
+    }
+
+    #[test]
+    fn only_roam_runs_its_roles_in_one_boot() {
+        for scenario in ["roam", "roam-silent"] {
+            let mut args = quick_args(PathBuf::new());
+            args.quick = false;
+            args.only = Some(scenario.into());
+            let boots = plan(&args).unwrap();
+            let cases: Vec<String> = ["none", "router", "observe"]
+                .iter()
+                .map(|r| format!("{scenario}:{r}"))
+                .collect();
+            assert_eq!(boots, [(scenario.to_string(), cases)]);
+        }
+    }
 
     #[test]
     fn the_flowtable_caches_macs_from_5_13() {
