@@ -421,8 +421,8 @@ fn wrong_port(
         return None;
     }
     // SAFETY: map values read by value.
-    let here = unsafe { *PORTS.get(&ifindex)? };
-    let there = unsafe { *PORTS.get(&port)? };
+    let here = unsafe { *PORTS.get(ifindex)? };
+    let there = unsafe { *PORTS.get(port)? };
     if here.bridge != there.bridge {
         return None;
     }
