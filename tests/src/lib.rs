@@ -3,6 +3,7 @@ pub mod flowguard_proc;
 pub mod frames;
 pub mod fuzz;
 pub mod netns;
+pub mod process;
 pub mod progs;
 pub mod router;
 pub mod stale;

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use flowguard_tests::flowguard_proc::{bpftool_dump, require_flowguard_bin, Flowguard};
 use flowguard_tests::netns::{BpffsMount, Netns};
+use flowguard_tests::process::memory_kb;
 use flowguard_tests::skip_unless_root;
 
 const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
@@ -105,20 +106,6 @@ fn runs_without_the_kernel_btf() {
     assert!(exit.success(), "exit after SIGINT: {exit}");
 }
 
-/// (VmRSS, VmHWM) in kB.
-fn memory_kb(pid: u32) -> (u64, u64) {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 /// The budget for the static musl build (what routers run): resident ≤ 4 MB
 /// idle, peak ≤ 8 MB, with 16,000 endpoints too. Measured here (x86_64
 /// musl): idle 2.8 MB resident and peak; 16,000 endpoints 3.4 MB resident,
@@ -180,7 +167,7 @@ fn measure(role: &str, endpoints: usize) -> (u64, u64) {
     assert_eq!(status.endpoints.len(), endpoints, "endpoints tracked");
     // Idle: let start-up work (neighbour dump, first reconcile) settle.
     std::thread::sleep(Duration::from_secs(3));
-    let (rss, hwm) = memory_kb(flowguard.pid());
+    let (rss, hwm) = memory_kb(flowguard.pid()).expect("read /proc/PID/status");
     println!(
         "memory of {} with {endpoints} endpoints: VmRSS {rss} kB, VmHWM {hwm} kB",
         bin.display()

@@ -32,6 +32,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::Parser;
 use flowguard_tests::flowguard_proc::{flowguard_bin, Flowguard};
 use flowguard_tests::netns::BpffsMount;
+use flowguard_tests::process::{cpu_ns, memory_kb};
 use flowguard_tests::progs::workspace_root;
 use flowguard_tests::router::{self, RouterTopology, LAN_PREFIX, PORT_A, PORT_B};
 
@@ -74,39 +75,6 @@ fn main() -> ExitCode {
 fn mac(i: u32) -> String {
     let b = i.to_be_bytes();
     format!("02:fd:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3])
-}
-
-/// CPU time of a process in nanoseconds: the sum over its threads of the
-/// scheduler's run time (`/proc/PID/task/TID/schedstat`, first field).
-fn cpu_ns(pid: u32) -> Result<u64> {
-    let mut total = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let path = task?.path().join("schedstat");
-        // A thread may end between the listing and the read.
-        if let Ok(s) = std::fs::read_to_string(&path) {
-            total += s
-                .split_whitespace()
-                .next()
-                .context("empty schedstat")?
-                .parse::<u64>()?;
-        }
-    }
-    Ok(total)
-}
-
-/// (VmRSS, VmHWM) of a process in kB.
-fn memory_kb(pid: u32) -> Result<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> Result<u64> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .context(format!("no {name} in /proc/{pid}/status"))?
-            .parse::<u64>()
-            .map_err(Into::into)
-    };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
 /// `bridge -n NS -batch -` with `commands` on stdin.

@@ -32,6 +32,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::Parser;
 use flowguard_tests::flowguard_proc::{flowguard_bin, Flowguard};
 use flowguard_tests::netns::BpffsMount;
+use flowguard_tests::process::cpu_ns;
 use flowguard_tests::progs::workspace_root;
 use flowguard_tests::router::{
     self, RouterTopology, BRIDGE, CLIENT_IP, ENDPOINT_A_IP, ENDPOINT_IF, MAC_A1, PORT_A,
@@ -78,25 +79,6 @@ fn main() -> ExitCode {
 
 fn endpoint_ip(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(BASE + i)
-}
-
-/// CPU time of a process in nanoseconds: the sum over its threads of the
-/// scheduler's run time (`/proc/PID/task/TID/schedstat`, first field),
-/// finer than the clock ticks of `/proc/PID/stat`.
-fn cpu_ns(pid: u32) -> Result<u64> {
-    let mut total = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let path = task?.path().join("schedstat");
-        // A thread may end between the listing and the read.
-        if let Ok(s) = std::fs::read_to_string(&path) {
-            total += s
-                .split_whitespace()
-                .next()
-                .context("empty schedstat")?
-                .parse::<u64>()?;
-        }
-    }
-    Ok(total)
 }
 
 struct Run {
